@@ -1,1 +1,49 @@
-fn main(){}
+//! The `tabletrace` binary: flags and glue over the library crates.
+
+mod data_cmd;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Teach open-weight LLMs to reason over several relational tables.
+#[derive(Debug, Parser)]
+#[command(name = "tabletrace", version, about, long_about = None)]
+struct Cli {
+    /// Hide progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load, check and render multi-table QA datasets.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TABLETRACE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Data { command } => data_cmd::run(command, cli.quiet),
+    }
+}

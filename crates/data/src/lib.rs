@@ -30,7 +30,7 @@
 //!     vec![vec![Value::Integer(1), Value::Text("Treasury".into())]],
 //! );
 //! let db = Database { name: "demo".into(), tables: vec![dept], foreign_keys: vec![] };
-//! let tables = TableDb::open(&TableSource::Inline(Arc::new(db))).unwrap();
+//! let tables = TableDb::open(&TableSource::Inline { db: Arc::new(db), declared_types: true }).unwrap();
 //! let rows = tables.query("SELECT name FROM department WHERE id = 1", &ExecLimits::default()).unwrap();
 //! assert!(tabletrace_data::matching::exact_match("treasury", &Answer::Table(rows)));
 //! ```

@@ -92,7 +92,13 @@ pub struct TableRef {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TableSource {
     /// Rows embedded in the dataset (MMQA original records, CSV folders).
-    Inline(Arc<Database>),
+    Inline {
+        /// The tables with their rows.
+        db: Arc<Database>,
+        /// Create the columns with their types (SQLite affinity applies) or
+        /// without, as for the `declared_types` of [`TableSource::Sqlite`].
+        declared_types: bool,
+    },
     /// Tables of a SQLite file.
     Sqlite {
         /// The database file.
@@ -103,6 +109,11 @@ pub enum TableSource {
         /// private in-memory database (MMQA). If false, SQL runs on the
         /// whole file, opened read-only (Spider).
         isolate: bool,
+        /// For isolated copies: create the copied columns with their declared
+        /// types (SQLite type affinity applies) or without (no affinity, so
+        /// `'301' = 301` is false). MMQA's executed labels were made on
+        /// untyped copies, so its loader sets this to false.
+        declared_types: bool,
     },
 }
 
@@ -110,7 +121,7 @@ impl TableSource {
     /// The names of the question's tables.
     pub fn table_names(&self) -> Vec<String> {
         match self {
-            TableSource::Inline(db) => db.tables.iter().map(|t| t.name.clone()).collect(),
+            TableSource::Inline { db, .. } => db.tables.iter().map(|t| t.name.clone()).collect(),
             TableSource::Sqlite { tables, .. } => tables.iter().map(|t| t.name.clone()).collect(),
         }
     }

@@ -92,9 +92,11 @@ impl TableDb {
     /// isolated.
     pub fn open(source: &TableSource) -> Result<TableDb, SqlFailure> {
         match source {
-            TableSource::Inline(db) => Self::from_database(db),
-            TableSource::Sqlite { path, tables, isolate: true } => Self::copy_tables(path, tables),
-            TableSource::Sqlite { path, tables, isolate: false } => {
+            TableSource::Inline { db, declared_types } => Self::from_database(db, *declared_types),
+            TableSource::Sqlite { path, tables, isolate: true, declared_types } => {
+                Self::copy_tables(path, tables, *declared_types)
+            }
+            TableSource::Sqlite { path, tables, isolate: false, .. } => {
                 let conn = open_read_only(path)?;
                 Ok(TableDb { conn, label: path.clone(), tables: tables.iter().map(|t| t.name.clone()).collect(), known_schema: None })
             }
@@ -109,13 +111,14 @@ impl TableDb {
         Connection::open_in_memory_with_flags(flags).map_err(|e| SqlFailure::setup(format!("in-memory database: {e}")))
     }
 
-    /// Loads inline tables into a private in-memory database.
-    pub fn from_database(db: &Database) -> Result<TableDb, SqlFailure> {
+    /// Loads inline tables into a private in-memory database, with or
+    /// without declared column types (see [`TableSource::Sqlite`]).
+    pub fn from_database(db: &Database, declared_types: bool) -> Result<TableDb, SqlFailure> {
         let mut conn = Self::memory()?;
         let tx = conn.transaction().map_err(|e| SqlFailure::setup(e.to_string()))?;
         for table in &db.tables {
             let cols: Vec<String> =
-                table.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.ty.sql_name())).collect();
+                table.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), if declared_types { c.ty.sql_name() } else { "" })).collect();
             let create = format!("CREATE TABLE {} ({})", quote_ident(&table.name), cols.join(", "));
             tx.execute(&create, []).map_err(|e| SqlFailure::setup(format!("table {:?}: {e}", table.name)))?;
             if table.columns.is_empty() {
@@ -148,7 +151,7 @@ impl TableDb {
     /// Copies the named tables of a SQLite file into a private in-memory
     /// database, applying positional renames. The rows never pass through
     /// Rust, so large tables cost SQLite's memory only.
-    fn copy_tables(path: &Path, tables: &[TableRef]) -> Result<TableDb, SqlFailure> {
+    fn copy_tables(path: &Path, tables: &[TableRef], declared_types: bool) -> Result<TableDb, SqlFailure> {
         if !path.is_file() {
             return Err(SqlFailure::setup(format!("database file not found: {}", path.display())));
         }
@@ -177,8 +180,11 @@ impl TableDb {
                 }
                 None => cols.iter().map(|c| c.0.clone()).collect(),
             };
-            let defs: Vec<String> =
-                names.iter().zip(&cols).map(|(n, c)| format!("{} {}", quote_ident(n), c.1)).collect();
+            let defs: Vec<String> = names
+                .iter()
+                .zip(&cols)
+                .map(|(n, c)| if declared_types { format!("{} {}", quote_ident(n), c.1) } else { quote_ident(n) })
+                .collect();
             let sql = format!(
                 "CREATE TABLE main.{name} ({defs}); INSERT INTO main.{name} SELECT * FROM src.{src};",
                 name = quote_ident(&t.name),

@@ -84,7 +84,7 @@ pub fn load_csv_dir(dir: &Path) -> Result<Dataset> {
                     out.questions.push(Question {
                         id: QuestionId(format!("{}:{id}", db.name)),
                         text: q.question,
-                        tables: TableSource::Inline(db.clone()),
+                        tables: TableSource::Inline { db: db.clone(), declared_types: true },
                         gold_sql: q.sql,
                         gold: q
                             .answer
@@ -102,7 +102,7 @@ pub fn load_csv_dir(dir: &Path) -> Result<Dataset> {
             }
         }
     } else {
-        out.databases.push((db.name.clone(), TableSource::Inline(db)));
+        out.databases.push((db.name.clone(), TableSource::Inline { db, declared_types: true }));
     }
     Ok(out)
 }
@@ -170,6 +170,6 @@ pub fn load_sqlite_file(path: &Path) -> Result<Dataset> {
     let tables = tables.into_iter().map(|t| crate::question::TableRef { name: t.clone(), source: t, rename: None }).collect();
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("sqlite").to_string();
     let mut out = Dataset::default();
-    out.databases.push((name, TableSource::Sqlite { path: path.to_path_buf(), tables, isolate: false }));
+    out.databases.push((name, TableSource::Sqlite { path: path.to_path_buf(), tables, isolate: false, declared_types: true }));
     Ok(out)
 }

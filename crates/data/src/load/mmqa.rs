@@ -145,7 +145,7 @@ fn jsonl_question(
     Ok(Question {
         id: QuestionId(format!("{stem}:{id}")),
         text,
-        tables: TableSource::Sqlite { path: db_path, tables, isolate: true },
+        tables: TableSource::Sqlite { path: db_path, tables, isolate: true, declared_types: false },
         gold_sql: rec.get("SQL").and_then(J::as_str).map(str::to_string),
         gold,
         split: rec.get("cute_finetune_split").and_then(J::as_str).and_then(Split::parse),
@@ -204,7 +204,11 @@ fn record_question(rec: &J, stem: &str, origin: Origin) -> std::result::Result<Q
     Ok(Question {
         id: QuestionId(format!("{stem}:{id}")),
         text,
-        tables: TableSource::Inline(Arc::new(Database { name: format!("{stem}:{id}"), tables, foreign_keys: Vec::new() })),
+        // Untyped columns, as the executed labels of the rebuilt files were made.
+        tables: TableSource::Inline {
+            db: Arc::new(Database { name: format!("{stem}:{id}"), tables, foreign_keys: Vec::new() }),
+            declared_types: false,
+        },
         gold_sql: rec.get("SQL").and_then(J::as_str).map(str::to_string),
         gold: gold.into_iter().collect(),
         split: rec.get("cute_finetune_split").and_then(J::as_str).and_then(Split::parse),

@@ -57,7 +57,7 @@ pub fn load_spider(path: &Path, records: Vec<J>, opts: &LoadOptions) -> Result<D
             Ok(Question {
                 id: id.clone(),
                 text: text.to_string(),
-                tables: TableSource::Sqlite { path: db_path, tables, isolate: false },
+                tables: TableSource::Sqlite { path: db_path, tables, isolate: false, declared_types: true },
                 gold_sql: Some(sql.to_string()),
                 gold: Vec::new(),
                 split,
