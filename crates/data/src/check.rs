@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::answer::{Answer, ResultSet};
 use crate::load::Dataset;
 use crate::matching::exact_match;
 use crate::progress::Reporter;
 use crate::question::Provenance;
 use crate::sql::{is_ordered, ExecLimits, Executor, FailureKind};
-use crate::answer::{Answer, ResultSet};
 
 /// One question that did not pass cleanly.
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +67,11 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
         ..CheckReport::default()
     };
     for e in &dataset.errors {
-        r.issues.push(CheckIssue { question_id: e.location.clone(), kind: "load_error", message: e.message.clone() });
+        r.issues.push(CheckIssue {
+            question_id: e.location.clone(),
+            kind: "load_error",
+            message: e.message.clone(),
+        });
     }
     let mut exec = Executor::new(limits);
     reporter.start(dataset.questions.len() as u64, "checking gold SQL");
@@ -90,7 +94,11 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                     FailureKind::Setup => "sql_setup",
                     FailureKind::Error => "sql_error",
                 };
-                r.issues.push(CheckIssue { question_id: q.id.to_string(), kind, message: f.message });
+                r.issues.push(CheckIssue {
+                    question_id: q.id.to_string(),
+                    kind,
+                    message: f.message,
+                });
                 continue;
             }
         };
@@ -107,7 +115,11 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                 r.issues.push(CheckIssue {
                     question_id: q.id.to_string(),
                     kind: "disagrees_executed",
-                    message: format!("stored {} but the SQL gives {}", brief(gold), brief_rows(&result)),
+                    message: format!(
+                        "stored {} but the SQL gives {}",
+                        brief(gold),
+                        brief_rows(&result)
+                    ),
                 });
             }
         }
@@ -116,7 +128,9 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
             let executed = Answer::Table(result.clone());
             let agrees = match gold {
                 Answer::Text { text } => exact_match(text, &executed),
-                Answer::Table(t) => exact_match(&Answer::Table(t.clone()).values().join("; "), &executed),
+                Answer::Table(t) => {
+                    exact_match(&Answer::Table(t.clone()).values().join("; "), &executed)
+                }
             };
             if agrees {
                 r.agree_published += 1;
@@ -124,7 +138,11 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                 r.issues.push(CheckIssue {
                     question_id: q.id.to_string(),
                     kind: "disagrees_published",
-                    message: format!("published {} but the SQL gives {}", brief(gold), brief_rows(&result)),
+                    message: format!(
+                        "published {} but the SQL gives {}",
+                        brief(gold),
+                        brief_rows(&result)
+                    ),
                 });
             }
         }
@@ -142,7 +160,15 @@ fn brief(a: &Answer) -> String {
 }
 
 fn brief_rows(rs: &ResultSet) -> String {
-    let line = Answer::Table(ResultSet { rows: rs.rows.iter().take(3).cloned().collect(), ..rs.clone() }).to_line();
-    let more = if rs.n_rows > 3 { format!(" … ({} rows)", rs.n_rows) } else { String::new() };
+    let line = Answer::Table(ResultSet {
+        rows: rs.rows.iter().take(3).cloned().collect(),
+        ..rs.clone()
+    })
+    .to_line();
+    let more = if rs.n_rows > 3 {
+        format!(" … ({} rows)", rs.n_rows)
+    } else {
+        String::new()
+    };
     format!("[{line}]{more}")
 }

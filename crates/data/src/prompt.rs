@@ -37,7 +37,10 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget { max_rows_per_table: Some(100), max_tokens: None }
+        Budget {
+            max_rows_per_table: Some(100),
+            max_tokens: None,
+        }
     }
 }
 
@@ -58,6 +61,9 @@ pub struct RenderedTables {
     pub rows_total: usize,
     /// Tokens of `text`, by the counter used.
     pub tokens: usize,
+    /// False when even the schema without rows exceeds the token budget
+    /// (the text is then the schema alone, over budget).
+    pub fits: bool,
 }
 
 /// Rows held for one table while scanning.
@@ -81,10 +87,19 @@ pub fn render_tables(
 ) -> Result<RenderedTables, SqlFailure> {
     let schema = db.schema()?;
     let terms = relevance_terms(question);
-    let keep = budget.max_rows_per_table.unwrap_or(if budget.max_tokens.is_some() { 10_000 } else { usize::MAX });
+    let keep = budget
+        .max_rows_per_table
+        .unwrap_or(if budget.max_tokens.is_some() {
+            10_000
+        } else {
+            usize::MAX
+        });
     let mut candidates = Vec::with_capacity(schema.tables.len());
     for table in &schema.tables {
-        let mut c = Candidates { total: 0, rows: Vec::new() };
+        let mut c = Candidates {
+            total: 0,
+            rows: Vec::new(),
+        };
         db.scan(&table.name, |row| {
             let score = relevance(&row, &terms);
             c.rows.push((score, c.total, row));
@@ -98,22 +113,94 @@ pub fn render_tables(
         candidates.push(c);
     }
 
-    let headers: Vec<String> = schema.tables.iter().map(|t| table_header(&schema, t, &question.key_hints)).collect();
+    let headers: Vec<String> = schema
+        .tables
+        .iter()
+        .map(|t| table_header(&schema, t, &question.key_hints))
+        .collect();
     let column_lines: Vec<String> = schema
         .tables
         .iter()
-        .map(|t| render_row(format, &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), true))
+        .map(|t| {
+            render_row(
+                format,
+                &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                true,
+            )
+        })
         .collect();
     let row_texts: Vec<Vec<String>> = candidates
         .iter()
-        .map(|c| c.rows.iter().map(|(_, _, r)| render_row(format, &r.iter().map(Value::to_string).collect::<Vec<_>>(), false)).collect())
+        .map(|c| {
+            c.rows
+                .iter()
+                .map(|(_, _, r)| {
+                    render_row(
+                        format,
+                        &r.iter().map(Value::to_string).collect::<Vec<_>>(),
+                        false,
+                    )
+                })
+                .collect()
+        })
         .collect();
 
-    // Choose rows: all candidates, or round-robin by priority within the token budget.
-    let mut chosen: Vec<Vec<bool>> = row_texts.iter().map(|r| vec![budget.max_tokens.is_none(); r.len()]).collect();
+    let assemble = |chosen: &[Vec<bool>]| -> (String, usize, usize) {
+        let mut text = String::new();
+        let (mut rows_shown, mut rows_total) = (0, 0);
+        for (t, table) in schema.tables.iter().enumerate() {
+            let c = &candidates[t];
+            let mut picked: Vec<(usize, &String)> = c
+                .rows
+                .iter()
+                .zip(&row_texts[t])
+                .zip(&chosen[t])
+                .filter(|(_, &on)| on)
+                .map(|(((_, i, _), s), _)| (*i, s))
+                .collect();
+            picked.sort_by_key(|(i, _)| *i);
+            text.push_str(&headers[t]);
+            text.push_str(&column_lines[t]);
+            if format == RowFormat::Markdown {
+                text.push_str(&format!("|{}\n", "---|".repeat(table.columns.len())));
+            }
+            for (_, row) in &picked {
+                text.push_str(row);
+            }
+            if picked.len() < c.total {
+                text.push_str(&format!(
+                    "({} of {} rows shown; {} rows left out)\n",
+                    picked.len(),
+                    c.total,
+                    c.total - picked.len()
+                ));
+            }
+            text.push('\n');
+            rows_shown += picked.len();
+            rows_total += c.total;
+        }
+        if !schema.foreign_keys.is_empty() {
+            text.push_str("Foreign keys:\n");
+            for fk in &schema.foreign_keys {
+                text.push_str(&format!(
+                    "- {}.{} -> {}.{}\n",
+                    fk.table, fk.column, fk.ref_table, fk.ref_column
+                ));
+            }
+        }
+        (text.trim_end().to_string() + "\n", rows_shown, rows_total)
+    };
+
+    // Choose rows: every candidate, or, under a token budget, rows in
+    // priority order taken round-robin over the tables while they fit.
+    let mut chosen: Vec<Vec<bool>> = row_texts
+        .iter()
+        .map(|r| vec![budget.max_tokens.is_none(); r.len()])
+        .collect();
     if let Some(max_tokens) = budget.max_tokens {
-        // Each table's footer may grow by one line; reserve for it.
-        let mut used: usize = headers.iter().chain(&column_lines).map(|h| count_tokens(h)).sum::<usize>() + 12 * schema.tables.len();
+        let skeleton = count_tokens(&assemble(&chosen).0);
+        let mut used = skeleton;
+        let mut added: Vec<(usize, usize)> = Vec::new();
         let mut next = vec![0usize; row_texts.len()];
         let mut progress = true;
         while progress {
@@ -124,6 +211,7 @@ pub fn render_tables(
                     if used + cost <= max_tokens {
                         used += cost;
                         chosen[t][next[t]] = true;
+                        added.push((t, next[t]));
                         next[t] += 1;
                         progress = true;
                     } else {
@@ -132,44 +220,27 @@ pub fn render_tables(
                 }
             }
         }
+        // Token counts need not add up exactly (footers change, tokenizers
+        // merge across lines): drop the last rows added until the text fits.
+        while let Some((t, i)) = added.last().copied() {
+            if count_tokens(&assemble(&chosen).0) <= max_tokens {
+                break;
+            }
+            chosen[t][i] = false;
+            added.pop();
+        }
     }
 
-    let mut text = String::new();
-    let (mut rows_shown, mut rows_total) = (0, 0);
-    for (t, table) in schema.tables.iter().enumerate() {
-        let c = &candidates[t];
-        let mut picked: Vec<(usize, &String)> =
-            c.rows.iter().zip(&row_texts[t]).zip(&chosen[t]).filter(|(_, &on)| on).map(|(((_, i, _), s), _)| (*i, s)).collect();
-        picked.sort_by_key(|(i, _)| *i);
-        text.push_str(&headers[t]);
-        text.push_str(&column_lines[t]);
-        if format == RowFormat::Markdown {
-            text.push_str(&format!("|{}\n", "---|".repeat(table.columns.len())));
-        }
-        for (_, row) in &picked {
-            text.push_str(row);
-        }
-        if picked.len() < c.total {
-            text.push_str(&format!(
-                "({} of {} rows shown; {} rows left out)\n",
-                picked.len(),
-                c.total,
-                c.total - picked.len()
-            ));
-        }
-        text.push('\n');
-        rows_shown += picked.len();
-        rows_total += c.total;
-    }
-    if !schema.foreign_keys.is_empty() {
-        text.push_str("Foreign keys:\n");
-        for fk in &schema.foreign_keys {
-            text.push_str(&format!("- {}.{} -> {}.{}\n", fk.table, fk.column, fk.ref_table, fk.ref_column));
-        }
-    }
-    let text = text.trim_end().to_string() + "\n";
+    let (text, rows_shown, rows_total) = assemble(&chosen);
     let tokens = count_tokens(&text);
-    Ok(RenderedTables { text, rows_shown, rows_total, tokens })
+    let fits = budget.max_tokens.is_none_or(|m| tokens <= m);
+    Ok(RenderedTables {
+        text,
+        rows_shown,
+        rows_total,
+        tokens,
+        fits,
+    })
 }
 
 /// Keeps the `keep` most relevant rows (ties: earlier rows first).
@@ -195,7 +266,13 @@ fn table_header(schema: &Database, table: &crate::table::Table, hints: &KeyHints
         let hinted: Vec<&str> = table
             .columns
             .iter()
-            .filter(|c| hints.primary.iter().chain(&hints.foreign).any(|h| loose_name(h) == loose_name(&c.name)))
+            .filter(|c| {
+                hints
+                    .primary
+                    .iter()
+                    .chain(&hints.foreign)
+                    .any(|h| loose_name(h) == loose_name(&c.name))
+            })
             .map(|c| c.name.as_str())
             .collect();
         if !hinted.is_empty() {
@@ -208,7 +285,10 @@ fn table_header(schema: &Database, table: &crate::table::Table, hints: &KeyHints
 fn render_row(format: RowFormat, cells: &[String], _header: bool) -> String {
     match format {
         RowFormat::Markdown => {
-            let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|").replace(['\n', '\r'], " ")).collect();
+            let cells: Vec<String> = cells
+                .iter()
+                .map(|c| c.replace('|', "\\|").replace(['\n', '\r'], " "))
+                .collect();
             format!("| {} |\n", cells.join(" | "))
         }
         RowFormat::Csv => {
@@ -238,7 +318,11 @@ fn relevance_terms(q: &Question) -> Vec<String> {
     }
     terms.extend(quoted(&q.text, '"'));
     terms.extend(numbers(&q.text));
-    let mut terms: Vec<String> = terms.into_iter().map(|t| t.trim_matches('%').to_lowercase()).filter(|t| !t.is_empty()).collect();
+    let mut terms: Vec<String> = terms
+        .into_iter()
+        .map(|t| t.trim_matches('%').to_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
     terms.sort();
     terms.dedup();
     terms
@@ -268,9 +352,11 @@ fn relevance(row: &[Value], terms: &[String]) -> usize {
                     let s = s.to_lowercase();
                     s == **term || (term.len() >= 3 && s.contains(term.as_str()))
                 }
-                Value::Integer(_) | Value::Real(_) => {
-                    term.parse::<f64>().ok().zip(v.as_f64()).is_some_and(|(a, b)| (a - b).abs() < 1e-9)
-                }
+                Value::Integer(_) | Value::Real(_) => term
+                    .parse::<f64>()
+                    .ok()
+                    .zip(v.as_f64())
+                    .is_some_and(|(a, b)| (a - b).abs() < 1e-9),
                 _ => false,
             })
         })
