@@ -1,5 +1,6 @@
 //! The `tabletrace` binary: flags and glue over the library crates.
 
+mod chat_cmd;
 mod data_cmd;
 mod progress;
 
@@ -25,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// Chat with a model: prints only the assistant's reply on stdout.
+    Chat(chat_cmd::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,5 +51,6 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Data { command } => data_cmd::run(command, cli.quiet),
+        Command::Chat(args) => chat_cmd::run(args),
     }
 }

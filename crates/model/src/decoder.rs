@@ -1,0 +1,489 @@
+//! The decoder: one readable implementation of the Llama family.
+//!
+//! Architecture (Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `MistralForCausalLM` are the references):
+//!
+//! ```text
+//! h = embed(ids)                                    (B, T, hidden)
+//! for each layer:
+//!     a = rms_norm(h) -> q, k, v projections        (+ bias: Qwen2)
+//!     q, k = rms_norm per head                      (Qwen3)
+//!     q, k = rope(q, k, positions)                  half rotation
+//!     h = h + o_proj(softmax(q k^T / sqrt(d) + mask) v)   grouped-query
+//!     h = h + down(silu(gate(rms_norm(h))) * up(rms_norm(h)))
+//! logits = lm_head(rms_norm(h))                     (tied to embed: SmolLM2, small Qwen)
+//! ```
+//!
+//! Every op is differentiable (see [`crate::ops`]), so adapters on the
+//! projections train; the base weights are frozen tensors that never
+//! receive a gradient.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use crate::checkpoint::{Checkpoint, RopeLayout};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::ops;
+
+/// A projection's weight: float (trainable path) or quantised (inference).
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// `(out, in)` float weight.
+    Float(Tensor),
+    /// GGUF-quantised weight, multiplied by candle's quantised kernels.
+    Quantized(QMatMul),
+}
+
+/// A projection `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The weight.
+    pub weight: LinearWeight,
+    /// The bias, if any.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(ck: &mut Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match ck.quantized.remove(&name) {
+            Some(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            None => LinearWeight::Float(ck.take(&name)?),
+        };
+        let bias = if bias {
+            Some(ck.take(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Applies the projection to `x` of shape `(.., in)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Float(w) => ops::frozen_linear(x, w)?,
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+impl Attention {
+    fn load(ck: &mut Checkpoint, cfg: &ModelConfig, prefix: &str) -> Result<Self> {
+        let norm = |ck: &mut Checkpoint, n: &str| -> Result<Option<Tensor>> {
+            if cfg.qk_norm {
+                Ok(Some(ck.take(&format!("{prefix}.{n}.weight"))?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Attention {
+            q_proj: Linear::load(ck, &format!("{prefix}.q_proj"), cfg.qkv_bias)?,
+            k_proj: Linear::load(ck, &format!("{prefix}.k_proj"), cfg.qkv_bias)?,
+            v_proj: Linear::load(ck, &format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            o_proj: Linear::load(ck, &format!("{prefix}.o_proj"), false)?,
+            q_norm: norm(ck, "q_norm")?,
+            k_norm: norm(ck, "k_norm")?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let mut q = heads(self.q_proj.forward(x)?, h)?; // (B, H, T, D)
+        let mut k = heads(self.k_proj.forward(x)?, kv)?; // (B, KV, T, D)
+        let v = heads(self.v_proj.forward(x)?, kv)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = ops::rms_norm(&q, qn, self.eps)?;
+            k = ops::rms_norm(&k, kn, self.eps)?;
+        }
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?, // (B, KV, S, D), S = cached + T
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let g = h / kv;
+        // Grouped-query attention without copying k/v: query heads j*G..j*G+G
+        // share kv head j, so q is viewed as (B, KV, G*T, D).
+        let q = q.reshape((b, kv, g * t, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, KV, G*T, S)
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, kv, g, t, s))?
+                .broadcast_add(&m.reshape((b, 1, 1, t, s))?)?
+                .reshape((b, kv, g * t, s))?,
+            None => scores,
+        };
+        let probs = ops::softmax_last(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // (B, KV, G*T, D)
+        let out = out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Cosine and sine tables of the rotary embedding, for every position.
+struct RopeTables {
+    cos: Tensor, // (max_pos, D/2)
+    sin: Tensor,
+    layout: RopeLayout,
+}
+
+/// The rotary embedding for one batch's positions.
+struct RopeAt {
+    cos: Tensor, // (B, T, D/2)
+    sin: Tensor,
+    layout: RopeLayout,
+}
+
+impl RopeAt {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.layout {
+            RopeLayout::Half => ops::rope_half(x, &self.cos, &self.sin)?,
+            RopeLayout::Interleaved => ops::rope_interleaved(x, &self.cos, &self.sin)?,
+        })
+    }
+}
+
+impl RopeTables {
+    fn new(cfg: &ModelConfig, layout: RopeLayout, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        if let Some(s) = &cfg.rope_scaling {
+            // Llama 3.1: long wavelengths are slowed by `factor`, short ones
+            // kept, and the band between interpolated.
+            let old = s.original_max_position_embeddings as f64;
+            let (low_wl, high_wl) = (old / s.low_freq_factor, old / s.high_freq_factor);
+            for f in &mut inv_freq {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                if wl > low_wl {
+                    *f /= s.factor;
+                } else if wl >= high_wl {
+                    let smooth =
+                        (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+            layout,
+        })
+    }
+
+    fn at(&self, positions: &Tensor) -> Result<RopeAt> {
+        let (b, t) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let half = self.cos.dim(1)?;
+        Ok(RopeAt {
+            cos: self.cos.index_select(&flat, 0)?.reshape((b, t, half))?,
+            sin: self.sin.index_select(&flat, 0)?.reshape((b, t, half))?,
+            layout: self.layout,
+        })
+    }
+}
+
+/// A decoder-only language model.
+pub struct Model {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: RopeTables,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+/// The key/value cache of one generation: one [`KvCache`] per layer.
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    /// Cached positions (slots), the same for every row of the batch.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::current_seq_len)
+    }
+
+    /// True before the first step.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Model {
+    /// Builds the model from a checkpoint, consuming its tensors. Every
+    /// tensor the architecture needs must be there; leftovers are reported.
+    pub fn new(mut ck: Checkpoint, device: &Device) -> Result<Model> {
+        let cfg = ck.config.clone();
+        let embed_tokens = ck.take("model.embed_tokens.weight")?;
+        let (rows, width) = embed_tokens.dims2()?;
+        if width != cfg.hidden_size {
+            return Err(Error::Tensor {
+                name: "model.embed_tokens.weight".into(),
+                message: format!("has width {width}, but hidden_size is {}", cfg.hidden_size),
+            });
+        }
+        let dtype = embed_tokens.dtype();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: ck.take(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention::load(&mut ck, &cfg, &format!("{p}.self_attn"))?,
+                post_attention_layernorm: ck
+                    .take(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(&mut ck, &format!("{p}.mlp.gate_proj"), false)?,
+                    up_proj: Linear::load(&mut ck, &format!("{p}.mlp.up_proj"), false)?,
+                    down_proj: Linear::load(&mut ck, &format!("{p}.mlp.down_proj"), false)?,
+                },
+            });
+        }
+        let norm = ck.take("model.norm.weight")?;
+        let lm_head = if ck.tensors.contains_key("lm_head.weight")
+            || ck.quantized.contains_key("lm_head.weight")
+        {
+            Linear::load(&mut ck, "lm_head", false)?
+        } else if cfg.tie_word_embeddings || !ck.tensors.contains_key("lm_head.weight") {
+            Linear {
+                weight: LinearWeight::Float(embed_tokens.clone()),
+                bias: None,
+            }
+        } else {
+            unreachable!("lm_head is either present or tied")
+        };
+        if rows < cfg.vocab_size {
+            return Err(Error::Tensor {
+                name: "model.embed_tokens.weight".into(),
+                message: format!("has {rows} rows, fewer than vocab_size {}", cfg.vocab_size),
+            });
+        }
+        let leftovers: Vec<&String> = ck.tensors.keys().chain(ck.quantized.keys()).collect();
+        if !leftovers.is_empty() {
+            tracing::warn!(path = %ck.path.display(), "unused tensors: {leftovers:?}");
+        }
+        let rope = RopeTables::new(&cfg, ck.rope_layout, dtype, device)?;
+        Ok(Model {
+            config: cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The float dtype of activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh cache for up to `capacity` positions (it grows if needed).
+    pub fn new_cache(&self, capacity: usize) -> Cache {
+        Cache {
+            layers: (0..self.config.num_layers)
+                .map(|_| KvCache::new(2, capacity.max(1)))
+                .collect(),
+        }
+    }
+
+    /// Runs the decoder.
+    ///
+    /// - `ids`: `(B, T)` u32 token ids;
+    /// - `positions`: `(B, T)` u32 RoPE positions (per row, so left-padded
+    ///   rows start at 0 on their first real token);
+    /// - `mask`: additive `(B, T, S)` f32 mask over the `S` = cached + `T`
+    ///   key slots (0 to attend, -inf not to), or `None` for plain causal
+    ///   attention over unpadded rows with `T == 1` or no cache;
+    /// - `cache`: keys/values of earlier steps, extended by this one.
+    ///
+    /// Returns logits `(B, T, V)`, or `(B, V)` for the last position only
+    /// when `last_only`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let max = self.config.max_position_embeddings;
+        let max_pos = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= max {
+            return Err(Error::Request(format!(
+                "position {max_pos} is past the model's context of {max} tokens"
+            )));
+        }
+        let rope = self.rope.at(positions)?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let owned_mask;
+        let mask = match mask {
+            Some(m) => Some(m.to_dtype(self.dtype)?),
+            None if t > 1 => {
+                owned_mask = causal_mask(b, t, offset, &self.device)?.to_dtype(self.dtype)?;
+                Some(owned_mask)
+            }
+            None => None,
+        };
+        let mut h = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let eps = self.config.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
+            h = (h + layer
+                .self_attn
+                .forward(&a, &rope, mask.as_ref(), layer_cache)?)?;
+            let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+            h = (h + layer.mlp.forward(&m)?)?;
+        }
+        let h = if last_only { h.narrow(1, t - 1, 1)? } else { h };
+        let logits = self.lm_head.forward(&ops::rms_norm(&h, &self.norm, eps)?)?;
+        let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
+        Ok(if last_only {
+            logits.squeeze(1)?
+        } else {
+            logits
+        })
+    }
+}
+
+/// Additive causal mask `(B, T, offset + T)`: query `i` sees key slots `0..=offset + i`.
+pub fn causal_mask(b: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let s = offset + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (t, s), device)?
+        .unsqueeze(0)?
+        .broadcast_as((b, t, s))?
+        .contiguous()?)
+}
+
+/// Additive mask `(B, T, S)` for left-padded rows: query `i` of row `r` sees
+/// key slot `j` when `j <= offset + i` and slot `j` holds a real token of
+/// row `r` (`key_valid[r][j]`). Every query also sees its own slot, so that a
+/// padding position has finite values (a row of -inf would give NaN, and NaN
+/// keys poison every row that masks them).
+pub fn padded_causal_mask(
+    key_valid: &[Vec<bool>],
+    t: usize,
+    offset: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    let s = offset + t;
+    let mut v = Vec::with_capacity(b * t * s);
+    for row in key_valid {
+        for i in 0..t {
+            for j in 0..s {
+                let ok =
+                    j == offset + i || (j < offset + i && row.get(j).copied().unwrap_or(false));
+                v.push(if ok { 0.0 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, t, s), device)?)
+}

@@ -1,0 +1,330 @@
+//! Batched generation: left padding with per-row positions and masks, a
+//! key/value cache, greedy or nucleus sampling, stop on EOS or stop strings.
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::decoder::{padded_causal_mask, Model};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Sampling {
+    /// The most likely token.
+    Greedy,
+    /// Nucleus sampling.
+    Sample {
+        /// Softmax temperature (> 0).
+        temperature: f64,
+        /// Smallest set of tokens whose probability reaches `top_p` (0 < p <= 1).
+        top_p: f64,
+        /// Seed; row `i` of a batch uses `seed + i`, so results do not depend
+        /// on batch composition.
+        seed: u64,
+    },
+}
+
+/// Options of one generation call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    /// New tokens per row at most. Default 256.
+    pub max_new_tokens: usize,
+    /// Greedy (default) or sampling.
+    pub sampling: Sampling,
+    /// Generation of a row stops when its text contains one of these; the
+    /// text is cut before it.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens (fixed-length runs for
+    /// benchmarks and reference comparisons). Default false.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token.
+    Eos,
+    /// A stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One row's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// New tokens (EOS excluded).
+    pub tokens: Vec<u32>,
+    /// Their text, special tokens dropped, cut before a stop string.
+    pub text: String,
+    /// Why generation stopped.
+    pub finish: FinishReason,
+}
+
+/// A small, fast, seedable generator (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next value in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Chooses a token from one row of logits.
+pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
+    match sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Sample {
+            temperature, top_p, ..
+        } => {
+            if *temperature <= 0.0 {
+                return argmax(logits);
+            }
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut probs: Vec<(u32, f64)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, (((l - max) as f64) / temperature).exp()))
+                .collect();
+            let total: f64 = probs.iter().map(|p| p.1).sum();
+            probs.iter_mut().for_each(|p| p.1 /= total);
+            probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                cum += p.1;
+                if cum >= *top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            let kept = &probs[..keep];
+            let mass: f64 = kept.iter().map(|p| p.1).sum();
+            let mut r = rng.next_f64() * mass;
+            for p in kept {
+                r -= p.1;
+                if r <= 0.0 {
+                    return p.0;
+                }
+            }
+            kept[kept.len() - 1].0
+        }
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Generates a continuation for each prompt (token ids, chat template and
+/// BOS already applied), all in one batch.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
+    let decode = |ids: &[u32]| tok.decode(ids, true);
+    let rows = generate_tokens(
+        model,
+        prompts,
+        opts,
+        tok.eos_ids(),
+        tok.pad_id(),
+        Some(&decode),
+    )?;
+    rows.into_iter()
+        .map(|(tokens, finish)| {
+            let mut text = tok.decode(&tokens, true)?;
+            if finish == FinishReason::Stop {
+                if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(cut);
+                }
+            }
+            Ok(Generation {
+                tokens,
+                text,
+                finish,
+            })
+        })
+        .collect()
+}
+
+/// The token loop behind [`generate`], for callers without a tokenizer:
+/// `eos` ends a row (unless `opts.ignore_eos`), `pad` fills left padding,
+/// and `decode`, when given, is used to watch for `opts.stop` strings.
+pub fn generate_tokens(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    eos: &[u32],
+    pad: u32,
+    decode: Option<&dyn Fn(&[u32]) -> Result<String>>,
+) -> Result<Vec<(Vec<u32>, FinishReason)>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::Request(format!("prompt {i} is empty")));
+    }
+    let device: &Device = model.device();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let l = *lens.iter().max().expect("at least one prompt");
+    let context = model.config().max_position_embeddings;
+    if l + opts.max_new_tokens > context {
+        return Err(Error::Request(format!(
+            "a prompt of {l} tokens plus {} new tokens exceeds the model's context of {context} tokens",
+            opts.max_new_tokens
+        )));
+    }
+    let mut ids = Vec::with_capacity(b * l);
+    let mut positions = Vec::with_capacity(b * l);
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
+    for p in prompts {
+        let padding = l - p.len();
+        ids.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
+        positions.extend((0..l).map(|j| j.saturating_sub(padding) as u32));
+        valid.push((0..l).map(|j| j >= padding).collect());
+    }
+    let padded = lens.iter().any(|&n| n != l);
+    let mut cache = model.new_cache(l + opts.max_new_tokens);
+    let ids_t = Tensor::from_vec(ids, (b, l), device)?;
+    let pos_t = Tensor::from_vec(positions, (b, l), device)?;
+    let mask = if padded {
+        Some(padded_causal_mask(&valid, l, 0, device)?)
+    } else {
+        None
+    };
+    let mut logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
+
+    let mut rngs: Vec<Rng> = (0..b)
+        .map(|i| match opts.sampling {
+            Sampling::Sample { seed, .. } => Rng::new(seed.wrapping_add(i as u64)),
+            Sampling::Greedy => Rng::new(0),
+        })
+        .collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut finish: Vec<Option<FinishReason>> = vec![None; b];
+    for step in 0..opts.max_new_tokens {
+        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (i, row) in rows.iter().enumerate() {
+            if finish[i].is_some() {
+                next.push(pad);
+                continue;
+            }
+            let t = sample(row, &opts.sampling, &mut rngs[i]);
+            if !opts.ignore_eos && eos.contains(&t) {
+                finish[i] = Some(FinishReason::Eos);
+            } else {
+                out[i].push(t);
+                if let (false, Some(decode)) = (opts.stop.is_empty(), decode) {
+                    let text = decode(&out[i])?;
+                    if opts.stop.iter().any(|s| text.contains(s.as_str())) {
+                        finish[i] = Some(FinishReason::Stop);
+                    }
+                }
+            }
+            next.push(t);
+        }
+        if finish.iter().all(Option::is_some) || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        let offset = cache.len();
+        for v in &mut valid {
+            v.push(true);
+        }
+        let ids_t = Tensor::from_vec(next, (b, 1), device)?;
+        let pos: Vec<u32> = lens.iter().map(|&n| (n + step) as u32).collect();
+        let pos_t = Tensor::from_vec(pos, (b, 1), device)?;
+        let mask = if padded {
+            Some(padded_causal_mask(&valid, 1, offset, device)?)
+        } else {
+            None
+        };
+        logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
+    }
+    Ok(out
+        .into_iter()
+        .zip(finish)
+        .map(|(tokens, f)| (tokens, f.unwrap_or(FinishReason::Length)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_sampling_is_seeded() {
+        let logits = [0.1f32, 2.0, -1.0, 1.9];
+        assert_eq!(sample(&logits, &Sampling::Greedy, &mut Rng::new(0)), 1);
+        let s = Sampling::Sample {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let draw = |seed| {
+            let mut r = Rng::new(seed);
+            (0..50)
+                .map(|_| sample(&logits, &s, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        // top_p small enough keeps only the best token.
+        let narrow = Sampling::Sample {
+            temperature: 1.0,
+            top_p: 0.1,
+            seed: 1,
+        };
+        let mut r = Rng::new(3);
+        assert!((0..100).all(|_| sample(&logits, &narrow, &mut r) == 1));
+        // Sampling follows the distribution: token 1 and 3 dominate.
+        let mut r = Rng::new(11);
+        let mut counts = [0usize; 4];
+        for _ in 0..4000 {
+            counts[sample(&logits, &s, &mut r) as usize] += 1;
+        }
+        let p1 = counts[1] as f64 / 4000.0;
+        let expected = 2.0f64.exp()
+            / [0.1f64, 2.0, -1.0, 1.9]
+                .iter()
+                .map(|x| x.exp())
+                .sum::<f64>();
+        assert!((p1 - expected).abs() < 0.03, "{p1} vs {expected}");
+    }
+}

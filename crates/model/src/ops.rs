@@ -1,0 +1,257 @@
+//! Operations with two paths: candle's fused kernels when no gradient is
+//! tracked (inference), and compositions of differentiable ops (or a
+//! hand-written backward) when one is. candle's fused `rms_norm`,
+//! `softmax_last_dim` and `rope` return no gradient at all, so calling them
+//! on a tracked tensor would silently stop training.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// RMSNorm over the last dimension, scaled by `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.track_op() && !weight.track_op() {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
+    }
+    let dim = x.dim(D::Minus1)?;
+    let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Rotary embedding, half-rotation layout: `x` is `(B, H, T, D)`, `cos` and
+/// `sin` are `(B, T, D/2)`.
+pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?); // (B, 1, T, D/2)
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// Rotary embedding, interleaved layout (llama-architecture GGUF as stored).
+/// Inference only: used with quantised weights, which never train.
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
+}
+
+/// `x @ w.T` for a frozen weight `w` (`(out, in)`), for `x` of any rank.
+///
+/// candle's matmul backward always computes the weight's gradient, even for
+/// a weight that is not trained: for LoRA that costs a full fine-tuning's
+/// compute and memory. Here the product is computed without a graph and
+/// re-attached to `x` through [`FrozenMatmulGrad`], whose backward returns
+/// the input's gradient only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = plain_linear(&x.detach(), w)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2_arc(&y, Arc::new(Box::new(FrozenMatmulGrad { w: w.clone() })))
+}
+
+fn plain_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match x.rank() {
+        2 => x.matmul(&w.t()?),
+        _ => {
+            let dims = x.dims().to_vec();
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w.t()?)?;
+            let mut out = dims;
+            *out.last_mut().expect("rank > 0") = w.dim(0)?;
+            y.reshape(out)
+        }
+    }
+}
+
+/// Passes a precomputed `x @ w.T` through, with `d/dx = grad @ w` as backward.
+struct FrozenMatmulGrad {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // `y` was produced by a matmul and reshape: contiguous from offset 0.
+        if !l2.is_contiguous() || l2.start_offset() != 0 {
+            candle_core::bail!("frozen-matmul-grad: the precomputed product must be contiguous");
+        }
+        Ok((s2.clone(), l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if !l2.is_contiguous() || l2.start_offset() != 0 {
+            candle_core::bail!("frozen-matmul-grad: the precomputed product must be contiguous");
+        }
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(plain_linear(grad, &self.w.t()?)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values in [-1, 1).
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Central finite differences of `sum(f(x) * probe)` against autograd.
+    fn check_grad(x0: &Tensor, f: impl Fn(&Tensor) -> Tensor) {
+        let x = Var::from_tensor(x0).unwrap();
+        let probe = randn(f(x0).dims(), 99);
+        let loss = (f(x.as_tensor()) * &probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("x gets a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let flat = x0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-2f32;
+        for i in (0..flat.len()).step_by((flat.len() / 12).max(1)) {
+            let eval = |delta: f32| {
+                let mut v = flat.clone();
+                v[i] += delta;
+                let xt = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
+                (f(&xt) * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() <= 2e-2 * fd.abs().max(1.0),
+                "element {i}: finite difference {fd}, autograd {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn fast_and_differentiable_paths_agree() {
+        let x = randn(&[2, 3, 4, 8], 1);
+        let w = (randn(&[8], 2) + 1.5).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        assert!(
+            max_diff(
+                &rms_norm(&x, &w, 1e-5).unwrap(),
+                &rms_norm(xv.as_tensor(), &w, 1e-5).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                &softmax_last(&x).unwrap(),
+                &softmax_last(xv.as_tensor()).unwrap()
+            ) < 1e-6
+        );
+        let cos = randn(&[2, 4, 4], 3);
+        let sin = randn(&[2, 4, 4], 4);
+        assert!(
+            max_diff(
+                &rope_half(&x, &cos, &sin).unwrap(),
+                &rope_half(xv.as_tensor(), &cos, &sin).unwrap()
+            ) < 1e-6
+        );
+        let wl = randn(&[5, 8], 5);
+        let direct = x.broadcast_matmul(&wl.t().unwrap()).unwrap();
+        assert!(max_diff(&frozen_linear(xv.as_tensor(), &wl).unwrap(), &direct) < 1e-5);
+    }
+
+    #[test]
+    fn differentiable_paths_match_finite_differences() {
+        let w = (randn(&[8], 2) + 1.5).unwrap();
+        check_grad(&randn(&[2, 3, 8], 7), |x| rms_norm(x, &w, 1e-5).unwrap());
+        check_grad(&randn(&[2, 5], 8), |x| softmax_last(x).unwrap());
+        let cos = randn(&[1, 3, 4], 3);
+        let sin = randn(&[1, 3, 4], 4);
+        check_grad(&randn(&[1, 2, 3, 8], 9), |x| {
+            rope_half(x, &cos, &sin).unwrap()
+        });
+    }
+
+    #[test]
+    fn frozen_linear_backward_matches_finite_differences_and_skips_the_weight() {
+        let w = randn(&[6, 8], 11);
+        check_grad(&randn(&[2, 3, 8], 12), |x| frozen_linear(x, &w).unwrap());
+        // The weight is no node of the graph: no gradient is computed for it.
+        let x = Var::from_tensor(&randn(&[3, 8], 13)).unwrap();
+        let grads = frozen_linear(x.as_tensor(), &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&w).is_none());
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}

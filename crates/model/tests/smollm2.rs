@@ -1,0 +1,84 @@
+use candle_core::{Device, Tensor};
+use tabletrace_model::{read_gguf, Model};
+
+use crate::util::smollm2;
+
+fn logits(quantized: bool, ids: &[u32]) -> Vec<f32> {
+    let ck = read_gguf(&smollm2(), quantized).unwrap();
+    let model = Model::new(ck, &Device::Cpu).unwrap();
+    let t = ids.len();
+    let ids_t = Tensor::from_vec(ids.to_vec(), (1, t), &Device::Cpu).unwrap();
+    let pos = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &Device::Cpu).unwrap();
+    model
+        .forward(&ids_t, &pos, None, None, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn quantized_and_float_paths_agree() {
+    let ids = [1u32, 4093, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198];
+    let f = logits(false, &ids);
+    let q = logits(true, &ids);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    let max_diff = f
+        .iter()
+        .zip(&q)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(argmax(&f), argmax(&q), "max |diff| {max_diff}");
+    assert!(max_diff < 1.0, "max |diff| {max_diff}");
+}
+
+fn incremental_logits(quantized: bool, ids: &[u32]) -> Vec<f32> {
+    let ck = read_gguf(&smollm2(), quantized).unwrap();
+    let model = Model::new(ck, &Device::Cpu).unwrap();
+    let t = ids.len();
+    let mut cache = model.new_cache(t);
+    let ids_t = Tensor::from_vec(ids[..t - 1].to_vec(), (1, t - 1), &Device::Cpu).unwrap();
+    let pos = Tensor::from_vec(
+        (0..t as u32 - 1).collect::<Vec<_>>(),
+        (1, t - 1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    model
+        .forward(&ids_t, &pos, None, Some(&mut cache), true)
+        .unwrap();
+    let ids_t = Tensor::from_vec(vec![ids[t - 1]], (1, 1), &Device::Cpu).unwrap();
+    let pos = Tensor::from_vec(vec![t as u32 - 1], (1, 1), &Device::Cpu).unwrap();
+    model
+        .forward(&ids_t, &pos, None, Some(&mut cache), true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn cached_decoding_matches_a_full_forward() {
+    let ids = [1u32, 4093, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198];
+    for quantized in [false, true] {
+        let full = logits(quantized, &ids);
+        let inc = incremental_logits(quantized, &ids);
+        let max_diff = full
+            .iter()
+            .zip(&inc)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-3,
+            "quantized={quantized}: max |diff| {max_diff}"
+        );
+    }
+}
