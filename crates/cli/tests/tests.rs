@@ -1,6 +1,7 @@
 //! End-to-end tests of the `tabletrace` binary: the commands the README and
 //! the acceptance checks use.
 
+mod chat;
 mod data;
 
 use std::path::PathBuf;

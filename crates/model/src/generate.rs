@@ -182,6 +182,9 @@ pub fn generate(
         .collect()
 }
 
+/// Turns generated ids into text (to watch for stop strings).
+pub type Decode = dyn Fn(&[u32]) -> Result<String>;
+
 /// The token loop behind [`generate`], for callers without a tokenizer:
 /// `eos` ends a row (unless `opts.ignore_eos`), `pad` fills left padding,
 /// and `decode`, when given, is used to watch for `opts.stop` strings.
@@ -191,7 +194,7 @@ pub fn generate_tokens(
     opts: &GenerateOptions,
     eos: &[u32],
     pad: u32,
-    decode: Option<&dyn Fn(&[u32]) -> Result<String>>,
+    decode: Option<&Decode>,
 ) -> Result<Vec<(Vec<u32>, FinishReason)>> {
     let b = prompts.len();
     if b == 0 {

@@ -54,8 +54,12 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// a weight that is not trained: for LoRA that costs a full fine-tuning's
 /// compute and memory. Here the product is computed without a graph and
 /// re-attached to `x` through [`FrozenMatmulGrad`], whose backward returns
-/// the input's gradient only.
+/// the input's gradient only. A weight that is itself a variable (full
+/// fine-tuning) takes the ordinary differentiable path.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() {
+        return plain_linear(x, w);
+    }
     let y = plain_linear(&x.detach(), w)?;
     if !x.track_op() {
         return Ok(y);
@@ -253,5 +257,14 @@ mod tests {
             .unwrap();
         assert!(grads.get(&w).is_none());
         assert!(grads.get(x.as_tensor()).is_some());
+        // A weight that is a variable (a tied, trained embedding) gets its gradient.
+        let wv = Var::from_tensor(&w).unwrap();
+        let grads = frozen_linear(x.as_tensor(), wv.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(wv.as_tensor()).is_some());
     }
 }

@@ -103,7 +103,7 @@ fn smollm2_matches_transformers() {
             ignore_eos: true,
             ..GenerateOptions::default()
         };
-        let out = generate(&m.model, &m.tokenizer, &[ids.clone()], &opts).unwrap();
+        let out = generate(&m.model, &m.tokenizer, std::slice::from_ref(&ids), &opts).unwrap();
         assert_eq!(
             out[0].tokens,
             ids_of(&p["greedy"]),

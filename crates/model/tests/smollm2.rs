@@ -82,3 +82,56 @@ fn cached_decoding_matches_a_full_forward() {
         );
     }
 }
+
+#[test]
+fn a_padded_batch_generates_what_each_row_generates_alone() {
+    use tabletrace_model::{generate, load_model, ChatMessage, GenerateOptions, LoadOptions};
+    let m = load_model(smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Name a colour.",
+        "Which table lists the singers, and how many columns does it have?",
+        "Hi",
+    ]
+    .iter()
+    .map(|q| {
+        let text = m
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", *q)], true)
+            .unwrap();
+        m.tokenizer.encode(&text, true).unwrap()
+    })
+    .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        ..GenerateOptions::default()
+    };
+    let batch = generate(&m.model, &m.tokenizer, &prompts, &opts).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate(&m.model, &m.tokenizer, std::slice::from_ref(p), &opts).unwrap();
+        assert_eq!(batch[i].tokens, alone[0].tokens, "row {i}");
+    }
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    use tabletrace_model::{
+        generate, load_model, ChatMessage, FinishReason, GenerateOptions, LoadOptions,
+    };
+    let m = load_model(smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let text = m
+        .tokenizer
+        .apply_chat_template(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let ids = m.tokenizer.encode(&text, true).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        stop: vec![" of".into()],
+        ..GenerateOptions::default()
+    };
+    let out = generate(&m.model, &m.tokenizer, &[ids], &opts).unwrap();
+    assert_eq!(out[0].finish, FinishReason::Stop);
+    assert_eq!(out[0].text, "The capital");
+}

@@ -1,0 +1,41 @@
+//! `tabletrace chat`, the model runtime's smoke test.
+
+use crate::{stderr, stdout, tabletrace};
+
+#[test]
+fn greedy_chat_prints_only_the_reply() {
+    for quantized in [false, true] {
+        let mut args = vec![
+            "chat",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "What is the capital of France?",
+            "--greedy",
+            "--max-tokens",
+            "20",
+        ];
+        if quantized {
+            args.push("--quantized");
+        }
+        let o = tabletrace(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        if !quantized {
+            assert_eq!(stdout(&o), "The capital of France is Paris.\n");
+        } else {
+            // Quantised kernels round activations to 8 bits: the reply may differ, but it is one.
+            assert!(!stdout(&o).trim().is_empty());
+        }
+    }
+}
+
+#[test]
+fn unknown_model_is_a_clear_error() {
+    let o = tabletrace(&["chat", "--model", "no-such-model", "--prompt", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not a known model name (smollm2-135m, qwen2.5-coder-0.5b)"),
+        "{}",
+        stderr(&o)
+    );
+}
