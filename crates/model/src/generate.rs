@@ -183,7 +183,7 @@ pub fn generate(
 }
 
 /// Turns generated ids into text (to watch for stop strings).
-pub type Decode = dyn Fn(&[u32]) -> Result<String>;
+pub type Decode<'a> = dyn Fn(&[u32]) -> Result<String> + 'a;
 
 /// The token loop behind [`generate`], for callers without a tokenizer:
 /// `eos` ends a row (unless `opts.ignore_eos`), `pad` fills left padding,
@@ -194,7 +194,7 @@ pub fn generate_tokens(
     opts: &GenerateOptions,
     eos: &[u32],
     pad: u32,
-    decode: Option<&Decode>,
+    decode: Option<&Decode<'_>>,
 ) -> Result<Vec<(Vec<u32>, FinishReason)>> {
     let b = prompts.len();
     if b == 0 {
