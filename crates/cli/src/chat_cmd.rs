@@ -43,16 +43,11 @@ pub fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
         Some(p) => p,
         None => {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading the prompt from stdin")?;
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
             s
         }
     };
-    let opts = LoadOptions {
-        quantized: a.quantized,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
     let m = load_model(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     let mut messages = Vec::new();
     if let Some(s) = a.system {
@@ -64,17 +59,9 @@ pub fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
     let sampling = if a.greedy {
         Sampling::Greedy
     } else {
-        Sampling::Sample {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-        }
+        Sampling::Sample { temperature: a.temperature, top_p: a.top_p, seed: a.seed }
     };
-    let gen = GenerateOptions {
-        max_new_tokens: a.max_tokens,
-        sampling,
-        ..GenerateOptions::default()
-    };
+    let gen = GenerateOptions { max_new_tokens: a.max_tokens, sampling, ..GenerateOptions::default() };
     let out = generate(&m.model, &m.tokenizer, &[ids], &gen)?;
     println!("{}", out[0].text.trim_end());
     Ok(ExitCode::SUCCESS)

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use tabletrace_data::{
-    approx_tokens, check, load, render_tables, Budget, Dataset, ExecLimits, LoadOptions,
-    Provenance, Question, RowFormat, TableDb, TableSource,
+    approx_tokens, check, load, render_tables, Budget, Dataset, ExecLimits, LoadOptions, Provenance, Question,
+    RowFormat, TableDb, TableSource,
 };
 
 use crate::progress::Bar;
@@ -43,10 +43,7 @@ impl Source {
         if !self.path.exists() {
             bail!("{} does not exist", self.path.display());
         }
-        let opts = LoadOptions {
-            db_dir: self.db_dir.clone(),
-            tables_json: self.tables.clone(),
-        };
+        let opts = LoadOptions { db_dir: self.db_dir.clone(), tables_json: self.tables.clone() };
         if let Some(d) = &opts.db_dir {
             if !d.is_dir() {
                 bail!("--db-dir {} is not a folder", d.display());
@@ -131,32 +128,20 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let qs = &ds.questions;
-    println!(
-        "questions: {} loaded, {} failed to load",
-        qs.len(),
-        ds.errors.len()
-    );
+    println!("questions: {} loaded, {} failed to load", qs.len(), ds.errors.len());
     if !qs.is_empty() {
         let mut splits: BTreeMap<String, usize> = BTreeMap::new();
         let mut n_tables: BTreeMap<usize, usize> = BTreeMap::new();
         let mut dbs = BTreeSet::new();
         for q in qs {
-            *splits
-                .entry(q.split.map_or("none".to_string(), |s| s.to_string()))
-                .or_default() += 1;
+            *splits.entry(q.split.map_or("none".to_string(), |s| s.to_string())).or_default() += 1;
             *n_tables.entry(q.n_tables()).or_default() += 1;
             if let TableSource::Sqlite { path, .. } = &q.tables {
                 dbs.insert(path.clone());
             }
         }
-        println!(
-            "splits: {}",
-            join_counts(splits.iter().map(|(k, v)| (k.clone(), *v)))
-        );
-        println!(
-            "tables per question: {}",
-            join_counts(n_tables.iter().map(|(k, v)| (k.to_string(), *v)))
-        );
+        println!("splits: {}", join_counts(splits.iter().map(|(k, v)| (k.clone(), *v))));
+        println!("tables per question: {}", join_counts(n_tables.iter().map(|(k, v)| (k.to_string(), *v))));
         let count = |f: &dyn Fn(&Question) -> bool| qs.iter().filter(|q| f(q)).count();
         println!(
             "gold: SQL {}, executed answers {}, published answers {}",
@@ -173,38 +158,22 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     for (name, source) in &ds.databases {
         println!("database {name}:");
         let db = TableDb::open(source).map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
-        let schema = db
-            .schema()
-            .map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
+        let schema = db.schema().map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
         for t in &schema.tables {
-            let rows = db
-                .count_rows(&t.name)
-                .map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
+            let rows = db.count_rows(&t.name).map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
             let pk = if t.primary_key.is_empty() {
                 String::new()
             } else {
                 format!(", primary key ({})", t.primary_key.join(", "))
             };
-            println!(
-                "  {:<32} {:>3} columns {:>8} rows{pk}",
-                t.name,
-                t.columns.len(),
-                rows
-            );
+            println!("  {:<32} {:>3} columns {:>8} rows{pk}", t.name, t.columns.len(), rows);
         }
         for fk in &schema.foreign_keys {
-            println!(
-                "  foreign key {}.{} -> {}.{}",
-                fk.table, fk.column, fk.ref_table, fk.ref_column
-            );
+            println!("  foreign key {}.{} -> {}.{}", fk.table, fk.column, fk.ref_table, fk.ref_column);
         }
     }
     if !ds.errors.is_empty() {
-        println!(
-            "load errors (first {} of {}):",
-            a.show_errors.min(ds.errors.len()),
-            ds.errors.len()
-        );
+        println!("load errors (first {} of {}):", a.show_errors.min(ds.errors.len()), ds.errors.len());
         for e in ds.errors.iter().take(a.show_errors) {
             println!("  {e}");
         }
@@ -214,10 +183,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 
 fn check_cmd(a: CheckArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let ds = a.source.load()?;
-    let limits = ExecLimits {
-        timeout: Duration::from_millis(a.timeout_ms),
-        max_rows: a.max_rows,
-    };
+    let limits = ExecLimits { timeout: Duration::from_millis(a.timeout_ms), max_rows: a.max_rows };
     let report = check(&ds, limits, &Bar::new(quiet));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -234,10 +200,7 @@ fn check_cmd(a: CheckArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         println!("  loaded           {:>7}", report.loaded);
         println!("  load errors      {:>7}", report.load_errors);
         println!("  gold SQL ran     {:>7}", report.sql_ok);
-        println!(
-            "  gold SQL failed  {:>7}  ({} timed out)",
-            report.sql_error, report.sql_timeout
-        );
+        println!("  gold SQL failed  {:>7}  ({} timed out)", report.sql_error, report.sql_timeout);
         println!(
             "  agree executed   {:>7} of {} ({})",
             report.agree_executed,
@@ -280,37 +243,18 @@ fn check_cmd(a: CheckArgs, quiet: bool) -> anyhow::Result<ExitCode> {
 fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
     let ds = a.source.load()?;
     let q = match &a.id {
-        Some(id) => ds
-            .questions
-            .iter()
-            .find(|q| q.id.0 == *id)
-            .with_context(|| {
-                let first: Vec<&str> = ds
-                    .questions
-                    .iter()
-                    .take(3)
-                    .map(|q| q.id.0.as_str())
-                    .collect();
-                format!(
-                    "no question with id {id:?} in {} (ids look like {first:?})",
-                    a.source.path.display()
-                )
-            })?,
-        None => ds
-            .questions
-            .first()
-            .with_context(|| format!("{} holds no questions", a.source.path.display()))?,
+        Some(id) => ds.questions.iter().find(|q| q.id.0 == *id).with_context(|| {
+            let first: Vec<&str> = ds.questions.iter().take(3).map(|q| q.id.0.as_str()).collect();
+            format!("no question with id {id:?} in {} (ids look like {first:?})", a.source.path.display())
+        })?,
+        None => ds.questions.first().with_context(|| format!("{} holds no questions", a.source.path.display()))?,
     };
-    let db = TableDb::open(&q.tables)
-        .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
+    let db = TableDb::open(&q.tables).map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
     let format = match a.format {
         FormatArg::Markdown => RowFormat::Markdown,
         FormatArg::Csv => RowFormat::Csv,
     };
-    let budget = Budget {
-        max_rows_per_table: Some(a.max_rows),
-        max_tokens: a.max_tokens,
-    };
+    let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: a.max_tokens };
     let rendered = render_tables(&db, q, format, &budget, &approx_tokens)
         .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
     println!("# Question {}\n{}\n", q.id, q.text);
@@ -321,10 +265,7 @@ fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
     for g in &q.gold {
         println!("# Gold answer ({:?})\n{}", g.provenance, g.answer.to_line());
     }
-    eprintln!(
-        "{} of {} rows shown, ~{} tokens",
-        rendered.rows_shown, rendered.rows_total, rendered.tokens
-    );
+    eprintln!("{} of {} rows shown, ~{} tokens", rendered.rows_shown, rendered.rows_total, rendered.tokens);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -338,8 +279,5 @@ fn short(p: &Path) -> String {
 }
 
 fn join_counts(items: impl Iterator<Item = (String, usize)>) -> String {
-    items
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }

@@ -1,5 +1,6 @@
 //! The `tabletrace` binary: flags and glue over the library crates.
 
+mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod progress;
@@ -28,13 +29,23 @@ enum Command {
     },
     /// Chat with a model: prints only the assistant's reply on stdout.
     Chat(chat_cmd::ChatArgs),
+    /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s and peak memory of a model, as one JSON line.
+    Generate(bench_cmd::BenchGenerateArgs),
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TABLETRACE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("TABLETRACE_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -52,5 +63,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Data { command } => data_cmd::run(command, cli.quiet),
         Command::Chat(args) => chat_cmd::run(args),
+        Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }
 }

@@ -23,8 +23,10 @@ fn greedy_chat_prints_only_the_reply() {
         if !quantized {
             assert_eq!(stdout(&o), "The capital of France is Paris.\n");
         } else {
-            // Quantised kernels round activations to 8 bits: the reply may differ, but it is one.
-            assert!(!stdout(&o).trim().is_empty());
+            // On the Q4_1 weights with 8-bit activations (as ggml computes), this
+            // small model answers differently; llama.cpp (llama-cpp-python 0.3,
+            // greedy, same file) gives this very reply.
+            assert!(stdout(&o).starts_with("L'Étoile, la Marseillaise, la femme, la femme au"), "{}", stdout(&o));
         }
     }
 }
@@ -33,9 +35,5 @@ fn greedy_chat_prints_only_the_reply() {
 fn unknown_model_is_a_clear_error() {
     let o = tabletrace(&["chat", "--model", "no-such-model", "--prompt", "hi"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("not a known model name (smollm2-135m, qwen2.5-coder-0.5b)"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("not a known model name (smollm2-135m, qwen2.5-coder-0.5b)"), "{}", stderr(&o));
 }

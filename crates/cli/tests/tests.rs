@@ -9,19 +9,12 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the repository root exists")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the repository root exists")
 }
 
 /// Runs `tabletrace` with these arguments from the repository root.
 pub fn tabletrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tabletrace"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_tabletrace")).args(args).current_dir(root()).output().expect("the binary runs")
 }
 
 pub fn stdout(o: &Output) -> String {

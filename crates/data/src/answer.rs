@@ -39,10 +39,7 @@ impl ResultSet {
             return false;
         }
         let keys = |r: &ResultSet| -> Vec<Vec<String>> {
-            r.rows
-                .iter()
-                .map(|row| row.iter().map(cell_key).collect())
-                .collect()
+            r.rows.iter().map(|row| row.iter().map(cell_key).collect()).collect()
         };
         let (a, b) = (keys(self), keys(other));
         let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
@@ -98,9 +95,7 @@ impl Answer {
         match v {
             J::Null => None,
             J::String(s) => Some(Answer::Text { text: s.clone() }),
-            J::Number(_) | J::Bool(_) => Some(Answer::Text {
-                text: Value::from_json(v).to_string(),
-            }),
+            J::Number(_) | J::Bool(_) => Some(Answer::Text { text: Value::from_json(v).to_string() }),
             J::Object(map) => {
                 let data = map.get("data")?.as_array()?;
                 let rows: Vec<Vec<Value>> = data.iter().map(json_row).collect();
@@ -109,29 +104,13 @@ impl Answer {
                     .and_then(J::as_array)
                     .map(|cs| cs.iter().map(|c| Value::from_json(c).to_string()).collect())
                     .unwrap_or_default();
-                let n_rows = map
-                    .get("n_rows")
-                    .and_then(J::as_u64)
-                    .map_or(rows.len(), |n| n as usize);
-                let truncated = map
-                    .get("truncated")
-                    .and_then(J::as_bool)
-                    .unwrap_or(n_rows > rows.len());
-                Some(Answer::Table(ResultSet {
-                    columns,
-                    n_rows,
-                    truncated,
-                    rows,
-                }))
+                let n_rows = map.get("n_rows").and_then(J::as_u64).map_or(rows.len(), |n| n as usize);
+                let truncated = map.get("truncated").and_then(J::as_bool).unwrap_or(n_rows > rows.len());
+                Some(Answer::Table(ResultSet { columns, n_rows, truncated, rows }))
             }
             J::Array(items) => {
                 let rows: Vec<Vec<Value>> = items.iter().map(json_row).collect();
-                Some(Answer::Table(ResultSet {
-                    columns: Vec::new(),
-                    n_rows: rows.len(),
-                    truncated: false,
-                    rows,
-                }))
+                Some(Answer::Table(ResultSet { columns: Vec::new(), n_rows: rows.len(), truncated: false, rows }))
             }
         }
     }
@@ -154,12 +133,7 @@ impl Answer {
             Answer::Table(rs) => rs
                 .rows
                 .iter()
-                .map(|row| {
-                    row.iter()
-                        .map(Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .map(|row| row.iter().map(Value::to_string).collect::<Vec<_>>().join(", "))
                 .collect::<Vec<_>>()
                 .join("; "),
         }
@@ -179,12 +153,7 @@ mod tests {
     use serde_json::json;
 
     fn table(rows: Vec<Vec<Value>>) -> ResultSet {
-        ResultSet {
-            columns: vec![],
-            n_rows: rows.len(),
-            truncated: false,
-            rows,
-        }
+        ResultSet { columns: vec![], n_rows: rows.len(), truncated: false, rows }
     }
 
     #[test]
@@ -193,10 +162,8 @@ mod tests {
         let a = Answer::from_json(&json!("Treasury, 115897")).unwrap();
         assert_eq!(a.values(), vec!["Treasury", "115897"]);
         // Executed result from the rebuilt MMQA files.
-        let a = Answer::from_json(
-            &json!({"columns": ["Name", "SUM(d.Num_Employees)"], "n_rows": 1,
-            "data": [["Treasury", 231794.0]], "truncated": false}),
-        )
+        let a = Answer::from_json(&json!({"columns": ["Name", "SUM(d.Num_Employees)"], "n_rows": 1,
+            "data": [["Treasury", 231794.0]], "truncated": false}))
         .unwrap();
         assert_eq!(a.values(), vec!["Treasury", "231794.0"]);
         // Pandas split dict from the original MMQA records (id 19).
@@ -205,31 +172,21 @@ mod tests {
         .unwrap();
         assert_eq!(a.values(), vec!["k", "w"]);
         // Truncated executed answers keep the full row count.
-        let Answer::Table(rs) = Answer::from_json(
-            &json!({"columns": ["x"], "n_rows": 80, "data": [[1]], "truncated": true}),
-        )
-        .unwrap() else {
+        let Answer::Table(rs) =
+            Answer::from_json(&json!({"columns": ["x"], "n_rows": 80, "data": [[1]], "truncated": true})).unwrap()
+        else {
             panic!("expected a table")
         };
         assert!(rs.truncated);
         assert_eq!(rs.n_rows, 80);
         assert!(Answer::from_json(&json!(null)).is_none());
-        assert_eq!(
-            Answer::from_json(&json!(3.0)).unwrap().values(),
-            vec!["3.0"]
-        );
+        assert_eq!(Answer::from_json(&json!(3.0)).unwrap().values(), vec!["3.0"]);
     }
 
     #[test]
     fn agreement_ignores_int_vs_real_and_row_order() {
-        let a = table(vec![vec![
-            Value::Text("Treasury".into()),
-            Value::Integer(231794),
-        ]]);
-        let b = table(vec![vec![
-            Value::Text("Treasury".into()),
-            Value::Real(231794.0),
-        ]]);
+        let a = table(vec![vec![Value::Text("Treasury".into()), Value::Integer(231794)]]);
+        let b = table(vec![vec![Value::Text("Treasury".into()), Value::Real(231794.0)]]);
         assert!(a.agrees_with(&b, true));
         let x = table(vec![vec![Value::Integer(1)], vec![Value::Integer(2)]]);
         let y = table(vec![vec![Value::Integer(2)], vec![Value::Integer(1)]]);
@@ -250,10 +207,7 @@ mod tests {
         };
         assert!(full.agrees_with(&stored, false));
         assert!(!full.agrees_with(&stored, true));
-        let wrong_count = ResultSet {
-            n_rows: 81,
-            ..stored
-        };
+        let wrong_count = ResultSet { n_rows: 81, ..stored };
         assert!(!full.agrees_with(&wrong_count, false));
     }
 }

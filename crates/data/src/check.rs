@@ -67,11 +67,7 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
         ..CheckReport::default()
     };
     for e in &dataset.errors {
-        r.issues.push(CheckIssue {
-            question_id: e.location.clone(),
-            kind: "load_error",
-            message: e.message.clone(),
-        });
+        r.issues.push(CheckIssue { question_id: e.location.clone(), kind: "load_error", message: e.message.clone() });
     }
     let mut exec = Executor::new(limits);
     reporter.start(dataset.questions.len() as u64, "checking gold SQL");
@@ -94,11 +90,7 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                     FailureKind::Setup => "sql_setup",
                     FailureKind::Error => "sql_error",
                 };
-                r.issues.push(CheckIssue {
-                    question_id: q.id.to_string(),
-                    kind,
-                    message: f.message,
-                });
+                r.issues.push(CheckIssue { question_id: q.id.to_string(), kind, message: f.message });
                 continue;
             }
         };
@@ -115,11 +107,7 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                 r.issues.push(CheckIssue {
                     question_id: q.id.to_string(),
                     kind: "disagrees_executed",
-                    message: format!(
-                        "stored {} but the SQL gives {}",
-                        brief(gold),
-                        brief_rows(&result)
-                    ),
+                    message: format!("stored {} but the SQL gives {}", brief(gold), brief_rows(&result)),
                 });
             }
         }
@@ -128,9 +116,7 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
             let executed = Answer::Table(result.clone());
             let agrees = match gold {
                 Answer::Text { text } => exact_match(text, &executed),
-                Answer::Table(t) => {
-                    exact_match(&Answer::Table(t.clone()).values().join("; "), &executed)
-                }
+                Answer::Table(t) => exact_match(&Answer::Table(t.clone()).values().join("; "), &executed),
             };
             if agrees {
                 r.agree_published += 1;
@@ -138,11 +124,7 @@ pub fn check(dataset: &Dataset, limits: ExecLimits, reporter: &dyn Reporter) -> 
                 r.issues.push(CheckIssue {
                     question_id: q.id.to_string(),
                     kind: "disagrees_published",
-                    message: format!(
-                        "published {} but the SQL gives {}",
-                        brief(gold),
-                        brief_rows(&result)
-                    ),
+                    message: format!("published {} but the SQL gives {}", brief(gold), brief_rows(&result)),
                 });
             }
         }
@@ -160,15 +142,7 @@ fn brief(a: &Answer) -> String {
 }
 
 fn brief_rows(rs: &ResultSet) -> String {
-    let line = Answer::Table(ResultSet {
-        rows: rs.rows.iter().take(3).cloned().collect(),
-        ..rs.clone()
-    })
-    .to_line();
-    let more = if rs.n_rows > 3 {
-        format!(" … ({} rows)", rs.n_rows)
-    } else {
-        String::new()
-    };
+    let line = Answer::Table(ResultSet { rows: rs.rows.iter().take(3).cloned().collect(), ..rs.clone() }).to_line();
+    let more = if rs.n_rows > 3 { format!(" … ({} rows)", rs.n_rows) } else { String::new() };
     format!("[{line}]{more}")
 }

@@ -53,14 +53,12 @@ pub use answer::{Answer, ResultSet};
 pub use check::{check, CheckIssue, CheckReport};
 pub use error::{Error, Result};
 pub use load::{
-    load, load_csv_dir, load_mmqa_jsonl, load_mmqa_records, load_spider, load_sqlite_file, Dataset,
-    Format, LoadError, LoadOptions, SourceSummary,
+    load, load_csv_dir, load_mmqa_jsonl, load_mmqa_records, load_spider, load_sqlite_file, Dataset, Format, LoadError,
+    LoadOptions, SourceSummary,
 };
 pub use progress::{Reporter, Silent};
 pub use prompt::{approx_tokens, render_tables, Budget, RenderedTables, RowFormat};
-pub use question::{
-    GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource,
-};
+pub use question::{GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource};
 pub use sql::{is_ordered, quote_ident, ExecLimits, Executor, FailureKind, SqlFailure, TableDb};
 pub use table::{Column, Database, ForeignKey, Table};
 pub use value::{ColumnType, Value};

@@ -39,11 +39,7 @@ pub enum Norm {
 pub fn normalize(raw: &str) -> Norm {
     let text = normalize_text(raw);
     match parse_number(&text) {
-        Some((value, decimals, percent)) => Norm::Number {
-            value,
-            decimals,
-            percent,
-        },
+        Some((value, decimals, percent)) => Norm::Number { value, decimals, percent },
         None => Norm::Text(text),
     }
 }
@@ -52,11 +48,7 @@ pub fn normalize(raw: &str) -> Norm {
 /// punctuation (but keep a leading `-`, `$` or `(` that belongs to a value
 /// such as `(262)347-9364x516`).
 pub fn normalize_text(raw: &str) -> String {
-    let collapsed = raw
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase();
+    let collapsed = raw.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
     let mut s = collapsed.as_str();
     loop {
         let before = s;
@@ -114,10 +106,7 @@ fn parse_number(s: &str) -> Option<(f64, u32, bool)> {
     } else {
         t.to_string()
     };
-    if !plain
-        .bytes()
-        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
-    {
+    if !plain.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E')) {
         return None;
     }
     let value: f64 = plain.parse().ok().filter(|x: &f64| x.is_finite())?;
@@ -162,11 +151,7 @@ pub fn split_values(text: &str) -> Vec<String> {
         }
         items.push(chars[start..].iter().collect::<String>());
     }
-    items
-        .into_iter()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !normalize_text(s).is_empty())
-        .collect()
+    items.into_iter().map(|s| s.trim().to_string()).filter(|s| !normalize_text(s).is_empty()).collect()
 }
 
 /// The key two cells compare by: numbers by value (to 1e-9 relative),
@@ -186,16 +171,8 @@ fn strict_eq(a: &Norm, b: &Norm) -> bool {
     match (a, b) {
         (Norm::Text(x), Norm::Text(y)) => x == y,
         (
-            Norm::Number {
-                value: x,
-                decimals: dx,
-                percent: px,
-            },
-            Norm::Number {
-                value: y,
-                decimals: dy,
-                percent: py,
-            },
+            Norm::Number { value: x, decimals: dx, percent: px },
+            Norm::Number { value: y, decimals: dy, percent: py },
         ) => {
             let candidates = |v: f64, p: bool| if p { vec![v, v / 100.0] } else { vec![v] };
             candidates(*x, *px).iter().any(|&x| {
@@ -221,24 +198,11 @@ fn tolerant_eq(a: &Norm, b: &Norm, rel_tol: f64) -> bool {
         return true;
     }
     match (a, b) {
-        (
-            Norm::Number {
-                value: x,
-                percent: px,
-                ..
-            },
-            Norm::Number {
-                value: y,
-                percent: py,
-                ..
-            },
-        ) => {
+        (Norm::Number { value: x, percent: px, .. }, Norm::Number { value: y, percent: py, .. }) => {
             let candidates = |v: f64, p: bool| if p { vec![v, v / 100.0] } else { vec![v] };
-            candidates(*x, *px).iter().any(|&x| {
-                candidates(*y, *py)
-                    .iter()
-                    .any(|&y| (x - y).abs() <= rel_tol * x.abs().max(y.abs()))
-            })
+            candidates(*x, *px)
+                .iter()
+                .any(|&x| candidates(*y, *py).iter().any(|&y| (x - y).abs() <= rel_tol * x.abs().max(y.abs())))
         }
         _ => false,
     }
@@ -297,17 +261,14 @@ pub fn partial_match(prediction: &str, gold: &Answer) -> f64 {
 pub fn numeric_match(prediction: &str, gold: &Answer, rel_tol: f64) -> bool {
     let g = norms(&gold.values());
     let eq = |a: &Norm, b: &Norm| tolerant_eq(a, b, rel_tol);
-    set_eq(&norms(&split_values(prediction)), &g, eq)
-        || (g.len() == 1 && eq(&normalize(prediction), &g[0]))
+    set_eq(&norms(&split_values(prediction)), &g, eq) || (g.len() == 1 && eq(&normalize(prediction), &g[0]))
 }
 
 /// Tokens for F1: normalised text split on whitespace and punctuation,
 /// numbers in canonical form, articles dropped (as SQuAD does).
 fn f1_tokens(text: &str) -> Vec<String> {
     normalize_text(text)
-        .split(|c: char| {
-            c.is_whitespace() || (c.is_ascii_punctuation() && c != '.' && c != '-' && c != '%')
-        })
+        .split(|c: char| c.is_whitespace() || (c.is_ascii_punctuation() && c != '.' && c != '-' && c != '%'))
         .map(|t| t.trim_matches(['.', '-']))
         .filter(|t| !t.is_empty() && !matches!(*t, "a" | "an" | "the"))
         .map(|t| match normalize(t) {
@@ -322,11 +283,7 @@ pub fn token_f1(prediction: &str, gold: &Answer) -> f64 {
     let p = f1_tokens(prediction);
     let g = f1_tokens(&gold.values().join(" "));
     if p.is_empty() || g.is_empty() {
-        return if p.is_empty() && g.is_empty() {
-            1.0
-        } else {
-            0.0
-        };
+        return if p.is_empty() && g.is_empty() { 1.0 } else { 0.0 };
     }
     let mut remaining = g.clone();
     let mut common = 0usize;
@@ -373,17 +330,10 @@ mod tests {
     use crate::answer::ResultSet;
 
     fn text(s: &str) -> Answer {
-        Answer::Text {
-            text: s.to_string(),
-        }
+        Answer::Text { text: s.to_string() }
     }
     fn rows(rows: Vec<Vec<Value>>) -> Answer {
-        Answer::Table(ResultSet {
-            columns: vec![],
-            n_rows: rows.len(),
-            truncated: false,
-            rows,
-        })
+        Answer::Table(ResultSet { columns: vec![], n_rows: rows.len(), truncated: false, rows })
     }
     fn t(s: &str) -> Value {
         Value::Text(s.to_string())
@@ -391,10 +341,7 @@ mod tests {
 
     #[test]
     fn case_whitespace_and_punctuation() {
-        assert_eq!(
-            normalize_text("  Homeland   Security. "),
-            "homeland security"
-        );
+        assert_eq!(normalize_text("  Homeland   Security. "), "homeland security");
         assert_eq!(normalize_text("\"Perth-Andover\""), "perth-andover");
         assert_eq!(normalize_text("**Aroostook**"), "aroostook");
         // A phone number from MMQA two_table:11 keeps its inner punctuation.
@@ -408,10 +355,7 @@ mod tests {
         assert!(exact_match("3", &text("3.0")));
         assert!(exact_match("12.0", &rows(vec![vec![Value::Integer(12)]])));
         // Thousands separators (two_table:0 publishes 115897).
-        assert!(exact_match(
-            "115,897",
-            &rows(vec![vec![Value::Real(115897.0)]])
-        ));
+        assert!(exact_match("115,897", &rows(vec![vec![Value::Real(115897.0)]])));
         assert!(exact_match("1,234,567.00", &text("1234567")));
         assert!(!exact_match("1,23", &text("123")));
         // Percentages match the number and the fraction.
@@ -419,18 +363,9 @@ mod tests {
         assert!(exact_match("45%", &rows(vec![vec![Value::Real(0.45)]])));
         assert!(exact_match("$5", &text("5")));
         // Rounded to the written decimals: AVG results are long floats.
-        assert!(exact_match(
-            "33.33",
-            &rows(vec![vec![Value::Real(33.333333333)]])
-        ));
-        assert!(!exact_match(
-            "33",
-            &rows(vec![vec![Value::Real(33.333333333)]])
-        ));
-        assert!(!exact_match(
-            "33.4",
-            &rows(vec![vec![Value::Real(33.333333333)]])
-        ));
+        assert!(exact_match("33.33", &rows(vec![vec![Value::Real(33.333333333)]])));
+        assert!(!exact_match("33", &rows(vec![vec![Value::Real(33.333333333)]])));
+        assert!(!exact_match("33.4", &rows(vec![vec![Value::Real(33.333333333)]])));
         assert!(!exact_match("12", &text("12.5")));
     }
 
@@ -440,43 +375,24 @@ mod tests {
         let executed = rows(vec![vec![t("Treasury"), Value::Real(231794.0)]]);
         assert!(!exact_match("Treasury, 115897", &executed));
         assert!(exact_match("treasury, 231794", &executed));
-        assert!(
-            exact_match("231794; Treasury", &executed),
-            "order of a value set does not matter"
-        );
+        assert!(exact_match("231794; Treasury", &executed), "order of a value set does not matter");
         // two_table:1: two identical rows; the published answer lists each value once.
-        let executed = rows(vec![
-            vec![t("Treasury"), Value::Real(11.1)],
-            vec![t("Treasury"), Value::Real(11.1)],
-        ]);
+        let executed = rows(vec![vec![t("Treasury"), Value::Real(11.1)], vec![t("Treasury"), Value::Real(11.1)]]);
         assert!(exact_match("Treasury, 11.1", &executed));
         // two_table:3 lists three cities, one repeated in the result.
-        let executed = rows(vec![
-            vec![t("Plaster Rock")],
-            vec![t("Drummond")],
-            vec![t("Aroostook")],
-            vec![t("Aroostook")],
-        ]);
+        let executed =
+            rows(vec![vec![t("Plaster Rock")], vec![t("Drummond")], vec![t("Aroostook")], vec![t("Aroostook")]]);
         assert!(exact_match("Plaster Rock, Drummond, Aroostook", &executed));
         assert!(!exact_match("Plaster Rock, Drummond", &executed));
         // A single value that itself holds a comma.
-        assert!(exact_match(
-            "Smith, John",
-            &rows(vec![vec![t("Smith, John")]])
-        ));
+        assert!(exact_match("Smith, John", &rows(vec![vec![t("Smith, John")]])));
     }
 
     #[test]
     fn partial_match_counts_gold_values_found() {
         let gold = text("Plaster Rock, Drummond, Aroostook");
         assert_eq!(partial_match("Plaster Rock, Drummond", &gold), 2.0 / 3.0);
-        assert_eq!(
-            partial_match(
-                "The cities are Plaster Rock, Drummond and Aroostook.",
-                &gold
-            ),
-            1.0
-        );
+        assert_eq!(partial_match("The cities are Plaster Rock, Drummond and Aroostook.", &gold), 1.0);
         assert_eq!(partial_match("Fredericton", &gold), 0.0);
     }
 
@@ -500,10 +416,7 @@ mod tests {
 
     #[test]
     fn splitting_keeps_thousands() {
-        assert_eq!(
-            split_values("Treasury, 115,897"),
-            vec!["Treasury", "115,897"]
-        );
+        assert_eq!(split_values("Treasury, 115,897"), vec!["Treasury", "115,897"]);
         assert_eq!(split_values("1,2,3"), vec!["1", "2", "3"]);
         assert_eq!(split_values("a; b\nc | d"), vec!["a", "b", "c", "d"]);
         assert_eq!(split_values("x, , y."), vec!["x", "y."]);

@@ -37,10 +37,7 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget {
-            max_rows_per_table: Some(100),
-            max_tokens: None,
-        }
+        Budget { max_rows_per_table: Some(100), max_tokens: None }
     }
 }
 
@@ -87,19 +84,10 @@ pub fn render_tables(
 ) -> Result<RenderedTables, SqlFailure> {
     let schema = db.schema()?;
     let terms = relevance_terms(question);
-    let keep = budget
-        .max_rows_per_table
-        .unwrap_or(if budget.max_tokens.is_some() {
-            10_000
-        } else {
-            usize::MAX
-        });
+    let keep = budget.max_rows_per_table.unwrap_or(if budget.max_tokens.is_some() { 10_000 } else { usize::MAX });
     let mut candidates = Vec::with_capacity(schema.tables.len());
     for table in &schema.tables {
-        let mut c = Candidates {
-            total: 0,
-            rows: Vec::new(),
-        };
+        let mut c = Candidates { total: 0, rows: Vec::new() };
         db.scan(&table.name, |row| {
             let score = relevance(&row, &terms);
             c.rows.push((score, c.total, row));
@@ -113,34 +101,18 @@ pub fn render_tables(
         candidates.push(c);
     }
 
-    let headers: Vec<String> = schema
-        .tables
-        .iter()
-        .map(|t| table_header(&schema, t, &question.key_hints))
-        .collect();
+    let headers: Vec<String> = schema.tables.iter().map(|t| table_header(&schema, t, &question.key_hints)).collect();
     let column_lines: Vec<String> = schema
         .tables
         .iter()
-        .map(|t| {
-            render_row(
-                format,
-                &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-                true,
-            )
-        })
+        .map(|t| render_row(format, &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), true))
         .collect();
     let row_texts: Vec<Vec<String>> = candidates
         .iter()
         .map(|c| {
             c.rows
                 .iter()
-                .map(|(_, _, r)| {
-                    render_row(
-                        format,
-                        &r.iter().map(Value::to_string).collect::<Vec<_>>(),
-                        false,
-                    )
-                })
+                .map(|(_, _, r)| render_row(format, &r.iter().map(Value::to_string).collect::<Vec<_>>(), false))
                 .collect()
         })
         .collect();
@@ -182,10 +154,7 @@ pub fn render_tables(
         if !schema.foreign_keys.is_empty() {
             text.push_str("Foreign keys:\n");
             for fk in &schema.foreign_keys {
-                text.push_str(&format!(
-                    "- {}.{} -> {}.{}\n",
-                    fk.table, fk.column, fk.ref_table, fk.ref_column
-                ));
+                text.push_str(&format!("- {}.{} -> {}.{}\n", fk.table, fk.column, fk.ref_table, fk.ref_column));
             }
         }
         (text.trim_end().to_string() + "\n", rows_shown, rows_total)
@@ -193,10 +162,7 @@ pub fn render_tables(
 
     // Choose rows: every candidate, or, under a token budget, rows in
     // priority order taken round-robin over the tables while they fit.
-    let mut chosen: Vec<Vec<bool>> = row_texts
-        .iter()
-        .map(|r| vec![budget.max_tokens.is_none(); r.len()])
-        .collect();
+    let mut chosen: Vec<Vec<bool>> = row_texts.iter().map(|r| vec![budget.max_tokens.is_none(); r.len()]).collect();
     if let Some(max_tokens) = budget.max_tokens {
         let skeleton = count_tokens(&assemble(&chosen).0);
         let mut used = skeleton;
@@ -234,13 +200,7 @@ pub fn render_tables(
     let (text, rows_shown, rows_total) = assemble(&chosen);
     let tokens = count_tokens(&text);
     let fits = budget.max_tokens.is_none_or(|m| tokens <= m);
-    Ok(RenderedTables {
-        text,
-        rows_shown,
-        rows_total,
-        tokens,
-        fits,
-    })
+    Ok(RenderedTables { text, rows_shown, rows_total, tokens, fits })
 }
 
 /// Keeps the `keep` most relevant rows (ties: earlier rows first).
@@ -266,13 +226,7 @@ fn table_header(schema: &Database, table: &crate::table::Table, hints: &KeyHints
         let hinted: Vec<&str> = table
             .columns
             .iter()
-            .filter(|c| {
-                hints
-                    .primary
-                    .iter()
-                    .chain(&hints.foreign)
-                    .any(|h| loose_name(h) == loose_name(&c.name))
-            })
+            .filter(|c| hints.primary.iter().chain(&hints.foreign).any(|h| loose_name(h) == loose_name(&c.name)))
             .map(|c| c.name.as_str())
             .collect();
         if !hinted.is_empty() {
@@ -285,10 +239,7 @@ fn table_header(schema: &Database, table: &crate::table::Table, hints: &KeyHints
 fn render_row(format: RowFormat, cells: &[String], _header: bool) -> String {
     match format {
         RowFormat::Markdown => {
-            let cells: Vec<String> = cells
-                .iter()
-                .map(|c| c.replace('|', "\\|").replace(['\n', '\r'], " "))
-                .collect();
+            let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|").replace(['\n', '\r'], " ")).collect();
             format!("| {} |\n", cells.join(" | "))
         }
         RowFormat::Csv => {
@@ -318,11 +269,8 @@ fn relevance_terms(q: &Question) -> Vec<String> {
     }
     terms.extend(quoted(&q.text, '"'));
     terms.extend(numbers(&q.text));
-    let mut terms: Vec<String> = terms
-        .into_iter()
-        .map(|t| t.trim_matches('%').to_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let mut terms: Vec<String> =
+        terms.into_iter().map(|t| t.trim_matches('%').to_lowercase()).filter(|t| !t.is_empty()).collect();
     terms.sort();
     terms.dedup();
     terms
@@ -352,11 +300,9 @@ fn relevance(row: &[Value], terms: &[String]) -> usize {
                     let s = s.to_lowercase();
                     s == **term || (term.len() >= 3 && s.contains(term.as_str()))
                 }
-                Value::Integer(_) | Value::Real(_) => term
-                    .parse::<f64>()
-                    .ok()
-                    .zip(v.as_f64())
-                    .is_some_and(|(a, b)| (a - b).abs() < 1e-9),
+                Value::Integer(_) | Value::Real(_) => {
+                    term.parse::<f64>().ok().zip(v.as_f64()).is_some_and(|(a, b)| (a - b).abs() < 1e-9)
+                }
                 _ => false,
             })
         })

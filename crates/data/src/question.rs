@@ -184,9 +184,6 @@ impl Question {
 
     /// The stored gold answer with this provenance, if any.
     pub fn gold(&self, provenance: Provenance) -> Option<&Answer> {
-        self.gold
-            .iter()
-            .find(|g| g.provenance == provenance)
-            .map(|g| &g.answer)
+        self.gold.iter().find(|g| g.provenance == provenance).map(|g| &g.answer)
     }
 }

@@ -28,10 +28,7 @@ pub struct ExecLimits {
 
 impl Default for ExecLimits {
     fn default() -> Self {
-        ExecLimits {
-            timeout: Duration::from_secs(10),
-            max_rows: 10_000,
-        }
+        ExecLimits { timeout: Duration::from_secs(10), max_rows: 10_000 }
     }
 }
 
@@ -58,10 +55,7 @@ pub struct SqlFailure {
 
 impl SqlFailure {
     fn setup(message: impl Into<String>) -> Self {
-        SqlFailure {
-            kind: FailureKind::Setup,
-            message: message.into(),
-        }
+        SqlFailure { kind: FailureKind::Setup, message: message.into() }
     }
 }
 
@@ -88,10 +82,7 @@ pub struct TableDb {
 
 impl std::fmt::Debug for TableDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TableDb")
-            .field("label", &self.label)
-            .field("tables", &self.tables)
-            .finish()
+        f.debug_struct("TableDb").field("label", &self.label).field("tables", &self.tables).finish()
     }
 }
 
@@ -102,18 +93,10 @@ impl TableDb {
     pub fn open(source: &TableSource) -> Result<TableDb, SqlFailure> {
         match source {
             TableSource::Inline { db, declared_types } => Self::from_database(db, *declared_types),
-            TableSource::Sqlite {
-                path,
-                tables,
-                isolate: true,
-                declared_types,
-            } => Self::copy_tables(path, tables, *declared_types),
-            TableSource::Sqlite {
-                path,
-                tables,
-                isolate: false,
-                ..
-            } => {
+            TableSource::Sqlite { path, tables, isolate: true, declared_types } => {
+                Self::copy_tables(path, tables, *declared_types)
+            }
+            TableSource::Sqlite { path, tables, isolate: false, .. } => {
                 let conn = open_read_only(path)?;
                 Ok(TableDb {
                     conn,
@@ -130,65 +113,39 @@ impl TableDb {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        Connection::open_in_memory_with_flags(flags)
-            .map_err(|e| SqlFailure::setup(format!("in-memory database: {e}")))
+        Connection::open_in_memory_with_flags(flags).map_err(|e| SqlFailure::setup(format!("in-memory database: {e}")))
     }
 
     /// Loads inline tables into a private in-memory database, with or
     /// without declared column types (see [`TableSource::Sqlite`]).
     pub fn from_database(db: &Database, declared_types: bool) -> Result<TableDb, SqlFailure> {
         let mut conn = Self::memory()?;
-        let tx = conn
-            .transaction()
-            .map_err(|e| SqlFailure::setup(e.to_string()))?;
+        let tx = conn.transaction().map_err(|e| SqlFailure::setup(e.to_string()))?;
         for table in &db.tables {
             let cols: Vec<String> = table
                 .columns
                 .iter()
-                .map(|c| {
-                    format!(
-                        "{} {}",
-                        quote_ident(&c.name),
-                        if declared_types { c.ty.sql_name() } else { "" }
-                    )
-                })
+                .map(|c| format!("{} {}", quote_ident(&c.name), if declared_types { c.ty.sql_name() } else { "" }))
                 .collect();
-            let create = format!(
-                "CREATE TABLE {} ({})",
-                quote_ident(&table.name),
-                cols.join(", ")
-            );
-            tx.execute(&create, [])
-                .map_err(|e| SqlFailure::setup(format!("table {:?}: {e}", table.name)))?;
+            let create = format!("CREATE TABLE {} ({})", quote_ident(&table.name), cols.join(", "));
+            tx.execute(&create, []).map_err(|e| SqlFailure::setup(format!("table {:?}: {e}", table.name)))?;
             if table.columns.is_empty() {
                 continue;
             }
             let marks = vec!["?"; table.columns.len()].join(", ");
             let mut insert = tx
-                .prepare(&format!(
-                    "INSERT INTO {} VALUES ({marks})",
-                    quote_ident(&table.name)
-                ))
+                .prepare(&format!("INSERT INTO {} VALUES ({marks})", quote_ident(&table.name)))
                 .map_err(|e| SqlFailure::setup(format!("table {:?}: {e}", table.name)))?;
             for (i, row) in table.rows.iter().enumerate() {
                 insert
                     .execute(rusqlite::params_from_iter(row.iter()))
-                    .map_err(|e| {
-                        SqlFailure::setup(format!("table {:?} row {i}: {e}", table.name))
-                    })?;
+                    .map_err(|e| SqlFailure::setup(format!("table {:?} row {i}: {e}", table.name)))?;
             }
         }
         tx.commit().map_err(|e| SqlFailure::setup(e.to_string()))?;
         let schema = Database {
             name: db.name.clone(),
-            tables: db
-                .tables
-                .iter()
-                .map(|t| Table {
-                    rows: Vec::new(),
-                    ..t.clone()
-                })
-                .collect(),
+            tables: db.tables.iter().map(|t| Table { rows: Vec::new(), ..t.clone() }).collect(),
             foreign_keys: db.foreign_keys.clone(),
         };
         Ok(TableDb {
@@ -202,36 +159,21 @@ impl TableDb {
     /// Copies the named tables of a SQLite file into a private in-memory
     /// database, applying positional renames. The rows never pass through
     /// Rust, so large tables cost SQLite's memory only.
-    fn copy_tables(
-        path: &Path,
-        tables: &[TableRef],
-        declared_types: bool,
-    ) -> Result<TableDb, SqlFailure> {
+    fn copy_tables(path: &Path, tables: &[TableRef], declared_types: bool) -> Result<TableDb, SqlFailure> {
         if !path.is_file() {
-            return Err(SqlFailure::setup(format!(
-                "database file not found: {}",
-                path.display()
-            )));
+            return Err(SqlFailure::setup(format!("database file not found: {}", path.display())));
         }
         let conn = Self::memory()?;
-        let mut schema = Database {
-            name: path.display().to_string(),
-            ..Database::default()
-        };
+        let mut schema = Database { name: path.display().to_string(), ..Database::default() };
         let mut source_columns: Vec<Vec<String>> = Vec::new();
         let uri = format!("file:{}?mode=ro", uri_escape(path));
         conn.execute("ATTACH DATABASE ?1 AS src", [&uri])
             .map_err(|e| SqlFailure::setup(format!("{}: {e}", path.display())))?;
         for t in tables {
-            let cols = table_info(&conn, "src", &t.source).map_err(|e| {
-                SqlFailure::setup(format!("{}: table {:?}: {e}", path.display(), t.source))
-            })?;
+            let cols = table_info(&conn, "src", &t.source)
+                .map_err(|e| SqlFailure::setup(format!("{}: table {:?}: {e}", path.display(), t.source)))?;
             if cols.is_empty() {
-                return Err(SqlFailure::setup(format!(
-                    "{}: no table named {:?}",
-                    path.display(),
-                    t.source
-                )));
+                return Err(SqlFailure::setup(format!("{}: no table named {:?}", path.display(), t.source)));
             }
             let names: Vec<String> = match &t.rename {
                 Some(r) if r.len() == cols.len() => r.clone(),
@@ -249,13 +191,7 @@ impl TableDb {
             let defs: Vec<String> = names
                 .iter()
                 .zip(&cols)
-                .map(|(n, c)| {
-                    if declared_types {
-                        format!("{} {}", quote_ident(n), c.1)
-                    } else {
-                        quote_ident(n)
-                    }
-                })
+                .map(|(n, c)| if declared_types { format!("{} {}", quote_ident(n), c.1) } else { quote_ident(n) })
                 .collect();
             let sql = format!(
                 "CREATE TABLE main.{name} ({defs}); INSERT INTO main.{name} SELECT * FROM src.{src};",
@@ -263,25 +199,17 @@ impl TableDb {
                 defs = defs.join(", "),
                 src = quote_ident(&t.source)
             );
-            conn.execute_batch(&sql).map_err(|e| {
-                SqlFailure::setup(format!("{}: table {:?}: {e}", path.display(), t.source))
-            })?;
-            let mut pk: Vec<(i64, String)> = cols
-                .iter()
-                .zip(&names)
-                .filter(|(c, _)| c.2 > 0)
-                .map(|(c, n)| (c.2, n.clone()))
-                .collect();
+            conn.execute_batch(&sql)
+                .map_err(|e| SqlFailure::setup(format!("{}: table {:?}: {e}", path.display(), t.source)))?;
+            let mut pk: Vec<(i64, String)> =
+                cols.iter().zip(&names).filter(|(c, _)| c.2 > 0).map(|(c, n)| (c.2, n.clone())).collect();
             pk.sort();
             schema.tables.push(Table {
                 name: t.name.clone(),
                 columns: names
                     .iter()
                     .zip(&cols)
-                    .map(|(n, c)| Column {
-                        name: n.clone(),
-                        ty: ColumnType::from_declared(&c.1),
-                    })
+                    .map(|(n, c)| Column { name: n.clone(), ty: ColumnType::from_declared(&c.1) })
                     .collect(),
                 primary_key: pk.into_iter().map(|p| p.1).collect(),
                 rows: Vec::new(),
@@ -290,26 +218,17 @@ impl TableDb {
         }
         // Foreign keys between the copied tables, with renamed columns.
         let renamed = |ti: usize, col: &str| -> Option<String> {
-            let i = source_columns[ti]
-                .iter()
-                .position(|c| c.eq_ignore_ascii_case(col))?;
+            let i = source_columns[ti].iter().position(|c| c.eq_ignore_ascii_case(col))?;
             Some(schema.tables[ti].columns[i].name.clone())
         };
         let mut fks = Vec::new();
         for (ti, t) in tables.iter().enumerate() {
-            for (ref_source, from, to) in
-                foreign_key_list(&conn, "src", &t.source).unwrap_or_default()
-            {
-                let Some(ri) = tables
-                    .iter()
-                    .position(|r| r.source.eq_ignore_ascii_case(&ref_source))
-                else {
+            for (ref_source, from, to) in foreign_key_list(&conn, "src", &t.source).unwrap_or_default() {
+                let Some(ri) = tables.iter().position(|r| r.source.eq_ignore_ascii_case(&ref_source)) else {
                     continue;
                 };
                 let to = to.or_else(|| schema.tables[ri].primary_key.first().cloned());
-                if let (Some(column), Some(ref_column)) =
-                    (renamed(ti, &from), to.and_then(|c| renamed(ri, &c)))
-                {
+                if let (Some(column), Some(ref_column)) = (renamed(ti, &from), to.and_then(|c| renamed(ri, &c))) {
                     fks.push(ForeignKey {
                         table: t.name.clone(),
                         column,
@@ -320,8 +239,7 @@ impl TableDb {
             }
         }
         schema.foreign_keys = fks;
-        conn.execute("DETACH DATABASE src", [])
-            .map_err(|e| SqlFailure::setup(e.to_string()))?;
+        conn.execute("DETACH DATABASE src", []).map_err(|e| SqlFailure::setup(e.to_string()))?;
         Ok(TableDb {
             conn,
             label: path.to_path_buf(),
@@ -334,8 +252,7 @@ impl TableDb {
     /// `limits.max_rows` are kept.
     pub fn query(&self, sql: &str, limits: &ExecLimits) -> Result<ResultSet, SqlFailure> {
         let deadline = Instant::now() + limits.timeout;
-        self.conn
-            .progress_handler(1_000, Some(move || Instant::now() > deadline));
+        self.conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
         let result = self.query_inner(sql, limits);
         self.conn.progress_handler(0, None::<fn() -> bool>);
         result.map_err(|e| {
@@ -350,31 +267,18 @@ impl TableDb {
 
     fn query_inner(&self, sql: &str, limits: &ExecLimits) -> rusqlite::Result<ResultSet> {
         let mut stmt = self.conn.prepare(sql)?;
-        let columns: Vec<String> = stmt
-            .column_names()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_string).collect();
         let width = columns.len();
         let mut rows = Vec::new();
         let mut n_rows = 0usize;
         let mut cursor = stmt.query([])?;
         while let Some(row) = cursor.next()? {
             if rows.len() < limits.max_rows {
-                rows.push(
-                    (0..width)
-                        .map(|i| row.get_ref(i).map(Value::from))
-                        .collect::<rusqlite::Result<Vec<_>>>()?,
-                );
+                rows.push((0..width).map(|i| row.get_ref(i).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?);
             }
             n_rows += 1;
         }
-        Ok(ResultSet {
-            truncated: n_rows > rows.len(),
-            columns,
-            rows,
-            n_rows,
-        })
+        Ok(ResultSet { truncated: n_rows > rows.len(), columns, rows, n_rows })
     }
 
     /// The question's tables with their columns, primary keys and foreign
@@ -383,42 +287,29 @@ impl TableDb {
         if let Some(db) = &self.known_schema {
             return Ok(db.clone());
         }
-        let mut db = Database {
-            name: self.label.display().to_string(),
-            ..Database::default()
-        };
+        let mut db = Database { name: self.label.display().to_string(), ..Database::default() };
         for name in &self.tables {
-            let cols = table_info(&self.conn, "main", name)
-                .map_err(|e| SqlFailure::setup(format!("table {name:?}: {e}")))?;
-            let mut pk: Vec<(i64, String)> = cols
-                .iter()
-                .filter(|c| c.2 > 0)
-                .map(|c| (c.2, c.0.clone()))
-                .collect();
+            let cols =
+                table_info(&self.conn, "main", name).map_err(|e| SqlFailure::setup(format!("table {name:?}: {e}")))?;
+            let mut pk: Vec<(i64, String)> = cols.iter().filter(|c| c.2 > 0).map(|c| (c.2, c.0.clone())).collect();
             pk.sort();
             db.tables.push(Table {
                 name: name.clone(),
                 columns: cols
                     .iter()
-                    .map(|c| Column {
-                        name: c.0.clone(),
-                        ty: ColumnType::from_declared(&c.1),
-                    })
+                    .map(|c| Column { name: c.0.clone(), ty: ColumnType::from_declared(&c.1) })
                     .collect(),
                 primary_key: pk.into_iter().map(|p| p.1).collect(),
                 rows: Vec::new(),
             });
         }
         for name in &self.tables {
-            let fks = foreign_key_list(&self.conn, "main", name)
-                .map_err(|e| SqlFailure::setup(e.to_string()))?;
+            let fks = foreign_key_list(&self.conn, "main", name).map_err(|e| SqlFailure::setup(e.to_string()))?;
             for (ref_table, column, ref_column) in fks {
                 let Some(target) = db.table(&ref_table) else {
                     continue;
                 };
-                let ref_column = ref_column
-                    .or_else(|| target.primary_key.first().cloned())
-                    .unwrap_or_default();
+                let ref_column = ref_column.or_else(|| target.primary_key.first().cloned()).unwrap_or_default();
                 db.foreign_keys.push(ForeignKey {
                     table: name.clone(),
                     column,
@@ -432,16 +323,10 @@ impl TableDb {
 
     /// Streams a table's rows in storage order to `visit`, stopping early
     /// when it returns false. Memory stays bounded whatever the table's size.
-    pub fn scan(
-        &self,
-        table: &str,
-        mut visit: impl FnMut(Vec<Value>) -> bool,
-    ) -> Result<(), SqlFailure> {
+    pub fn scan(&self, table: &str, mut visit: impl FnMut(Vec<Value>) -> bool) -> Result<(), SqlFailure> {
         let sql = format!("SELECT * FROM main.{}", quote_ident(table));
-        let err = |e: rusqlite::Error| SqlFailure {
-            kind: FailureKind::Error,
-            message: format!("table {table:?}: {e}"),
-        };
+        let err =
+            |e: rusqlite::Error| SqlFailure { kind: FailureKind::Error, message: format!("table {table:?}: {e}") };
         let mut stmt = self.conn.prepare(&sql).map_err(err)?;
         let width = stmt.column_count();
         let mut rows = stmt.query([]).map_err(err)?;
@@ -463,28 +348,15 @@ impl TableDb {
         self.conn
             .query_row(&sql, [], |r| r.get::<_, i64>(0))
             .map(|n| n as usize)
-            .map_err(|e| SqlFailure {
-                kind: FailureKind::Error,
-                message: format!("table {table:?}: {e}"),
-            })
+            .map_err(|e| SqlFailure { kind: FailureKind::Error, message: format!("table {table:?}: {e}") })
     }
 }
 
 /// `(name, declared type, pk position)` for each column of a table.
-fn table_info(
-    conn: &Connection,
-    schema: &str,
-    table: &str,
-) -> rusqlite::Result<Vec<(String, String, i64)>> {
+fn table_info(conn: &Connection, schema: &str, table: &str) -> rusqlite::Result<Vec<(String, String, i64)>> {
     let sql = format!("PRAGMA {schema}.table_info({})", quote_ident(table));
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(5)?,
-        ))
-    })?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(5)?)))?;
     rows.collect()
 }
 
@@ -496,29 +368,18 @@ fn foreign_key_list(
 ) -> rusqlite::Result<Vec<(String, String, Option<String>)>> {
     let sql = format!("PRAGMA {schema}.foreign_key_list({})", quote_ident(table));
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, Option<String>>(4)?,
-        ))
-    })?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, Option<String>>(4)?)))?;
     rows.collect()
 }
 
 fn open_read_only(path: &Path) -> Result<Connection, SqlFailure> {
     if !path.is_file() {
-        return Err(SqlFailure::setup(format!(
-            "database file not found: {}",
-            path.display()
-        )));
+        return Err(SqlFailure::setup(format!("database file not found: {}", path.display())));
     }
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
     let uri = format!("file:{}?mode=ro", uri_escape(path));
-    Connection::open_with_flags(uri, flags)
-        .map_err(|e| SqlFailure::setup(format!("{}: {e}", path.display())))
+    Connection::open_with_flags(uri, flags).map_err(|e| SqlFailure::setup(format!("{}: {e}", path.display())))
 }
 
 fn uri_escape(path: &Path) -> String {
@@ -554,10 +415,7 @@ pub struct Executor {
 impl Executor {
     /// An executor with these limits.
     pub fn new(limits: ExecLimits) -> Self {
-        Executor {
-            limits,
-            files: HashMap::new(),
-        }
+        Executor { limits, files: HashMap::new() }
     }
 
     /// The limits in force.
@@ -568,11 +426,7 @@ impl Executor {
     /// Runs `sql` on a question's tables.
     pub fn run(&mut self, source: &TableSource, sql: &str) -> Result<ResultSet, SqlFailure> {
         match source {
-            TableSource::Sqlite {
-                path,
-                isolate: false,
-                ..
-            } => {
+            TableSource::Sqlite { path, isolate: false, .. } => {
                 if !self.files.contains_key(path) {
                     let db = TableDb::open(source)?;
                     self.files.insert(path.clone(), db);

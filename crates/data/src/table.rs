@@ -43,11 +43,7 @@ impl Table {
     /// Builds a table from column names and rows, inferring column types
     /// from the values. Short rows are padded with NULL, long rows cut, so
     /// every row has one value per column.
-    pub fn from_rows(
-        name: impl Into<String>,
-        names: Vec<String>,
-        mut rows: Vec<Vec<Value>>,
-    ) -> Table {
+    pub fn from_rows(name: impl Into<String>, names: Vec<String>, mut rows: Vec<Vec<Value>>) -> Table {
         let width = names.len();
         for row in &mut rows {
             row.resize(width, Value::Null);
@@ -55,24 +51,14 @@ impl Table {
         let columns = names
             .into_iter()
             .enumerate()
-            .map(|(i, name)| Column {
-                name,
-                ty: ColumnType::infer(rows.iter().map(|r| &r[i])),
-            })
+            .map(|(i, name)| Column { name, ty: ColumnType::infer(rows.iter().map(|r| &r[i])) })
             .collect();
-        Table {
-            name: name.into(),
-            columns,
-            primary_key: Vec::new(),
-            rows,
-        }
+        Table { name: name.into(), columns, primary_key: Vec::new(), rows }
     }
 
     /// The index of a column, compared case-insensitively as SQLite does.
     pub fn column_index(&self, name: &str) -> Option<usize> {
-        self.columns
-            .iter()
-            .position(|c| c.name.eq_ignore_ascii_case(name))
+        self.columns.iter().position(|c| c.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -91,9 +77,7 @@ pub struct Database {
 impl Database {
     /// The table with this name, compared case-insensitively.
     pub fn table(&self, name: &str) -> Option<&Table> {
-        self.tables
-            .iter()
-            .find(|t| t.name.eq_ignore_ascii_case(name))
+        self.tables.iter().find(|t| t.name.eq_ignore_ascii_case(name))
     }
 
     /// Total rows over all tables.
@@ -105,10 +89,7 @@ impl Database {
 /// Matches a loose key phrase from MMQA (`"department id"`) to a column
 /// name (`Department_ID`): lowercase, with `_`, `-` and spaces removed.
 pub(crate) fn loose_name(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
+    s.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
 
 #[cfg(test)]
@@ -120,10 +101,7 @@ mod tests {
         let t = Table::from_rows(
             "t",
             vec!["a".into(), "b".into()],
-            vec![
-                vec![Value::Integer(1)],
-                vec![Value::Integer(2), Value::Text("x".into())],
-            ],
+            vec![vec![Value::Integer(1)], vec![Value::Integer(2), Value::Text("x".into())]],
         );
         assert_eq!(t.rows[0], vec![Value::Integer(1), Value::Null]);
         assert_eq!(t.columns[0].ty, ColumnType::Integer);

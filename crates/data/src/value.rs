@@ -166,8 +166,7 @@ impl ColumnType {
                 (t, ColumnType::Any) => t,
                 (ColumnType::Any, t) => t,
                 (a, b) if a == b => a,
-                (ColumnType::Integer, ColumnType::Real)
-                | (ColumnType::Real, ColumnType::Integer) => ColumnType::Real,
+                (ColumnType::Integer, ColumnType::Real) | (ColumnType::Real, ColumnType::Integer) => ColumnType::Real,
                 _ => ColumnType::Text,
             };
         }

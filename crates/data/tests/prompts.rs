@@ -1,17 +1,11 @@
 //! Prompt rendering: schema header, keys, budgets, determinism.
 
-use tabletrace_data::{
-    approx_tokens, load, render_tables, Budget, LoadOptions, RowFormat, TableDb,
-};
+use tabletrace_data::{approx_tokens, load, render_tables, Budget, LoadOptions, RowFormat, TableDb};
 
 use crate::util::sample;
 
 fn question(id: &str) -> tabletrace_data::Question {
-    let ds = load(
-        &sample().join("mmqa/mmqa_two_table.jsonl"),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let ds = load(&sample().join("mmqa/mmqa_two_table.jsonl"), &LoadOptions::default()).unwrap();
     ds.questions.into_iter().find(|q| q.id.0 == id).unwrap()
 }
 
@@ -19,36 +13,13 @@ fn question(id: &str) -> tabletrace_data::Question {
 fn header_names_columns_types_and_keys() {
     let q = question("mmqa_two_table:0");
     let db = TableDb::open(&q.tables).unwrap();
-    let r = render_tables(
-        &db,
-        &q,
-        RowFormat::Markdown,
-        &Budget::default(),
-        &approx_tokens,
-    )
-    .unwrap();
-    assert!(
-        r.text
-            .starts_with("Table: department\nColumns: Department_ID (integer), Name (text),"),
-        "{}",
-        r.text
-    );
+    let r = render_tables(&db, &q, RowFormat::Markdown, &Budget::default(), &approx_tokens).unwrap();
+    assert!(r.text.starts_with("Table: department\nColumns: Department_ID (integer), Name (text),"), "{}", r.text);
     assert!(r.text.contains("Primary key: department_ID, head_ID"));
-    assert!(r
-        .text
-        .contains("- management.department_ID -> department.Department_ID"));
-    assert!(r
-        .text
-        .contains("| 2 | Treasury | 1789 | 2 | 11.1 | 115897.0 |"));
+    assert!(r.text.contains("- management.department_ID -> department.Department_ID"));
+    assert!(r.text.contains("| 2 | Treasury | 1789 | 2 | 11.1 | 115897.0 |"));
     assert_eq!((r.rows_shown, r.rows_total), (20, 20));
-    let again = render_tables(
-        &db,
-        &q,
-        RowFormat::Markdown,
-        &Budget::default(),
-        &approx_tokens,
-    )
-    .unwrap();
+    let again = render_tables(&db, &q, RowFormat::Markdown, &Budget::default(), &approx_tokens).unwrap();
     assert_eq!(r, again, "rendering is deterministic");
 }
 
@@ -56,10 +27,7 @@ fn header_names_columns_types_and_keys() {
 fn row_budget_keeps_rows_the_sql_mentions() {
     let q = question("mmqa_two_table:0");
     let db = TableDb::open(&q.tables).unwrap();
-    let budget = Budget {
-        max_rows_per_table: Some(2),
-        max_tokens: None,
-    };
+    let budget = Budget { max_rows_per_table: Some(2), max_tokens: None };
     let r = render_tables(&db, &q, RowFormat::Csv, &budget, &approx_tokens).unwrap();
     // The SQL filters temporary_acting = 'Yes': the kept management rows say Yes.
     let mgmt = r.text.split("Table: management").nth(1).unwrap();
@@ -76,37 +44,19 @@ fn token_budget_is_respected() {
         &db,
         &q,
         RowFormat::Markdown,
-        &Budget {
-            max_rows_per_table: None,
-            max_tokens: Some(1),
-        },
+        &Budget { max_rows_per_table: None, max_tokens: Some(1) },
         &approx_tokens,
     )
     .unwrap();
     assert!(!skeleton.fits);
     assert_eq!(skeleton.rows_shown, 0);
     let mut shown = Vec::new();
-    for max in [
-        skeleton.tokens,
-        skeleton.tokens + 40,
-        skeleton.tokens + 120,
-        10_000,
-    ] {
-        let budget = Budget {
-            max_rows_per_table: None,
-            max_tokens: Some(max),
-        };
+    for max in [skeleton.tokens, skeleton.tokens + 40, skeleton.tokens + 120, 10_000] {
+        let budget = Budget { max_rows_per_table: None, max_tokens: Some(max) };
         let r = render_tables(&db, &q, RowFormat::Markdown, &budget, &approx_tokens).unwrap();
-        assert!(
-            r.fits && r.tokens <= max,
-            "{} tokens for a budget of {max}",
-            r.tokens
-        );
+        assert!(r.fits && r.tokens <= max, "{} tokens for a budget of {max}", r.tokens);
         shown.push(r.rows_shown);
     }
     assert_eq!(shown[0], 0);
-    assert!(
-        shown[0] < shown[1] && shown[1] < shown[2] && shown[3] == 20,
-        "{shown:?}"
-    );
+    assert!(shown[0] < shown[1] && shown[1] < shown[2] && shown[3] == 20, "{shown:?}");
 }

@@ -92,22 +92,17 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 fn meta_u(md: &HashMap<String, gguf_file::Value>, key: &str, path: &Path) -> Result<usize> {
-    let v = md.get(key).ok_or_else(|| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("metadata {key} is missing"),
-    })?;
+    let v = md
+        .get(key)
+        .ok_or_else(|| Error::Weights { path: path.to_path_buf(), message: format!("metadata {key} is missing") })?;
     v.to_u32()
         .map(|x| x as usize)
         .or_else(|_| v.to_u64().map(|x| x as usize))
-        .map_err(|e| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!("metadata {key}: {e}"),
-        })
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("metadata {key}: {e}") })
 }
 
 fn meta_f(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
-    md.get(key)
-        .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+    md.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
 }
 
 /// Reads a GGUF file. With `keep_quantized`, 2-D projection weights stay in
@@ -116,17 +111,11 @@ fn meta_f(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
 /// llama-architecture q/k are un-permuted to the Hugging Face layout, so that
 /// adapters trained on it are PEFT-compatible.
 pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
-    let weights_err = |message: String| Error::Weights {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = File::open(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let weights_err = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    let file = File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| weights_err(format!("not a readable GGUF file: {e}")))?;
+    let content =
+        gguf_file::Content::read(&mut reader).map_err(|e| weights_err(format!("not a readable GGUF file: {e}")))?;
     let md = &content.metadata;
     let arch_name = md
         .get("general.architecture")
@@ -134,13 +123,13 @@ pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
         .cloned()
         .ok_or_else(|| weights_err("metadata general.architecture is missing".into()))?;
     let arch = Arch::parse(&arch_name).ok_or_else(|| {
-        weights_err(format!(
-            "architecture {arch_name:?} is not supported (supported: llama, mistral, qwen2, qwen3)"
-        ))
+        weights_err(format!("architecture {arch_name:?} is not supported (supported: llama, mistral, qwen2, qwen3)"))
     })?;
     let p = &arch_name;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(weights_err("rope_freqs (Llama 3.1 RoPE scaling in GGUF) is not supported; load the Hugging Face folder instead".into()));
+        return Err(weights_err(
+            "rope_freqs (Llama 3.1 RoPE scaling in GGUF) is not supported; load the Hugging Face folder instead".into(),
+        ));
     }
     let embd = content
         .tensor_infos
@@ -155,19 +144,15 @@ pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
         intermediate_size: meta_u(md, &format!("{p}.feed_forward_length"), path)?,
         num_layers: meta_u(md, &format!("{p}.block_count"), path)?,
         num_heads,
-        num_kv_heads: meta_u(md, &format!("{p}.attention.head_count_kv"), path)
-            .unwrap_or(num_heads),
-        head_dim: meta_u(md, &format!("{p}.attention.key_length"), path)
-            .unwrap_or(hidden_size / num_heads.max(1)),
+        num_kv_heads: meta_u(md, &format!("{p}.attention.head_count_kv"), path).unwrap_or(num_heads),
+        head_dim: meta_u(md, &format!("{p}.attention.key_length"), path).unwrap_or(hidden_size / num_heads.max(1)),
         rope_theta: meta_f(md, &format!("{p}.rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling: None,
         rms_norm_eps: meta_f(md, &format!("{p}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
         max_position_embeddings: meta_u(md, &format!("{p}.context_length"), path).unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        qk_norm: content
-            .tensor_infos
-            .contains_key("blk.0.attn_q_norm.weight"),
+        qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
         sliding_window: None,
     };
     config.validate(&path.display().to_string())?;
@@ -182,18 +167,26 @@ pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
         };
         let q = content
             .tensor(&mut reader, gguf_name, &Device::Cpu)
-            .map_err(|e| {
-                weights_err(format!("tensor {gguf_name}: {e} (is the file truncated?)"))
-            })?;
+            .map_err(|e| weights_err(format!("tensor {gguf_name}: {e} (is the file truncated?)")))?;
         let is_projection = name.ends_with("_proj.weight") || name == "lm_head.weight";
         let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if keep_quantized && is_projection && !is_float {
-            quantized.insert(name, Arc::new(q));
+        if keep_quantized && !is_float && (is_projection || name == "model.embed_tokens.weight") {
+            let q = Arc::new(q);
+            if name == "model.embed_tokens.weight" {
+                // A tied output layer multiplies by the embedding: keep it quantised for that.
+                if config.tie_word_embeddings {
+                    quantized.insert("lm_head.weight".to_string(), q.clone());
+                }
+                tensors.insert(
+                    name,
+                    q.dequantize(&Device::Cpu).map_err(|e| weights_err(format!("tensor {gguf_name}: {e}")))?,
+                );
+            } else {
+                quantized.insert(name, q);
+            }
             continue;
         }
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| weights_err(format!("tensor {gguf_name}: {e}")))?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| weights_err(format!("tensor {gguf_name}: {e}")))?;
         if permuted && !keep_quantized {
             if name.ends_with("q_proj.weight") {
                 t = unpermute(&t, config.num_heads, config.head_dim)?;
@@ -203,11 +196,7 @@ pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
         }
         tensors.insert(name, t);
     }
-    let rope_layout = if permuted && keep_quantized {
-        RopeLayout::Interleaved
-    } else {
-        RopeLayout::Half
-    };
+    let rope_layout = if permuted && keep_quantized { RopeLayout::Interleaved } else { RopeLayout::Half };
     Ok(Checkpoint {
         config,
         tensors,
@@ -221,43 +210,25 @@ pub fn read_gguf(path: &Path, keep_quantized: bool) -> Result<Checkpoint> {
 /// Undoes llama.cpp's q/k permutation: rows `(head, i, pair)` back to `(head, pair, i)`.
 fn unpermute(w: &Tensor, n_head: usize, head_dim: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    Ok(w.reshape((n_head, head_dim / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
+    Ok(w.reshape((n_head, head_dim / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
 /// Reads a Hugging Face model folder: `config.json` and `model.safetensors`
 /// or sharded `model-*.safetensors` with `model.safetensors.index.json`.
 pub fn read_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io {
-        path: cfg_path.clone(),
-        source: e,
-    })?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
     let config = ModelConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io {
-            path: index.clone(),
-            source: e,
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
-            path: index.clone(),
-            message: format!("invalid index: {e}"),
-        })?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io { path: index.clone(), source: e })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Weights { path: index.clone(), message: format!("invalid index: {e}") })?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Weights {
-                path: index.clone(),
-                message: "weight_map is missing".into(),
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+            .ok_or_else(|| Error::Weights { path: index.clone(), message: "weight_map is missing".into() })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         files
@@ -267,21 +238,14 @@ pub fn read_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Check
     let mut tensors = HashMap::new();
     for f in &files {
         if !f.is_file() {
-            return Err(Error::Weights {
-                path: f.clone(),
-                message: "weights file is missing".into(),
-            });
+            return Err(Error::Weights { path: f.clone(), message: "weights file is missing".into() });
         }
         let loaded = candle_core::safetensors::load(f, device).map_err(|e| Error::Weights {
             path: f.clone(),
             message: format!("cannot read safetensors (truncated?): {e}"),
         })?;
         for (name, t) in loaded {
-            let t = if t.dtype() == dtype {
-                t
-            } else {
-                t.to_dtype(dtype)?
-            };
+            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
             tensors.insert(name, t);
         }
     }
@@ -301,22 +265,10 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf_names() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias").unwrap(),
-            "model.layers.0.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_name("blk.11.ffn_down.weight").unwrap(),
-            "model.layers.11.mlp.down_proj.weight"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.11.ffn_down.weight").unwrap(), "model.layers.11.mlp.down_proj.weight");
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 

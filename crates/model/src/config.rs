@@ -87,24 +87,15 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Checks that the sizes fit together.
     pub fn validate(&self, source_name: &str) -> Result<()> {
-        let bad = |message: String| {
-            Err(Error::Config {
-                source_name: source_name.to_string(),
-                message,
-            })
-        };
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
-        {
+        let bad = |message: String| Err(Error::Config { source_name: source_name.to_string(), message });
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim must be even and positive, not {}",
-                self.head_dim
-            ));
+            return bad(format!("head_dim must be even and positive, not {}", self.head_dim));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return bad("vocab_size, hidden_size and num_hidden_layers must be positive".into());
@@ -151,26 +142,14 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Resolves a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str, source_name: &str) -> Result<ModelConfig> {
-        let err = |message: String| Error::Config {
-            source_name: source_name.to_string(),
-            message,
-        };
-        let c: HfConfig =
-            serde_json::from_str(text).map_err(|e| err(format!("invalid config: {e}")))?;
+        let err = |message: String| Error::Config { source_name: source_name.to_string(), message };
+        let c: HfConfig = serde_json::from_str(text).map_err(|e| err(format!("invalid config: {e}")))?;
         let arch = Arch::parse(&c.model_type).ok_or_else(|| {
-            err(format!(
-                "model_type {:?} is not supported (supported: llama, mistral, qwen2, qwen3)",
-                c.model_type
-            ))
+            err(format!("model_type {:?} is not supported (supported: llama, mistral, qwen2, qwen3)", c.model_type))
         })?;
         let rope_theta = c
             .rope_theta
-            .or_else(|| {
-                c.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|t| t.as_f64())
-            })
+            .or_else(|| c.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()))
             .unwrap_or(10_000.0);
         let scaling = match (&c.rope_scaling, &c.rope_parameters) {
             (Some(v), _) if !v.is_null() => Some(v),
@@ -180,15 +159,9 @@ impl ModelConfig {
         let rope_scaling = match scaling {
             None => None,
             Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default");
+                let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
                 let f = |k: &str| {
-                    v.get(k)
-                        .and_then(|x| x.as_f64())
-                        .ok_or_else(|| err(format!("rope_scaling.{k} is missing")))
+                    v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| err(format!("rope_scaling.{k} is missing")))
                 };
                 match kind {
                     "default" => None,
@@ -196,14 +169,9 @@ impl ModelConfig {
                         factor: f("factor")?,
                         low_freq_factor: f("low_freq_factor")?,
                         high_freq_factor: f("high_freq_factor")?,
-                        original_max_position_embeddings: f("original_max_position_embeddings")?
-                            as usize,
+                        original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
                     }),
-                    other => {
-                        return Err(err(format!(
-                            "rope scaling of type {other:?} is not supported (only llama3)"
-                        )))
-                    }
+                    other => return Err(err(format!("rope scaling of type {other:?} is not supported (only llama3)"))),
                 }
             }
         };
@@ -215,9 +183,7 @@ impl ModelConfig {
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-            head_dim: c
-                .head_dim
-                .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
             rope_theta,
             rope_scaling,
             rms_norm_eps: c.rms_norm_eps,
@@ -257,12 +223,7 @@ mod tests {
     fn unsupported_architecture_is_named() {
         let text = r#"{"model_type": "gpt_neox", "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1,
             "num_hidden_layers": 1, "num_attention_heads": 1}"#;
-        let e = ModelConfig::from_hf_json(text, "x/config.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("x/config.json") && e.contains("\"gpt_neox\" is not supported"),
-            "{e}"
-        );
+        let e = ModelConfig::from_hf_json(text, "x/config.json").unwrap_err().to_string();
+        assert!(e.contains("x/config.json") && e.contains("\"gpt_neox\" is not supported"), "{e}");
     }
 }

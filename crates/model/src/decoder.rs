@@ -18,21 +18,24 @@
 //! projections train; the base weights are frozen tensors that never
 //! receive a gradient.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use crate::checkpoint::{Checkpoint, RopeLayout};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::{self, BlockFormat, QuantWeight};
 use crate::ops;
 
 /// A projection's weight: float (trainable path) or quantised (inference).
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
-    /// `(out, in)` float weight.
+    /// `(out, in)` float weight, as checkpoints store it.
     Float(Tensor),
-    /// GGUF-quantised weight, multiplied by candle's quantised kernels.
+    /// Q4_1/Q8_0 GGUF blocks, multiplied by [`kernels`](crate::kernels).
+    Blocks(QuantWeight),
+    /// Other GGUF quantisations, multiplied by candle's quantised kernels.
     Quantized(QMatMul),
 }
 
@@ -45,25 +48,175 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// Projections of the same input (q, k, v; gate, up), run as one product
+/// when their weights stack (same storage kind), else one by one.
+struct Projections {
+    fused: Option<Linear>,
+    parts: Vec<Linear>,
+    sizes: Vec<usize>,
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Projections> {
+        let sizes = parts.iter().map(Linear::out_features).collect::<Result<Vec<_>>>()?;
+        Ok(match Linear::concat(&parts)? {
+            Some(fused) => Projections { fused: Some(fused), parts: Vec::new(), sizes },
+            None => Projections { fused: None, parts, sizes },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.fused {
+            Some(f) => {
+                let y = f.forward(x)?;
+                let mut at = 0;
+                self.sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(D::Minus1, at, n);
+                        at += n;
+                        Ok(part?)
+                    })
+                    .collect()
+            }
+            None => self.parts.iter().map(|p| p.forward(x)).collect(),
+        }
+    }
+}
+
+/// Decode-sized inputs (at most this many rows) take the row kernels.
+const SKINNY_ROWS: usize = 16;
+
+fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
+    match dtype {
+        GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+        _ => None,
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, without a copy.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.is_contiguous() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>().ok()?;
+            Some(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]))
+        }
+        _ => None,
+    }
+}
+
 impl Linear {
-    fn load(ck: &mut Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
+    /// A linear layer from a checkpoint tensor (float or quantised).
+    pub fn load(ck: &mut Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let weight = match ck.quantized.remove(&name) {
-            Some(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            Some(q) => {
+                let (n, k) = q.shape().dims2()?;
+                match block_format(q.dtype()).and_then(|f| QuantWeight::new(f, q.data().ok()?.into_owned(), n, k)) {
+                    Some(blocks) => LinearWeight::Blocks(blocks),
+                    None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+                }
+            }
             None => LinearWeight::Float(ck.take(&name)?),
         };
-        let bias = if bias {
-            Some(ck.take(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(ck.take(&format!("{prefix}.bias"))?) } else { None };
         Ok(Linear { weight, bias })
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            LinearWeight::Float(w) => w.dim(0)?,
+            LinearWeight::Blocks(q) => q.n(),
+            LinearWeight::Quantized(q) => match q {
+                QMatMul::QTensor(t) => t.shape().dims()[0],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
+            },
+        })
+    }
+
+    /// Stacks layers along the output dimension when their weights are of
+    /// one kind (all float, or all the same block format) and all or none
+    /// have a bias; `None` otherwise.
+    fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
+        let weight = if let Some(ws) = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Float(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            LinearWeight::Float(Tensor::cat(&ws, 0)?)
+        } else if let Some(qs) = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Blocks(q) => Some(q),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            match QuantWeight::concat(&qs) {
+                Some(q) => LinearWeight::Blocks(q),
+                None => return Ok(None),
+            }
+        } else {
+            return Ok(None);
+        };
+        let bias = match parts.iter().map(|p| p.bias.clone()).collect::<Option<Vec<_>>>() {
+            Some(bs) => Some(Tensor::cat(&bs, 0)?),
+            None if parts.iter().all(|p| p.bias.is_none()) => None,
+            None => return Ok(None),
+        };
+        Ok(Some(Linear { weight, bias }))
+    }
+
+    /// The weight as `(out, in)` floats (dequantised if need be).
+    pub fn weight_out_in(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Float(w) => w.clone(),
+            LinearWeight::Blocks(_) => {
+                return Err(Error::Request(
+                    "a Q4_1/Q8_0 weight has no float form here; load the model unquantised".into(),
+                ))
+            }
+            LinearWeight::Quantized(q) => match q {
+                QMatMul::QTensor(t) => t.dequantize(&t.device())?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+            },
+        })
     }
 
     /// Applies the projection to `x` of shape `(.., in)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("inputs have a feature dimension");
+        let rows = x.elem_count() / k.max(1);
+        let mut out_dims = dims.clone();
+        let on_cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op();
         let y = match &self.weight {
-            LinearWeight::Float(w) => ops::frozen_linear(x, w)?,
+            LinearWeight::Float(w) if on_cpu_f32 && rows <= SKINNY_ROWS && !w.track_op() => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let n = w.dim(0)?;
+                match with_cpu_f32(w, |ws| kernels::f32_rows(&xs, rows, ws, n, k)) {
+                    Some(y) => {
+                        *out_dims.last_mut().expect("rank > 0") = n;
+                        Tensor::from_vec(y, out_dims, x.device())?
+                    }
+                    None => ops::frozen_linear(x, &w.t()?)?,
+                }
+            }
+            LinearWeight::Float(w) => ops::frozen_linear(x, &w.t()?)?,
+            LinearWeight::Blocks(q) => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                *out_dims.last_mut().expect("rank > 0") = q.n();
+                Tensor::from_vec(q.matmul(&xs, rows), out_dims, x.device())?.to_dtype(x.dtype())?
+            }
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
         Ok(match &self.bias {
@@ -74,9 +227,8 @@ impl Linear {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v projections.
+    qkv: Projections,
     o_proj: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -96,9 +248,11 @@ impl Attention {
             }
         };
         Ok(Attention {
-            q_proj: Linear::load(ck, &format!("{prefix}.q_proj"), cfg.qkv_bias)?,
-            k_proj: Linear::load(ck, &format!("{prefix}.k_proj"), cfg.qkv_bias)?,
-            v_proj: Linear::load(ck, &format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            qkv: Projections::new(vec![
+                Linear::load(ck, &format!("{prefix}.q_proj"), cfg.qkv_bias)?,
+                Linear::load(ck, &format!("{prefix}.k_proj"), cfg.qkv_bias)?,
+                Linear::load(ck, &format!("{prefix}.v_proj"), cfg.qkv_bias)?,
+            ])?,
             o_proj: Linear::load(ck, &format!("{prefix}.o_proj"), false)?,
             q_norm: norm(ck, "q_norm")?,
             k_norm: norm(ck, "k_norm")?,
@@ -109,21 +263,16 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RopeAt,
-        mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &RopeAt, mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut q = heads(self.q_proj.forward(x)?, h)?; // (B, H, T, D)
-        let mut k = heads(self.k_proj.forward(x)?, kv)?; // (B, KV, T, D)
-        let v = heads(self.v_proj.forward(x)?, kv)?;
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let mut next = || qkv.next().expect("three projections");
+        let mut q = heads(next(), h)?; // (B, H, T, D)
+        let mut k = heads(next(), kv)?; // (B, KV, T, D)
+        let v = heads(next(), kv)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = ops::rms_norm(&q, qn, self.eps)?;
             k = ops::rms_norm(&k, kn, self.eps)?;
@@ -141,32 +290,32 @@ impl Attention {
         let q = q.reshape((b, kv, g * t, d))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, KV, G*T, S)
         let scores = match mask {
-            Some(m) => scores
-                .reshape((b, kv, g, t, s))?
-                .broadcast_add(&m.reshape((b, 1, 1, t, s))?)?
-                .reshape((b, kv, g * t, s))?,
+            Some(m) => scores.reshape((b, kv, g, t, s))?.broadcast_add(&m.reshape((b, 1, 1, t, s))?)?.reshape((
+                b,
+                kv,
+                g * t,
+                s,
+            ))?,
             None => scores,
         };
         let probs = ops::softmax_last(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?; // (B, KV, G*T, D)
-        let out = out
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
     }
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate and up projections.
+    gate_up: Projections,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate_up = self.gate_up.forward(x)?;
+        let (gate, up) = (&gate_up[0], &gate_up[1]);
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 
@@ -203,9 +352,8 @@ impl RopeAt {
 impl RopeTables {
     fn new(cfg: &ModelConfig, layout: RopeLayout, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-            .collect();
+        let mut inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
         if let Some(s) = &cfg.rope_scaling {
             // Llama 3.1: long wavelengths are slowed by `factor`, short ones
             // kept, and the band between interpolated.
@@ -216,8 +364,7 @@ impl RopeTables {
                 if wl > low_wl {
                     *f /= s.factor;
                 } else if wl >= high_wl {
-                    let smooth =
-                        (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                 }
             }
@@ -265,10 +412,7 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("config", &self.config)
-            .field("dtype", &self.dtype)
-            .finish()
+        f.debug_struct("Model").field("config", &self.config).field("dtype", &self.dtype).finish()
     }
 }
 
@@ -309,27 +453,27 @@ impl Model {
             layers.push(Layer {
                 input_layernorm: ck.take(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention::load(&mut ck, &cfg, &format!("{p}.self_attn"))?,
-                post_attention_layernorm: ck
-                    .take(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: ck.take(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(&mut ck, &format!("{p}.mlp.gate_proj"), false)?,
-                    up_proj: Linear::load(&mut ck, &format!("{p}.mlp.up_proj"), false)?,
+                    gate_up: Projections::new(vec![
+                        Linear::load(&mut ck, &format!("{p}.mlp.gate_proj"), false)?,
+                        Linear::load(&mut ck, &format!("{p}.mlp.up_proj"), false)?,
+                    ])?,
                     down_proj: Linear::load(&mut ck, &format!("{p}.mlp.down_proj"), false)?,
                 },
             });
         }
         let norm = ck.take("model.norm.weight")?;
-        let lm_head = if ck.tensors.contains_key("lm_head.weight")
-            || ck.quantized.contains_key("lm_head.weight")
-        {
+        let lm_head = if ck.tensors.contains_key("lm_head.weight") || ck.quantized.contains_key("lm_head.weight") {
             Linear::load(&mut ck, "lm_head", false)?
-        } else if cfg.tie_word_embeddings || !ck.tensors.contains_key("lm_head.weight") {
-            Linear {
-                weight: LinearWeight::Float(embed_tokens.clone()),
-                bias: None,
-            }
+        } else if cfg.tie_word_embeddings {
+            // Tied: the output layer multiplies by the embedding matrix.
+            Linear { weight: LinearWeight::Float(embed_tokens.clone()), bias: None }
         } else {
-            unreachable!("lm_head is either present or tied")
+            return Err(Error::Tensor {
+                name: "lm_head.weight".into(),
+                message: format!("missing from {} and tie_word_embeddings is false", ck.path.display()),
+            });
         };
         if rows < cfg.vocab_size {
             return Err(Error::Tensor {
@@ -342,16 +486,7 @@ impl Model {
             tracing::warn!(path = %ck.path.display(), "unused tensors: {leftovers:?}");
         }
         let rope = RopeTables::new(&cfg, ck.rope_layout, dtype, device)?;
-        Ok(Model {
-            config: cfg,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Model { config: cfg, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype })
     }
 
     /// The resolved configuration.
@@ -371,11 +506,7 @@ impl Model {
 
     /// A fresh cache for up to `capacity` positions (it grows if needed).
     pub fn new_cache(&self, capacity: usize) -> Cache {
-        Cache {
-            layers: (0..self.config.num_layers)
-                .map(|_| KvCache::new(2, capacity.max(1)))
-                .collect(),
-        }
+        Cache { layers: (0..self.config.num_layers).map(|_| KvCache::new(2, capacity.max(1))).collect() }
     }
 
     /// Runs the decoder.
@@ -402,9 +533,7 @@ impl Model {
         let max = self.config.max_position_embeddings;
         let max_pos = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
         if max_pos >= max {
-            return Err(Error::Request(format!(
-                "position {max_pos} is past the model's context of {max} tokens"
-            )));
+            return Err(Error::Request(format!("position {max_pos} is past the model's context of {max} tokens")));
         }
         let rope = self.rope.at(positions)?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -417,49 +546,28 @@ impl Model {
             }
             None => None,
         };
-        let mut h = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let a = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
-            h = (h + layer
-                .self_attn
-                .forward(&a, &rope, mask.as_ref(), layer_cache)?)?;
+            h = (h + layer.self_attn.forward(&a, &rope, mask.as_ref(), layer_cache)?)?;
             let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
             h = (h + layer.mlp.forward(&m)?)?;
         }
         let h = if last_only { h.narrow(1, t - 1, 1)? } else { h };
         let logits = self.lm_head.forward(&ops::rms_norm(&h, &self.norm, eps)?)?;
         let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
-        Ok(if last_only {
-            logits.squeeze(1)?
-        } else {
-            logits
-        })
+        Ok(if last_only { logits.squeeze(1)? } else { logits })
     }
 }
 
 /// Additive causal mask `(B, T, offset + T)`: query `i` sees key slots `0..=offset + i`.
 pub fn causal_mask(b: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let s = offset + t;
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, (t, s), device)?
-        .unsqueeze(0)?
-        .broadcast_as((b, t, s))?
-        .contiguous()?)
+    let v: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Ok(Tensor::from_vec(v, (t, s), device)?.unsqueeze(0)?.broadcast_as((b, t, s))?.contiguous()?)
 }
 
 /// Additive mask `(B, T, S)` for left-padded rows: query `i` of row `r` sees
@@ -467,20 +575,14 @@ pub fn causal_mask(b: usize, t: usize, offset: usize, device: &Device) -> Result
 /// row `r` (`key_valid[r][j]`). Every query also sees its own slot, so that a
 /// padding position has finite values (a row of -inf would give NaN, and NaN
 /// keys poison every row that masks them).
-pub fn padded_causal_mask(
-    key_valid: &[Vec<bool>],
-    t: usize,
-    offset: usize,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn padded_causal_mask(key_valid: &[Vec<bool>], t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     let s = offset + t;
     let mut v = Vec::with_capacity(b * t * s);
     for row in key_valid {
         for i in 0..t {
             for j in 0..s {
-                let ok =
-                    j == offset + i || (j < offset + i && row.get(j).copied().unwrap_or(false));
+                let ok = j == offset + i || (j < offset + i && row.get(j).copied().unwrap_or(false));
                 v.push(if ok { 0.0 } else { f32::NEG_INFINITY });
             }
         }

@@ -43,12 +43,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions {
-            max_new_tokens: 256,
-            sampling: Sampling::Greedy,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
+        GenerateOptions { max_new_tokens: 256, sampling: Sampling::Greedy, stop: Vec::new(), ignore_eos: false }
     }
 }
 
@@ -100,18 +95,13 @@ impl Rng {
 pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     match sampling {
         Sampling::Greedy => argmax(logits),
-        Sampling::Sample {
-            temperature, top_p, ..
-        } => {
+        Sampling::Sample { temperature, top_p, .. } => {
             if *temperature <= 0.0 {
                 return argmax(logits);
             }
             let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut probs: Vec<(u32, f64)> = logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, (((l - max) as f64) / temperature).exp()))
-                .collect();
+            let mut probs: Vec<(u32, f64)> =
+                logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - max) as f64) / temperature).exp())).collect();
             let total: f64 = probs.iter().map(|p| p.1).sum();
             probs.iter_mut().for_each(|p| p.1 /= total);
             probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -157,14 +147,7 @@ pub fn generate(
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>> {
     let decode = |ids: &[u32]| tok.decode(ids, true);
-    let rows = generate_tokens(
-        model,
-        prompts,
-        opts,
-        tok.eos_ids(),
-        tok.pad_id(),
-        Some(&decode),
-    )?;
+    let rows = generate_tokens(model, prompts, opts, tok.eos_ids(), tok.pad_id(), Some(&decode))?;
     rows.into_iter()
         .map(|(tokens, finish)| {
             let mut text = tok.decode(&tokens, true)?;
@@ -173,11 +156,7 @@ pub fn generate(
                     text.truncate(cut);
                 }
             }
-            Ok(Generation {
-                tokens,
-                text,
-                finish,
-            })
+            Ok(Generation { tokens, text, finish })
         })
         .collect()
 }
@@ -226,11 +205,7 @@ pub fn generate_tokens(
     let mut cache = model.new_cache(l + opts.max_new_tokens);
     let ids_t = Tensor::from_vec(ids, (b, l), device)?;
     let pos_t = Tensor::from_vec(positions, (b, l), device)?;
-    let mask = if padded {
-        Some(padded_causal_mask(&valid, l, 0, device)?)
-    } else {
-        None
-    };
+    let mask = if padded { Some(padded_causal_mask(&valid, l, 0, device)?) } else { None };
     let mut logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
 
     let mut rngs: Vec<Rng> = (0..b)
@@ -273,18 +248,10 @@ pub fn generate_tokens(
         let ids_t = Tensor::from_vec(next, (b, 1), device)?;
         let pos: Vec<u32> = lens.iter().map(|&n| (n + step) as u32).collect();
         let pos_t = Tensor::from_vec(pos, (b, 1), device)?;
-        let mask = if padded {
-            Some(padded_causal_mask(&valid, 1, offset, device)?)
-        } else {
-            None
-        };
+        let mask = if padded { Some(padded_causal_mask(&valid, 1, offset, device)?) } else { None };
         logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
     }
-    Ok(out
-        .into_iter()
-        .zip(finish)
-        .map(|(tokens, f)| (tokens, f.unwrap_or(FinishReason::Length)))
-        .collect())
+    Ok(out.into_iter().zip(finish).map(|(tokens, f)| (tokens, f.unwrap_or(FinishReason::Length))).collect())
 }
 
 #[cfg(test)]
@@ -295,25 +262,15 @@ mod tests {
     fn greedy_takes_the_argmax_and_sampling_is_seeded() {
         let logits = [0.1f32, 2.0, -1.0, 1.9];
         assert_eq!(sample(&logits, &Sampling::Greedy, &mut Rng::new(0)), 1);
-        let s = Sampling::Sample {
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: 7,
-        };
+        let s = Sampling::Sample { temperature: 1.0, top_p: 1.0, seed: 7 };
         let draw = |seed| {
             let mut r = Rng::new(seed);
-            (0..50)
-                .map(|_| sample(&logits, &s, &mut r))
-                .collect::<Vec<_>>()
+            (0..50).map(|_| sample(&logits, &s, &mut r)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
         // top_p small enough keeps only the best token.
-        let narrow = Sampling::Sample {
-            temperature: 1.0,
-            top_p: 0.1,
-            seed: 1,
-        };
+        let narrow = Sampling::Sample { temperature: 1.0, top_p: 0.1, seed: 1 };
         let mut r = Rng::new(3);
         assert!((0..100).all(|_| sample(&logits, &narrow, &mut r) == 1));
         // Sampling follows the distribution: token 1 and 3 dominate.
@@ -323,11 +280,7 @@ mod tests {
             counts[sample(&logits, &s, &mut r) as usize] += 1;
         }
         let p1 = counts[1] as f64 / 4000.0;
-        let expected = 2.0f64.exp()
-            / [0.1f64, 2.0, -1.0, 1.9]
-                .iter()
-                .map(|x| x.exp())
-                .sum::<f64>();
+        let expected = 2.0f64.exp() / [0.1f64, 2.0, -1.0, 1.9].iter().map(|x| x.exp()).sum::<f64>();
         assert!((p1 - expected).abs() < 0.03, "{p1} vs {expected}");
     }
 }

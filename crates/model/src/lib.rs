@@ -27,6 +27,7 @@ mod config;
 mod decoder;
 mod error;
 mod generate;
+pub mod kernels;
 mod loader;
 pub mod ops;
 mod tokenizer;
@@ -35,10 +36,6 @@ pub use checkpoint::{read_gguf, read_hf_folder, Checkpoint, RopeLayout};
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
 pub use decoder::{causal_mask, padded_causal_mask, Cache, Linear, LinearWeight, Model};
 pub use error::{Error, Result};
-pub use generate::{
-    generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling,
-};
-pub use loader::{
-    cache_dir, load_model, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS,
-};
+pub use generate::{generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling};
+pub use loader::{cache_dir, load_model, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};

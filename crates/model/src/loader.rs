@@ -47,9 +47,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("tabletrace");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/tabletrace")
 }
 
@@ -66,11 +64,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            quantized: false,
-            dtype: DType::F32,
-            device: Device::Cpu,
-        }
+        LoadOptions { quantized: false, dtype: DType::F32, device: Device::Cpu }
     }
 }
 
@@ -107,21 +101,14 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
             return Ok(ModelSource::HfFolder(path.to_path_buf()));
         }
         let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?
+            .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
             .collect();
         return match ggufs.as_slice() {
             [one] => Ok(ModelSource::Gguf(one.clone())),
-            [] => Err(Error::NotFound(format!(
-                "{spec}: the folder has neither config.json nor a .gguf file"
-            ))),
-            _ => Err(Error::NotFound(format!(
-                "{spec}: the folder has several .gguf files; name one"
-            ))),
+            [] => Err(Error::NotFound(format!("{spec}: the folder has neither config.json nor a .gguf file"))),
+            _ => Err(Error::NotFound(format!("{spec}: the folder has several .gguf files; name one"))),
         };
     }
     if let Some(known) = KNOWN_MODELS.iter().find(|m| m.name == spec) {
@@ -138,20 +125,14 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with(".gguf") {
         let hub = std::env::var_os("HF_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                cache_dir()
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join("huggingface")
-            })
+            .unwrap_or_else(|| cache_dir().parent().unwrap_or(Path::new(".")).join("huggingface"))
             .join("hub")
             .join(format!("models--{}", spec.replace('/', "--")))
             .join("snapshots");
-        if let Some(snapshot) = std::fs::read_dir(&hub).ok().and_then(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| p.join("config.json").is_file())
-        }) {
+        if let Some(snapshot) = std::fs::read_dir(&hub)
+            .ok()
+            .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.join("config.json").is_file()))
+        {
             return Ok(ModelSource::HfFolder(snapshot));
         }
         return Err(Error::NotFound(format!(
@@ -161,10 +142,7 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
         )));
     }
     let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-    Err(Error::NotFound(format!(
-        "{spec}: no such file or folder, and not a known model name ({})",
-        names.join(", ")
-    )))
+    Err(Error::NotFound(format!("{spec}: no such file or folder, and not a known model name ({})", names.join(", "))))
 }
 
 /// Loads a model and its tokenizer from a spec (see [`resolve`]).
@@ -195,9 +173,5 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
         )));
     }
     let model = Model::new(checkpoint, &opts.device)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        path,
-    })
+    Ok(LoadedModel { model, tokenizer, path })
 }

@@ -15,8 +15,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let dim = x.dim(D::Minus1)?;
     let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
-    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
 /// Softmax over the last dimension.
@@ -48,7 +47,9 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
 }
 
-/// `x @ w.T` for a frozen weight `w` (`(out, in)`), for `x` of any rank.
+/// `x @ rhs` for a frozen weight given as the right-hand side `rhs`
+/// (`(in, out)`, a transposed view or a contiguous transposed copy), for `x`
+/// of any rank.
 ///
 /// candle's matmul backward always computes the weight's gradient, even for
 /// a weight that is not trained: for LoRA that costs a full fine-tuning's
@@ -56,34 +57,35 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// re-attached to `x` through [`FrozenMatmulGrad`], whose backward returns
 /// the input's gradient only. A weight that is itself a variable (full
 /// fine-tuning) takes the ordinary differentiable path.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.track_op() {
-        return plain_linear(x, w);
+pub fn frozen_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if rhs.track_op() {
+        return plain_linear(x, rhs);
     }
-    let y = plain_linear(&x.detach(), w)?;
+    let y = plain_linear(&x.detach(), rhs)?;
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2_arc(&y, Arc::new(Box::new(FrozenMatmulGrad { w: w.clone() })))
+    x.apply_op2_arc(&y, Arc::new(Box::new(FrozenMatmulGrad { rhs: rhs.clone() })))
 }
 
-fn plain_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ rhs` with `x` flattened to 2-D and reshaped back.
+fn plain_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     match x.rank() {
-        2 => x.matmul(&w.t()?),
+        2 => x.matmul(rhs),
         _ => {
             let dims = x.dims().to_vec();
             let rows: usize = dims[..dims.len() - 1].iter().product();
-            let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w.t()?)?;
+            let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(rhs)?;
             let mut out = dims;
-            *out.last_mut().expect("rank > 0") = w.dim(0)?;
+            *out.last_mut().expect("rank > 0") = rhs.dim(1)?;
             y.reshape(out)
         }
     }
 }
 
-/// Passes a precomputed `x @ w.T` through, with `d/dx = grad @ w` as backward.
+/// Passes a precomputed `x @ rhs` through, with `d/dx = grad @ rhs.T` as backward.
 struct FrozenMatmulGrad {
-    w: Tensor,
+    rhs: Tensor,
 }
 
 impl CustomOp2 for FrozenMatmulGrad {
@@ -91,13 +93,7 @@ impl CustomOp2 for FrozenMatmulGrad {
         "frozen-matmul-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         // `y` was produced by a matmul and reshape: contiguous from offset 0.
         if !l2.is_contiguous() || l2.start_offset() != 0 {
             candle_core::bail!("frozen-matmul-grad: the precomputed product must be contiguous");
@@ -119,14 +115,8 @@ impl CustomOp2 for FrozenMatmulGrad {
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(plain_linear(grad, &self.w.t()?)?), None))
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(plain_linear(grad, &self.rhs.t()?)?), None))
     }
 }
 
@@ -138,14 +128,10 @@ mod tests {
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         // Deterministic pseudo-random values in [-1, 1).
         let n: usize = shape.iter().product();
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -153,16 +139,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// Central finite differences of `sum(f(x) * probe)` against autograd.
@@ -171,13 +148,7 @@ mod tests {
         let probe = randn(f(x0).dims(), 99);
         let loss = (f(x.as_tensor()) * &probe).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let g = grads
-            .get(x.as_tensor())
-            .expect("x gets a gradient")
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = grads.get(x.as_tensor()).expect("x gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let flat = x0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let eps = 1e-2f32;
         for i in (0..flat.len()).step_by((flat.len() / 12).max(1)) {
@@ -185,12 +156,7 @@ mod tests {
                 let mut v = flat.clone();
                 v[i] += delta;
                 let xt = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
-                (f(&xt) * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
+                (f(&xt) * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
             };
             let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
             assert!(
@@ -206,29 +172,14 @@ mod tests {
         let x = randn(&[2, 3, 4, 8], 1);
         let w = (randn(&[8], 2) + 1.5).unwrap();
         let xv = Var::from_tensor(&x).unwrap();
-        assert!(
-            max_diff(
-                &rms_norm(&x, &w, 1e-5).unwrap(),
-                &rms_norm(xv.as_tensor(), &w, 1e-5).unwrap()
-            ) < 1e-5
-        );
-        assert!(
-            max_diff(
-                &softmax_last(&x).unwrap(),
-                &softmax_last(xv.as_tensor()).unwrap()
-            ) < 1e-6
-        );
+        assert!(max_diff(&rms_norm(&x, &w, 1e-5).unwrap(), &rms_norm(xv.as_tensor(), &w, 1e-5).unwrap()) < 1e-5);
+        assert!(max_diff(&softmax_last(&x).unwrap(), &softmax_last(xv.as_tensor()).unwrap()) < 1e-6);
         let cos = randn(&[2, 4, 4], 3);
         let sin = randn(&[2, 4, 4], 4);
-        assert!(
-            max_diff(
-                &rope_half(&x, &cos, &sin).unwrap(),
-                &rope_half(xv.as_tensor(), &cos, &sin).unwrap()
-            ) < 1e-6
-        );
+        assert!(max_diff(&rope_half(&x, &cos, &sin).unwrap(), &rope_half(xv.as_tensor(), &cos, &sin).unwrap()) < 1e-6);
         let wl = randn(&[5, 8], 5);
         let direct = x.broadcast_matmul(&wl.t().unwrap()).unwrap();
-        assert!(max_diff(&frozen_linear(xv.as_tensor(), &wl).unwrap(), &direct) < 1e-5);
+        assert!(max_diff(&frozen_linear(xv.as_tensor(), &wl.t().unwrap()).unwrap(), &direct) < 1e-5);
     }
 
     #[test]
@@ -238,33 +189,23 @@ mod tests {
         check_grad(&randn(&[2, 5], 8), |x| softmax_last(x).unwrap());
         let cos = randn(&[1, 3, 4], 3);
         let sin = randn(&[1, 3, 4], 4);
-        check_grad(&randn(&[1, 2, 3, 8], 9), |x| {
-            rope_half(x, &cos, &sin).unwrap()
-        });
+        check_grad(&randn(&[1, 2, 3, 8], 9), |x| rope_half(x, &cos, &sin).unwrap());
     }
 
     #[test]
     fn frozen_linear_backward_matches_finite_differences_and_skips_the_weight() {
         let w = randn(&[6, 8], 11);
-        check_grad(&randn(&[2, 3, 8], 12), |x| frozen_linear(x, &w).unwrap());
+        let wt = w.t().unwrap();
+        check_grad(&randn(&[2, 3, 8], 12), |x| frozen_linear(x, &wt).unwrap());
         // The weight is no node of the graph: no gradient is computed for it.
         let x = Var::from_tensor(&randn(&[3, 8], 13)).unwrap();
-        let grads = frozen_linear(x.as_tensor(), &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(grads.get(&w).is_none());
+        let grads = frozen_linear(x.as_tensor(), &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&wt).is_none() && grads.get(&w).is_none());
         assert!(grads.get(x.as_tensor()).is_some());
         // A weight that is a variable (a tied, trained embedding) gets its gradient.
         let wv = Var::from_tensor(&w).unwrap();
-        let grads = frozen_linear(x.as_tensor(), wv.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads =
+            frozen_linear(x.as_tensor(), &wv.as_tensor().t().unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(grads.get(wv.as_tensor()).is_some());
     }
 }

@@ -21,10 +21,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with this role and content.
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.to_string(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.to_string(), content: content.into() }
     }
 }
 
@@ -88,19 +85,17 @@ impl Tokenizer {
                 "GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\"); load the model from a Hugging Face folder with tokenizer.json"
             )));
         }
-        let pre_name = gguf_str(md, "tokenizer.ggml.pre")
-            .map(String::as_str)
-            .unwrap_or("default");
-        let (split, gpt2_regex) = pre_tokenizer(pre_name)
-            .ok_or_else(|| err(format!("GGUF pre-tokenizer {pre_name:?} is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2)")))?;
+        let pre_name = gguf_str(md, "tokenizer.ggml.pre").map(String::as_str).unwrap_or("default");
+        let (split, gpt2_regex) = pre_tokenizer(pre_name).ok_or_else(|| {
+            err(format!(
+                "GGUF pre-tokenizer {pre_name:?} is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2)"
+            ))
+        })?;
         let tokens = md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .ok_or_else(|| err("GGUF metadata has no tokenizer.ggml.tokens".into()))?;
-        let tokens: Vec<&str> = tokens
-            .iter()
-            .map(|t| t.to_string().map(String::as_str).unwrap_or(""))
-            .collect();
+        let tokens: Vec<&str> = tokens.iter().map(|t| t.to_string().map(String::as_str).unwrap_or("")).collect();
         let types: Vec<i32> = md
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
@@ -109,17 +104,10 @@ impl Tokenizer {
         let merges: Vec<&str> = md
             .get("tokenizer.ggml.merges")
             .and_then(|v| v.to_vec().ok())
-            .map(|v| {
-                v.iter()
-                    .filter_map(|m| m.to_string().ok().map(String::as_str))
-                    .collect()
-            })
+            .map(|v| v.iter().filter_map(|m| m.to_string().ok().map(String::as_str)).collect())
             .unwrap_or_default();
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), serde_json::Value::from(i as u32)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.to_string(), serde_json::Value::from(i as u32))).collect();
         // Control (3) and user-defined (4) tokens are matched whole in text.
         let added: Vec<serde_json::Value> = tokens
             .iter()
@@ -146,9 +134,7 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| err(format!("cannot build the GGUF tokenizer: {e}")))?;
-        let token = |key: &str| {
-            gguf_u32(md, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.to_string())))
-        };
+        let token = |key: &str| gguf_u32(md, key).and_then(|id| tokens.get(id as usize).map(|t| (id, t.to_string())));
         let bos = token("tokenizer.ggml.bos_token_id");
         let eos = token("tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<u32> = eos.iter().map(|e| e.0).collect();
@@ -162,10 +148,7 @@ impl Tokenizer {
             bos_id: bos.as_ref().map(|b| b.0),
             eos_ids,
             pad_id: gguf_u32(md, "tokenizer.ggml.padding_token_id"),
-            add_bos: md
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
             bos_token: bos.map(|b| b.1).unwrap_or_default(),
             eos_token: eos.map(|e| e.1).unwrap_or_default(),
             chat_template: gguf_str(md, "tokenizer.chat_template").cloned(),
@@ -180,27 +163,19 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let read_json = |name: &str| -> Option<serde_json::Value> {
-            std::fs::read_to_string(dir.join(name))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
+            std::fs::read_to_string(dir.join(name)).ok().and_then(|t| serde_json::from_str(&t).ok())
         };
         let cfg = read_json("tokenizer_config.json").unwrap_or_default();
         let token_text = |key: &str| -> Option<String> {
             match cfg.get(key)? {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
                 _ => None,
             }
         };
         let bos_token = token_text("bos_token");
         let eos_token = token_text("eos_token");
-        let mut eos_ids: Vec<u32> = eos_token
-            .iter()
-            .filter_map(|t| inner.token_to_id(t))
-            .collect();
+        let mut eos_ids: Vec<u32> = eos_token.iter().filter_map(|t| inner.token_to_id(t)).collect();
         if let Some(gen) = read_json("generation_config.json") {
             let ids: Vec<u64> = match gen.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().collect(),
@@ -215,18 +190,11 @@ impl Tokenizer {
         }
         let chat_template = std::fs::read_to_string(dir.join("chat_template.jinja"))
             .ok()
-            .or_else(|| {
-                cfg.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string)
-            });
+            .or_else(|| cfg.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
         Ok(Tokenizer {
             bos_id: bos_token.as_ref().and_then(|t| inner.token_to_id(t)),
             pad_id: token_text("pad_token").and_then(|t| inner.token_to_id(&t)),
-            add_bos: cfg
-                .get("add_bos_token")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(false),
+            add_bos: cfg.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
             eos_ids,
@@ -239,10 +207,7 @@ impl Tokenizer {
     /// to their ids. With `add_bos`, the BOS token is prepended when the
     /// model's tokenizer asks for it.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos && self.add_bos {
             if let Some(b) = self.bos_id {
@@ -255,9 +220,7 @@ impl Tokenizer {
 
     /// Decodes ids to text, dropping special tokens when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(format!("decode: {e}")))
     }
 
     /// Vocabulary size, added tokens included.
@@ -302,21 +265,12 @@ impl Tokenizer {
 
     /// Renders messages with the model's chat template, as Hugging Face's
     /// `apply_chat_template(messages, add_generation_prompt=...)` does.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Template("the model has no chat template; pass a plain prompt instead".into())
-        })?;
-        render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
-            &self.bos_token,
-            &self.eos_token,
-        )
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Template("the model has no chat template; pass a plain prompt instead".into()))?;
+        render_chat_template(template, messages, add_generation_prompt, &self.bos_token, &self.eos_token)
     }
 }
 
@@ -333,21 +287,12 @@ pub fn render_chat_template(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-    env.add_template("chat", template)
-        .map_err(|e| Error::Template(format!("does not parse: {e}")))?;
-    let tmpl = env
-        .get_template("chat")
-        .map_err(|e| Error::Template(e.to_string()))?;
+    env.add_template("chat", template).map_err(|e| Error::Template(format!("does not parse: {e}")))?;
+    let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -364,29 +309,17 @@ mod tests {
     #[test]
     fn renders_a_chatml_template_with_python_methods() {
         let t = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'].strip() + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-        let out =
-            render_chat_template(t, &[ChatMessage::new("user", "  hi  ")], true, "", "").unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let out = render_chat_template(t, &[ChatMessage::new("user", "  hi  ")], true, "", "").unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn template_errors_are_clear() {
-        let e = render_chat_template("{% if %}", &[], false, "", "")
+        let e = render_chat_template("{% if %}", &[], false, "", "").unwrap_err().to_string();
+        assert!(e.contains("does not parse"), "{e}");
+        let e = render_chat_template("{{ raise_exception('only user and assistant roles') }}", &[], false, "", "")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("does not parse"), "{e}");
-        let e = render_chat_template(
-            "{{ raise_exception('only user and assistant roles') }}",
-            &[],
-            false,
-            "",
-            "",
-        )
-        .unwrap_err()
-        .to_string();
         assert!(e.contains("only user and assistant roles"), "{e}");
     }
 }

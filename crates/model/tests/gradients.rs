@@ -31,16 +31,8 @@ fn loss(model: &Model) -> Tensor {
     let logits = model.forward(&ids, &pos, None, None, false).unwrap(); // (1, 6, V)
     let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
     // Next-token log-likelihood of a fixed target sequence.
-    let targets = Tensor::new(&[[17u32, 99, 3, 64, 120, 7]], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap();
-    logp.gather(&targets, 2)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .neg()
-        .unwrap()
+    let targets = Tensor::new(&[[17u32, 99, 3, 64, 120, 7]], &Device::Cpu).unwrap().unsqueeze(2).unwrap();
+    logp.gather(&targets, 2).unwrap().sum_all().unwrap().neg().unwrap()
 }
 
 #[test]
@@ -49,23 +41,12 @@ fn every_variable_gets_a_gradient_and_frozen_weights_none() {
     let grads = loss(&model).backward().unwrap();
     assert!(vars.len() > 5);
     for (name, v) in &vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name} got no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|² = {norm}");
     }
     for t in &frozen {
-        assert!(
-            grads.get(t).is_none(),
-            "a frozen projection weight got a gradient"
-        );
+        assert!(grads.get(t).is_none(), "a frozen projection weight got a gradient");
     }
 }
 
@@ -73,29 +54,21 @@ fn every_variable_gets_a_gradient_and_frozen_weights_none() {
 fn gradient_through_the_model_matches_finite_differences() {
     let (model, vars, _) = tiny_with_vars();
     let grads = loss(&model).backward().unwrap();
-    for (name, v) in vars.iter().filter(|(n, _)| {
-        n == "model.norm.weight" || n.ends_with("layers.0.self_attn.q_norm.weight")
-    }) {
-        let g: Vec<f32> = grads
-            .get(v.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+    for (name, v) in
+        vars.iter().filter(|(n, _)| n == "model.norm.weight" || n.ends_with("layers.0.self_attn.q_norm.weight"))
+    {
+        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for i in [0usize, 3, base.len() - 1] {
             let eps = 1e-2f32;
             let at = |delta: f32| {
                 let mut x = base.clone();
                 x[i] += delta;
-                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap())
-                    .unwrap();
+                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
                 loss(&model).to_scalar::<f32>().unwrap()
             };
             let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(base.clone(), v.as_tensor().dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            v.set(&Tensor::from_vec(base.clone(), v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
             assert!(
                 (fd - g[i]).abs() <= 2e-2 * fd.abs().max(1.0),
                 "{name}[{i}]: finite difference {fd}, autograd {}",

@@ -10,17 +10,12 @@ use super::{read_bytes, Dataset, LoadError, LoadOptions, TableNames};
 use crate::answer::Answer;
 use crate::error::Result;
 use crate::mojibake::repair_json;
-use crate::question::{
-    GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource,
-};
+use crate::question::{GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource};
 use crate::table::{Database, Table};
 use crate::value::Value;
 
 fn stem(path: &Path) -> String {
-    path.file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("mmqa")
-        .to_string()
+    path.file_stem().and_then(|s| s.to_str()).unwrap_or("mmqa").to_string()
 }
 
 /// The Spider `database/` folder for a dataset file: `opts.db_dir`, else
@@ -30,25 +25,17 @@ pub(crate) fn resolve_db_dir(path: &Path, opts: &LoadOptions) -> Option<PathBuf>
         return Some(d.clone());
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    [dir.join("database"), dir.join("../spider/database")]
-        .into_iter()
-        .find(|d| d.is_dir())
+    [dir.join("database"), dir.join("../spider/database")].into_iter().find(|d| d.is_dir())
 }
 
 fn strings(v: Option<&J>) -> Vec<String> {
     v.and_then(J::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
         .unwrap_or_default()
 }
 
 fn str_field<'a>(rec: &'a J, key: &str) -> std::result::Result<&'a str, String> {
-    rec.get(key)
-        .and_then(J::as_str)
-        .ok_or_else(|| format!("field {key:?} is missing or not a string"))
+    rec.get(key).and_then(J::as_str).ok_or_else(|| format!("field {key:?} is missing or not a string"))
 }
 
 fn id_of(rec: &J) -> Option<String> {
@@ -60,10 +47,7 @@ fn id_of(rec: &J) -> Option<String> {
 }
 
 fn key_hints(rec: &J) -> KeyHints {
-    KeyHints {
-        primary: strings(rec.get("primary_keys")),
-        foreign: strings(rec.get("foreign_keys")),
-    }
+    KeyHints { primary: strings(rec.get("primary_keys")), foreign: strings(rec.get("foreign_keys")) }
 }
 
 /// Loads an MMQA JSON-lines file (`mmqa_two_table.jsonl`): one question a
@@ -101,25 +85,16 @@ pub fn load_mmqa_jsonl(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         let mut rec: J = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {
-                out.errors.push(LoadError {
-                    location: at(None),
-                    message: format!("invalid JSON: {e}"),
-                });
+                out.errors.push(LoadError { location: at(None), message: format!("invalid JSON: {e}") });
                 continue;
             }
         };
         repair_json(&mut rec);
         let id = id_of(&rec);
-        let origin = Origin {
-            path: path.to_path_buf(),
-            line: Some(lineno),
-        };
+        let origin = Origin { path: path.to_path_buf(), line: Some(lineno) };
         match jsonl_question(&rec, &stem, origin, db_dir.as_deref(), &mut names) {
             Ok(q) => out.questions.push(q),
-            Err(message) => out.errors.push(LoadError {
-                location: at(id.as_deref()),
-                message,
-            }),
+            Err(message) => out.errors.push(LoadError { location: at(id.as_deref()), message }),
         }
     }
     Ok(out)
@@ -141,10 +116,7 @@ fn jsonl_question(
     let db_id = match rec.get("spider_db_id") {
         Some(J::String(s)) => s.clone(),
         _ => {
-            let why = rec
-                .get("reconstruction")
-                .and_then(J::as_str)
-                .unwrap_or("no spider_db_id");
+            let why = rec.get("reconstruction").and_then(J::as_str).unwrap_or("no spider_db_id");
             return Err(format!(
                 "no database holds its tables {table_names:?} (spider_db_id is null; reconstruction: {why})"
             ));
@@ -154,8 +126,7 @@ fn jsonl_question(
         format!("no Spider database folder found for spider_db_id {db_id:?}: pass --db-dir pointing at Spider's database/ folder")
     })?;
     let db_path = db_dir.join(&db_id).join(format!("{db_id}.sqlite"));
-    let renamed =
-        rec.get("reconstruction").and_then(J::as_str) == Some("columns_renamed_positionally");
+    let renamed = rec.get("reconstruction").and_then(J::as_str) == Some("columns_renamed_positionally");
     let columns: Vec<Vec<String>> = rec
         .get("table_columns")
         .and_then(J::as_array)
@@ -163,51 +134,26 @@ fn jsonl_question(
         .unwrap_or_default();
     let mut tables = Vec::with_capacity(table_names.len());
     for (i, name) in table_names.iter().enumerate() {
-        let source = names.resolve(&db_path, name)?.ok_or_else(|| {
-            format!(
-                "table {name:?} is not in {} (spider_db_id {db_id:?})",
-                db_path.display()
-            )
-        })?;
-        let rename = if renamed {
-            columns.get(i).cloned()
-        } else {
-            None
-        };
-        tables.push(TableRef {
-            name: name.clone(),
-            source,
-            rename,
-        });
+        let source = names
+            .resolve(&db_path, name)?
+            .ok_or_else(|| format!("table {name:?} is not in {} (spider_db_id {db_id:?})", db_path.display()))?;
+        let rename = if renamed { columns.get(i).cloned() } else { None };
+        tables.push(TableRef { name: name.clone(), source, rename });
     }
     let mut gold = Vec::new();
     if let Some(a) = rec.get("answer_exec").and_then(Answer::from_json) {
-        gold.push(GoldAnswer {
-            provenance: Provenance::Executed,
-            answer: a,
-        });
+        gold.push(GoldAnswer { provenance: Provenance::Executed, answer: a });
     }
     if let Some(a) = rec.get("answer_original").and_then(Answer::from_json) {
-        gold.push(GoldAnswer {
-            provenance: Provenance::Published,
-            answer: a,
-        });
+        gold.push(GoldAnswer { provenance: Provenance::Published, answer: a });
     }
     Ok(Question {
         id: QuestionId(format!("{stem}:{id}")),
         text,
-        tables: TableSource::Sqlite {
-            path: db_path,
-            tables,
-            isolate: true,
-            declared_types: false,
-        },
+        tables: TableSource::Sqlite { path: db_path, tables, isolate: true, declared_types: false },
         gold_sql: rec.get("SQL").and_then(J::as_str).map(str::to_string),
         gold,
-        split: rec
-            .get("cute_finetune_split")
-            .and_then(J::as_str)
-            .and_then(Split::parse),
+        split: rec.get("cute_finetune_split").and_then(J::as_str).and_then(Split::parse),
         key_hints: key_hints(rec),
         origin,
     })
@@ -223,20 +169,12 @@ pub fn load_mmqa_records(path: &Path, records: Vec<J>) -> Result<Dataset> {
     let mut out = Dataset::default();
     for (i, mut rec) in records.into_iter().enumerate() {
         repair_json(&mut rec);
-        let origin = Origin {
-            path: path.to_path_buf(),
-            line: None,
-        };
+        let origin = Origin { path: path.to_path_buf(), line: None };
         match record_question(&rec, &stem, origin) {
             Ok(q) => out.questions.push(q),
             Err(message) => {
-                let id = id_of(&rec)
-                    .map(|id| format!(" (question {stem}:{id})"))
-                    .unwrap_or_default();
-                out.errors.push(LoadError {
-                    location: format!("{} record {i}{id}", path.display()),
-                    message,
-                });
+                let id = id_of(&rec).map(|id| format!(" (question {stem}:{id})")).unwrap_or_default();
+                out.errors.push(LoadError { location: format!("{} record {i}{id}", path.display()), message });
             }
         }
     }
@@ -247,16 +185,9 @@ fn record_question(rec: &J, stem: &str, origin: Origin) -> std::result::Result<Q
     let id = id_of(rec).ok_or("field \"id_\" is missing")?;
     let text = str_field(rec, "Question")?.to_string();
     let table_names = strings(rec.get("table_names"));
-    let tables_json = rec
-        .get("tables")
-        .and_then(J::as_array)
-        .ok_or("field \"tables\" is missing or not a list")?;
+    let tables_json = rec.get("tables").and_then(J::as_array).ok_or("field \"tables\" is missing or not a list")?;
     if tables_json.len() != table_names.len() {
-        return Err(format!(
-            "{} tables but {} table_names",
-            tables_json.len(),
-            table_names.len()
-        ));
+        return Err(format!("{} tables but {} table_names", tables_json.len(), table_names.len()));
     }
     let mut tables = Vec::with_capacity(tables_json.len());
     for (name, t) in table_names.iter().zip(tables_json) {
@@ -266,48 +197,26 @@ fn record_question(rec: &J, stem: &str, origin: Origin) -> std::result::Result<Q
             .and_then(J::as_array)
             .ok_or_else(|| format!("table {name:?}: table_content is missing"))?
             .iter()
-            .map(|r| {
-                r.as_array()
-                    .map(|cells| cells.iter().map(Value::from_json).collect())
-                    .unwrap_or_default()
-            })
+            .map(|r| r.as_array().map(|cells| cells.iter().map(Value::from_json).collect()).unwrap_or_default())
             .collect();
         if let Some((j, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != cols.len()) {
-            return Err(format!(
-                "table {name:?} row {j} has {} values for {} columns",
-                r.len(),
-                cols.len()
-            ));
+            return Err(format!("table {name:?} row {j} has {} values for {} columns", r.len(), cols.len()));
         }
         tables.push(Table::from_rows(name.clone(), cols, rows));
     }
-    let provenance = if rec.get("spider_db_id").is_some() {
-        Provenance::Executed
-    } else {
-        Provenance::Published
-    };
-    let gold = rec
-        .get("answer")
-        .and_then(Answer::from_json)
-        .map(|answer| GoldAnswer { provenance, answer });
+    let provenance = if rec.get("spider_db_id").is_some() { Provenance::Executed } else { Provenance::Published };
+    let gold = rec.get("answer").and_then(Answer::from_json).map(|answer| GoldAnswer { provenance, answer });
     Ok(Question {
         id: QuestionId(format!("{stem}:{id}")),
         text,
         // Untyped columns, as the executed labels of the rebuilt files were made.
         tables: TableSource::Inline {
-            db: Arc::new(Database {
-                name: format!("{stem}:{id}"),
-                tables,
-                foreign_keys: Vec::new(),
-            }),
+            db: Arc::new(Database { name: format!("{stem}:{id}"), tables, foreign_keys: Vec::new() }),
             declared_types: false,
         },
         gold_sql: rec.get("SQL").and_then(J::as_str).map(str::to_string),
         gold: gold.into_iter().collect(),
-        split: rec
-            .get("cute_finetune_split")
-            .and_then(J::as_str)
-            .and_then(Split::parse),
+        split: rec.get("cute_finetune_split").and_then(J::as_str).and_then(Split::parse),
         key_hints: key_hints(rec),
         origin,
     })

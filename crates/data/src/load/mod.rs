@@ -129,10 +129,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
 }
 
 fn load_dir(dir: &Path, opts: &LoadOptions, out: &mut Dataset, depth: usize) -> Result<()> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut entries: Vec<PathBuf> =
+        fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     let has_csv = entries.iter().any(|p| has_ext(p, &["csv"]));
     if has_csv {
@@ -158,9 +156,7 @@ fn load_dir(dir: &Path, opts: &LoadOptions, out: &mut Dataset, depth: usize) -> 
 }
 
 fn has_ext(p: &Path, exts: &[&str]) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 fn load_file(path: &Path, opts: &LoadOptions) -> Result<(Format, Dataset)> {
@@ -204,8 +200,7 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
 /// Parses a JSON file whose top level is an array.
 pub(crate) fn read_json_array(path: &Path) -> Result<Vec<serde_json::Value>> {
     let bytes = read_bytes(path)?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| json_error(path, &bytes, e))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| json_error(path, &bytes, e))?;
     match value {
         serde_json::Value::Array(items) => Ok(items),
         _ => Err(Error::Json {
@@ -222,15 +217,9 @@ pub(crate) fn json_error(path: &Path, bytes: &[u8], e: serde_json::Error) -> Err
     if e.is_eof() {
         message.push_str(" (the file ends early: is it truncated?)");
     } else if std::str::from_utf8(bytes).is_err() {
-        message.push_str(
-            " (the file is not valid UTF-8; convert it, e.g. `iconv -f latin1 -t utf-8`)",
-        );
+        message.push_str(" (the file is not valid UTF-8; convert it, e.g. `iconv -f latin1 -t utf-8`)");
     }
-    Error::Json {
-        path: path.to_path_buf(),
-        line: Some(e.line()),
-        message,
-    }
+    Error::Json { path: path.to_path_buf(), line: Some(e.line()), message }
 }
 
 /// Names of the tables in a SQLite file, cached per file, for resolving the
@@ -242,24 +231,13 @@ pub(crate) struct TableNames {
 
 impl TableNames {
     pub(crate) fn of(&mut self, path: &Path) -> std::result::Result<&[String], String> {
-        let entry = self
-            .cache
-            .entry(path.to_path_buf())
-            .or_insert_with(|| read_table_names(path));
+        let entry = self.cache.entry(path.to_path_buf()).or_insert_with(|| read_table_names(path));
         entry.as_deref().map_err(Clone::clone)
     }
 
     /// The file's name for `name`, compared case-insensitively.
-    pub(crate) fn resolve(
-        &mut self,
-        path: &Path,
-        name: &str,
-    ) -> std::result::Result<Option<String>, String> {
-        Ok(self
-            .of(path)?
-            .iter()
-            .find(|t| t.eq_ignore_ascii_case(name))
-            .cloned())
+    pub(crate) fn resolve(&mut self, path: &Path, name: &str) -> std::result::Result<Option<String>, String> {
+        Ok(self.of(path)?.iter().find(|t| t.eq_ignore_ascii_case(name)).cloned())
     }
 }
 
@@ -267,10 +245,8 @@ fn read_table_names(path: &Path) -> std::result::Result<Vec<String>, String> {
     if !path.is_file() {
         return Err(format!("database file not found: {}", path.display()));
     }
-    let flags =
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = rusqlite::Connection::open_with_flags(path, flags)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut stmt = conn
         .prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' ORDER BY rowid")
         .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -16,11 +16,7 @@ use crate::question::{KeyHints, Origin, Question, QuestionId, Split, TableRef, T
 /// database file, opened read-only. A question whose database file is
 /// missing is a load error.
 pub fn load_spider(path: &Path, records: Vec<J>, opts: &LoadOptions) -> Result<Dataset> {
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("spider")
-        .to_string();
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("spider").to_string();
     let split = if stem.contains("train") {
         Some(Split::Train)
     } else if stem.contains("dev") {
@@ -45,54 +41,30 @@ pub fn load_spider(path: &Path, records: Vec<J>, opts: &LoadOptions) -> Result<D
         let id = QuestionId(format!("{stem}:{i}"));
         let location = format!("{} record {i} (question {id})", path.display());
         let result = (|| -> std::result::Result<Question, String> {
-            let text = rec
-                .get("question")
-                .and_then(J::as_str)
-                .ok_or("field \"question\" is missing")?;
-            let sql = rec
-                .get("query")
-                .and_then(J::as_str)
-                .ok_or("field \"query\" is missing")?;
-            let db_id = rec
-                .get("db_id")
-                .and_then(J::as_str)
-                .ok_or("field \"db_id\" is missing")?;
-            let dir = db_dir.as_deref().ok_or(
-                "no database folder found: pass --db-dir pointing at Spider's database/ folder",
-            )?;
+            let text = rec.get("question").and_then(J::as_str).ok_or("field \"question\" is missing")?;
+            let sql = rec.get("query").and_then(J::as_str).ok_or("field \"query\" is missing")?;
+            let db_id = rec.get("db_id").and_then(J::as_str).ok_or("field \"db_id\" is missing")?;
+            let dir = db_dir
+                .as_deref()
+                .ok_or("no database folder found: pass --db-dir pointing at Spider's database/ folder")?;
             let db_path = dir.join(db_id).join(format!("{db_id}.sqlite"));
             let all: Vec<String> = match schemas.get(db_id) {
                 Some(t) if db_path.is_file() => t.clone(),
-                _ => names
-                    .of(&db_path)
-                    .map_err(|e| format!("{e} (db_id {db_id:?})"))?
-                    .to_vec(),
+                _ => names.of(&db_path).map_err(|e| format!("{e} (db_id {db_id:?})"))?.to_vec(),
             };
             let tables = tables_in_sql(sql, &all)
                 .into_iter()
-                .map(|t| TableRef {
-                    name: t.clone(),
-                    source: t,
-                    rename: None,
-                })
+                .map(|t| TableRef { name: t.clone(), source: t, rename: None })
                 .collect();
             Ok(Question {
                 id: id.clone(),
                 text: text.to_string(),
-                tables: TableSource::Sqlite {
-                    path: db_path,
-                    tables,
-                    isolate: false,
-                    declared_types: true,
-                },
+                tables: TableSource::Sqlite { path: db_path, tables, isolate: false, declared_types: true },
                 gold_sql: Some(sql.to_string()),
                 gold: Vec::new(),
                 split,
                 key_hints: KeyHints::default(),
-                origin: Origin {
-                    path: path.to_path_buf(),
-                    line: Some(i),
-                },
+                origin: Origin { path: path.to_path_buf(), line: Some(i) },
             })
         })();
         match result {
@@ -113,11 +85,7 @@ fn schema_tables(path: &Path) -> Result<HashMap<String, Vec<String>>> {
         let tables = db
             .get("table_names_original")
             .and_then(J::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         out.insert(id.to_string(), tables);
     }
@@ -145,10 +113,7 @@ pub(crate) fn tables_in_sql(sql: &str, all: &[String]) -> Vec<String> {
             words.insert(std::mem::take(&mut word));
         }
     }
-    all.iter()
-        .filter(|t| words.contains(&t.to_ascii_lowercase()))
-        .cloned()
-        .collect()
+    all.iter().filter(|t| words.contains(&t.to_ascii_lowercase())).cloned().collect()
 }
 
 #[cfg(test)]
@@ -157,11 +122,7 @@ mod tests {
 
     #[test]
     fn finds_tables_outside_literals() {
-        let all = vec![
-            "head".to_string(),
-            "management".to_string(),
-            "department".to_string(),
-        ];
+        let all = vec!["head".to_string(), "management".to_string(), "department".to_string()];
         let sql = "SELECT T1.name FROM Head AS T1 JOIN management AS T2 ON T1.head_id = T2.head_id WHERE T1.born_state = 'department'";
         assert_eq!(tables_in_sql(sql, &all), vec!["head", "management"]);
     }

@@ -1,0 +1,89 @@
+//! `tabletrace bench generate`: prefill and decode speed and peak memory of
+//! the model runtime, printed as one JSON line (the peers' scripts print the
+//! same fields, so tools/bench/model.sh can put them side by side).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use tabletrace_model::{generate, load_model, GenerateOptions, LoadOptions};
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// A short name, a .gguf file or a Hugging Face folder.
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    /// Run on the GGUF's stored quantisation.
+    #[arg(long)]
+    quantized: bool,
+    /// Prompt length for the prefill measurement, in tokens.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens decoded per row for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Batch sizes to decode at.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch: Vec<usize>,
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
+    let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
+    let m = load_model(&a.model, &opts).with_context(|| format!("loading {}", a.model))?;
+    // A fixed, deterministic prompt of the requested length.
+    let text = "Question: which department headed by an acting manager has the most employees? ".repeat(64);
+    let mut ids = m.tokenizer.encode(&text, true)?;
+    anyhow::ensure!(ids.len() >= a.prompt_tokens, "the benchmark text has only {} tokens", ids.len());
+    ids.truncate(a.prompt_tokens);
+
+    // Prefill: one forward over the prompt (best of 3 after a warm-up).
+    let prefill = GenerateOptions { max_new_tokens: 1, ignore_eos: true, ..GenerateOptions::default() };
+    generate(&m.model, &m.tokenizer, std::slice::from_ref(&ids), &prefill)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        generate(&m.model, &m.tokenizer, std::slice::from_ref(&ids), &prefill)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let prefill_tps = a.prompt_tokens as f64 / best;
+
+    // Decode: a short prompt, then `new_tokens` per row; the prefill of the
+    // short prompt is timed separately and subtracted.
+    let short: Vec<u32> = ids[..16].to_vec();
+    let mut decode = serde_json::Map::new();
+    for &b in &a.batch {
+        let rows = vec![short.clone(); b];
+        let one = GenerateOptions { max_new_tokens: 1, ignore_eos: true, ..GenerateOptions::default() };
+        let t = Instant::now();
+        generate(&m.model, &m.tokenizer, &rows, &one)?;
+        let t_prefill = t.elapsed().as_secs_f64();
+        let full = GenerateOptions { max_new_tokens: a.new_tokens, ignore_eos: true, ..GenerateOptions::default() };
+        let t = Instant::now();
+        generate(&m.model, &m.tokenizer, &rows, &full)?;
+        let secs = (t.elapsed().as_secs_f64() - t_prefill).max(1e-9);
+        decode.insert(format!("decode_b{b}_tok_s"), serde_json::json!((b * (a.new_tokens - 1)) as f64 / secs));
+    }
+    let mut out = serde_json::json!({
+        "impl": "tabletrace",
+        "model": a.model,
+        "weights": if a.quantized { "quantized" } else { "f32" },
+        "threads": candle_core::utils::get_num_threads(),
+        "prompt_tokens": a.prompt_tokens,
+        "prefill_tok_s": prefill_tps,
+    });
+    out.as_object_mut().expect("an object").extend(decode);
+    out["peak_rss_mib"] = serde_json::json!(peak_rss_mib());
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
