@@ -4,6 +4,7 @@ mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod progress;
+mod traces_cmd;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// Make reasoning traces (positive and negative) for a dataset's questions.
+    Traces(traces_cmd::TracesArgs),
     /// Chat with a model: prints only the assistant's reply on stdout.
     Chat(chat_cmd::ChatArgs),
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
@@ -63,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Data { command } => data_cmd::run(command, cli.quiet),
         Command::Chat(args) => chat_cmd::run(args),
+        Command::Traces(args) => traces_cmd::run(args, cli.quiet),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }
 }

@@ -19,6 +19,8 @@
 //!   [`Answer`]: exact match over value sets, partial match, token F1,
 //!   numeric tolerance.
 //! - [`check()`] runs every gold query and compares with stored answers.
+//! - [`Trace`] and [`PreferencePair`] are the records the trace factory
+//!   writes and the trainer reads.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -45,6 +47,7 @@ pub mod mojibake;
 mod progress;
 mod prompt;
 mod question;
+mod records;
 mod sql;
 mod table;
 mod value;
@@ -59,6 +62,7 @@ pub use load::{
 pub use progress::{Reporter, Silent};
 pub use prompt::{approx_tokens, render_tables, Budget, RenderedTables, RowFormat};
 pub use question::{GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource};
+pub use records::{ErrorType, PairMetadata, Polarity, PreferencePair, Trace};
 pub use sql::{is_ordered, quote_ident, ExecLimits, Executor, FailureKind, SqlFailure, TableDb};
 pub use table::{Column, Database, ForeignKey, Table};
 pub use value::{ColumnType, Value};

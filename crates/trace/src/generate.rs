@@ -1,0 +1,144 @@
+//! Turning a question into validated [`Trace`] records with the program
+//! tracer: one positive (the gold SQL traced) and negatives (typed
+//! perturbations).
+
+use tabletrace_data::{Answer, ErrorType, Polarity, Provenance, Question, ResultSet, TableDb, Trace, Value};
+
+use crate::perturb::negatives;
+use crate::program::{ProgramTrace, ProgramTracer, StepCache};
+use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
+
+/// Which traces to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    /// Make the positive trace.
+    pub positive: bool,
+    /// Negatives per question at most (0 for none).
+    pub negatives: usize,
+}
+
+/// The gold answer traces are validated against: the stored executed answer,
+/// else the result of running the gold SQL.
+pub fn gold_answer(q: &Question, db: &TableDb, tracer: &ProgramTracer) -> Result<Answer, String> {
+    if let Some(a) = q.gold(Provenance::Executed) {
+        return Ok(a.clone());
+    }
+    let sql = q.gold_sql.as_deref().ok_or("the question has no gold SQL and no executed answer")?;
+    db.query(sql, &tracer.limits).map(Answer::Table).map_err(|f| format!("gold SQL fails: {}", f.message))
+}
+
+/// Program traces for one question, validated. Questions whose gold SQL
+/// cannot be traced give an error naming why.
+pub fn program_traces(q: &Question, tracer: &ProgramTracer, wanted: Wanted, seed: u64) -> Result<Vec<Trace>, String> {
+    let sql = q.gold_sql.as_deref().ok_or("no gold SQL")?;
+    let db = TableDb::open(&q.tables).map_err(|f| f.message)?;
+    let gold = gold_answer(q, &db, tracer)?;
+    let cache = StepCache::default();
+    let positive = tracer.trace(&db, sql, &cache)?;
+    // What a trace may cite: table cells, schema names and the question's words.
+    let mut table_evidence: Evidence = table_values(&db).into_iter().collect();
+    for name in schema_names(&db) {
+        table_evidence.add(&name);
+    }
+    for word in q.text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '?' | '(' | ')')) {
+        table_evidence.add(word);
+    }
+    let mut out = Vec::new();
+    let record = |t: &ProgramTrace, polarity: Polarity, valid: Result<(), String>| {
+        let mut evidence = table_evidence.clone();
+        for e in &t.evidence {
+            evidence.add(e);
+        }
+        Trace {
+            question_id: q.id.to_string(),
+            generator: "program".into(),
+            polarity,
+            text: t.text.clone(),
+            final_answer: extract_final_answer(&t.text),
+            valid: valid.is_ok(),
+            invalid_reason: valid.err(),
+            error_type: t.error_type,
+            faithfulness: faithfulness(&t.text, &evidence),
+            prompt: String::new(),
+            params: serde_json::json!({"sql": t.sql}),
+        }
+    };
+    if wanted.positive {
+        let valid = match extract_final_answer(&positive.text) {
+            Some(a) if matches_gold(&a, &gold) => Ok(()),
+            Some(a) => Err(format!("final answer {a:?} does not match gold {:?}", gold.to_line())),
+            None => Err("no final answer line".into()),
+        };
+        out.push(record(&positive, Polarity::Positive, valid));
+    }
+    if wanted.negatives > 0 {
+        let gold_rs = match &gold {
+            Answer::Table(rs) => rs.clone(),
+            Answer::Text { .. } => return Ok(out),
+        };
+        let schema_names = schema_names(&db);
+        for t in negatives(tracer, &db, &gold_rs, &positive, wanted.negatives, seed, &cache) {
+            let valid = validate_negative(&t, &gold, &gold_rs, &positive, &schema_names);
+            out.push(record(&t, Polarity::Negative, valid));
+        }
+    }
+    Ok(out)
+}
+
+/// A negative is valid when it has a final answer that does not match gold,
+/// names a real table or column, gives as many values as gold, and is not a
+/// copy of the positive.
+pub fn validate_negative(
+    t: &ProgramTrace,
+    gold: &Answer,
+    gold_rs: &ResultSet,
+    positive: &ProgramTrace,
+    schema_names: &[String],
+) -> Result<(), String> {
+    let a = extract_final_answer(&t.text).ok_or("no final answer line")?;
+    if matches_gold(&a, gold) {
+        return Err("its final answer matches gold".into());
+    }
+    if t.text == positive.text {
+        return Err("it copies the positive".into());
+    }
+    let lower = t.text.to_lowercase();
+    if !schema_names.iter().any(|n| lower.contains(&n.to_lowercase())) {
+        return Err("it names no table or column".into());
+    }
+    if t.result.rows.len() * t.result.columns.len() != gold_rs.rows.len() * gold_rs.columns.len() {
+        return Err("its answer has another number of values than gold".into());
+    }
+    Ok(())
+}
+
+fn schema_names(db: &TableDb) -> Vec<String> {
+    db.schema()
+        .map(|s| {
+            s.tables
+                .iter()
+                .flat_map(|t| std::iter::once(t.name.clone()).chain(t.columns.iter().map(|c| c.name.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Cell values of the question's tables (up to 5,000 per table), as evidence.
+fn table_values(db: &TableDb) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(schema) = db.schema() else { return out };
+    for t in &schema.tables {
+        let mut n = 0;
+        let _ = db.scan(&t.name, |row| {
+            out.extend(row.iter().filter(|v| !matches!(v, Value::Null)).map(Value::to_string));
+            n += 1;
+            n < 5_000
+        });
+    }
+    out
+}
+
+/// Which error types a set of traces covers (for reports).
+pub fn error_types(traces: &[Trace]) -> Vec<ErrorType> {
+    traces.iter().filter_map(|t| t.error_type).collect()
+}

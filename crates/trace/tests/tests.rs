@@ -1,0 +1,4 @@
+//! Integration tests of the trace factory on the bundled sample and, when
+//! present, the full MMQA data.
+
+mod program;
