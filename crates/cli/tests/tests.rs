@@ -3,6 +3,7 @@
 
 mod chat;
 mod data;
+mod traces;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
