@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
+mod pairs_cmd;
 mod progress;
 mod traces_cmd;
 
@@ -30,6 +31,8 @@ enum Command {
     },
     /// Make reasoning traces (positive and negative) for a dataset's questions.
     Traces(traces_cmd::TracesArgs),
+    /// Pair valid positive and negative traces into TRL preference data.
+    Pairs(pairs_cmd::PairsArgs),
     /// Chat with a model: prints only the assistant's reply on stdout.
     Chat(chat_cmd::ChatArgs),
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
@@ -67,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data { command } => data_cmd::run(command, cli.quiet),
         Command::Chat(args) => chat_cmd::run(args),
         Command::Traces(args) => traces_cmd::run(args, cli.quiet),
+        Command::Pairs(args) => pairs_cmd::run(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }
 }

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use tabletrace_data::{load, LoadOptions, Polarity, Reporter, Trace};
-use tabletrace_trace::{program_traces, ProgramTracer, Wanted};
+use tabletrace_data::{load, Polarity, Reporter, Trace};
+use tabletrace_model::{load_model, LoadOptions};
+use tabletrace_trace::{llm_traces, program_traces, CallCache, LlmRunOptions, LocalLlm, ProgramTracer, Wanted};
 
 use crate::progress::Bar;
 
@@ -27,9 +28,28 @@ pub struct TracesArgs {
     /// Spider's database/ folder.
     #[arg(long)]
     db_dir: Option<PathBuf>,
-    /// The generator: `program` (the SQL-grounded tracer).
-    #[arg(long, default_value = "program")]
-    generator: String,
+    /// Generators, repeatable: `program` (the SQL-grounded tracer) or
+    /// `local:MODEL` (the embedded model: a short name, .gguf file or folder).
+    #[arg(long = "generator", default_value = "program")]
+    generators: Vec<String>,
+    /// The cache of LLM calls (SQLite). Default: `llm_cache.sqlite` beside --out.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// LLM prompts per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// LLM sampling temperature for negatives (positives are greedy unless --temperature-positive).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// LLM sampling temperature for positives.
+    #[arg(long, default_value_t = 0.0)]
+    temperature_positive: f64,
+    /// LLM new tokens per trace at most.
+    #[arg(long, default_value_t = 384)]
+    max_tokens: usize,
+    /// Run the embedded model on the GGUF's stored quantisation.
+    #[arg(long)]
+    quantized: bool,
     /// Which traces to make.
     #[arg(long, value_enum, default_value_t = PolarityArg::Both)]
     polarity: PolarityArg,
@@ -39,38 +59,76 @@ pub struct TracesArgs {
     /// Seed for choosing perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Trace only the first N questions (in file order).
+    #[arg(long)]
+    limit: Option<usize>,
     /// Output JSON lines, written atomically.
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
-    if a.generator != "program" {
-        bail!("generator {:?} is not available yet; use --generator program", a.generator);
+    for g in &a.generators {
+        if g != "program" && !g.starts_with("local:") {
+            bail!("generator {g:?} is not available (use program or local:MODEL; http: is not implemented yet)");
+        }
     }
-    let ds = load(&a.data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
+    let ds = load(&a.data, &tabletrace_data::LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", a.data.display()))?;
+    let mut ds = ds;
+    if let Some(n) = a.limit {
+        ds.questions.truncate(n);
+    }
     let wanted = Wanted {
         positive: a.polarity != PolarityArg::Negative,
         negatives: if a.polarity == PolarityArg::Positive { 0 } else { a.negatives },
     };
     let tracer = ProgramTracer::default();
     let bar = Bar::new(quiet);
-    bar.start(ds.questions.len() as u64, "tracing");
     let start = Instant::now();
     let mut traces: Vec<Trace> = Vec::new();
     let mut failed = 0usize;
-    for (i, q) in ds.questions.iter().enumerate() {
-        bar.advance(1);
-        match program_traces(q, &tracer, wanted, a.seed.wrapping_add(i as u64)) {
-            Ok(t) => traces.extend(t),
-            Err(e) => {
-                failed += 1;
-                tracing::debug!(question_id = %q.id, "not traced: {e}");
+    for g in &a.generators {
+        if g == "program" {
+            bar.start(ds.questions.len() as u64, "program");
+            for (i, q) in ds.questions.iter().enumerate() {
+                bar.advance(1);
+                match program_traces(q, &tracer, wanted, a.seed.wrapping_add(i as u64)) {
+                    Ok(t) => traces.extend(t),
+                    Err(e) => {
+                        failed += 1;
+                        tracing::debug!(question_id = %q.id, "not traced: {e}");
+                    }
+                }
             }
+            bar.finish();
+        } else if let Some(spec) = g.strip_prefix("local:") {
+            let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
+            let model = load_model(spec, &opts).with_context(|| format!("loading model {spec}"))?;
+            let llm = LocalLlm { model, name: spec.to_string(), batch: a.batch };
+            let cache_path = a.cache.clone().unwrap_or_else(|| a.out.with_file_name("llm_cache.sqlite"));
+            let cache = CallCache::open(&cache_path).map_err(anyhow::Error::msg)?;
+            let run = LlmRunOptions {
+                wanted,
+                temperature_positive: a.temperature_positive,
+                temperature_negative: a.temperature,
+                top_p: 0.95,
+                max_tokens: a.max_tokens,
+                seed: a.seed,
+                max_rows: 30,
+                chunk: a.batch * 4,
+            };
+            let (t, stats) = llm_traces(&ds.questions, &llm, &cache, &run, &bar).map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "{g}: {} requests, {} from the cache {}, {} failed",
+                stats.requests,
+                stats.cached,
+                cache_path.display(),
+                stats.failed
+            );
+            traces.extend(t);
         }
     }
-    bar.finish();
     let secs = start.elapsed().as_secs_f64();
     let tmp = a.out.with_extension("jsonl.tmp");
     {
@@ -84,25 +142,31 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         f.flush()?;
     }
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    let count = |p: Polarity, valid: bool| traces.iter().filter(|t| t.polarity == p && (!valid || t.valid)).count();
-    let with = |p: Polarity| {
-        let mut ids: Vec<&str> =
-            traces.iter().filter(|t| t.polarity == p && t.valid).map(|t| t.question_id.as_str()).collect();
-        ids.dedup();
-        ids.len()
-    };
     eprintln!(
-        "{} questions ({} not traced) in {secs:.1} s ({:.0}/s): positives {} valid of {} ({} questions), negatives {} valid of {} ({} questions); wrote {}",
+        "{} questions ({} not traced by the program tracer) in {secs:.1} s ({:.0}/s); wrote {}",
         ds.questions.len(),
         failed,
         ds.questions.len() as f64 / secs.max(1e-9),
-        count(Polarity::Positive, true),
-        count(Polarity::Positive, false),
-        with(Polarity::Positive),
-        count(Polarity::Negative, true),
-        count(Polarity::Negative, false),
-        with(Polarity::Negative),
         a.out.display()
     );
+    for g in &a.generators {
+        for p in [Polarity::Positive, Polarity::Negative] {
+            let ts: Vec<&Trace> = traces.iter().filter(|t| &t.generator == g && t.polarity == p).collect();
+            if ts.is_empty() {
+                continue;
+            }
+            let mut qs: Vec<&str> = ts.iter().filter(|t| t.valid).map(|t| t.question_id.as_str()).collect();
+            let valid = qs.len();
+            qs.sort();
+            qs.dedup();
+            let faith = ts.iter().map(|t| t.faithfulness).sum::<f64>() / ts.len() as f64;
+            eprintln!(
+                "  {g:<24} {:<8} {valid} valid of {} ({} questions), mean faithfulness {faith:.2}",
+                format!("{p:?}").to_lowercase(),
+                ts.len(),
+                qs.len()
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -39,11 +39,20 @@ pub struct GenerateOptions {
     /// Keep going past end-of-sequence tokens (fixed-length runs for
     /// benchmarks and reference comparisons). Default false.
     pub ignore_eos: bool,
+    /// Sampling seed of each row, overriding `seed + row` (so that a row's
+    /// output does not depend on the batch it runs in). Default empty.
+    pub row_seeds: Vec<u64>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 256, sampling: Sampling::Greedy, stop: Vec::new(), ignore_eos: false }
+        GenerateOptions {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            stop: Vec::new(),
+            ignore_eos: false,
+            row_seeds: Vec::new(),
+        }
     }
 }
 
@@ -210,7 +219,9 @@ pub fn generate_tokens(
 
     let mut rngs: Vec<Rng> = (0..b)
         .map(|i| match opts.sampling {
-            Sampling::Sample { seed, .. } => Rng::new(seed.wrapping_add(i as u64)),
+            Sampling::Sample { seed, .. } => {
+                Rng::new(opts.row_seeds.get(i).copied().unwrap_or(seed.wrapping_add(i as u64)))
+            }
             Sampling::Greedy => Rng::new(0),
         })
         .collect();

@@ -6,16 +6,24 @@
 //!   the wrong query the same way.
 //! - [`validate`] extracts final answers and checks traces against gold;
 //!   [`faithfulness`] scores the numbers and entities a trace cites.
+//! - [`llm`] asks LLMs (the embedded model) for positive and negative traces,
+//!   every call through the content-addressed [`CallCache`].
 //! - [`pairs`] turns valid traces into TRL preference pairs.
 #![deny(missing_docs)]
 
+pub mod cache;
 mod generate;
+pub mod llm;
+pub mod pairs;
 mod perturb;
 mod program;
 mod sql;
 pub mod validate;
 
+pub use cache::{CallCache, CallKey};
 pub use generate::{error_types, gold_answer, program_traces, validate_negative, Wanted};
+pub use llm::{llm_traces, negative_prompt, Llm, LlmParams, LlmRunOptions, LlmRunStats, LocalLlm};
+pub use pairs::{build_pairs, pair_json, qa_prompt, PairOptions, PairPolicy, PairReport};
 pub use perturb::{negatives, same_kind_but_wrong};
 pub use program::{answer_line, ProgramTrace, ProgramTracer, StepCache};
 pub use sql::parse_query;

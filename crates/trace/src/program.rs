@@ -256,7 +256,11 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
             parts.push(format!("{} ({})", u.name, plural(n, "row", "rows")));
         }
         if !parts.is_empty() {
-            ctx.step(format!("Look at the table{} {}.", if parts.len() > 1 { "s" } else { "" }, parts.join(" and ")));
+            let list = match parts.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+                _ => parts.join(""),
+            };
+            ctx.step(format!("Look at the table{} {list}.", if parts.len() > 1 { "s" } else { "" }));
         }
     }
 

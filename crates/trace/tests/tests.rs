@@ -1,4 +1,5 @@
 //! Integration tests of the trace factory on the bundled sample and, when
 //! present, the full MMQA data.
 
+mod llm;
 mod program;

@@ -1,0 +1,356 @@
+//! LLM trace generators: the prompts, the [`Llm`] backends (the embedded
+//! model today), and turning completions into validated [`Trace`]s, every
+//! call going through the [`CallCache`].
+
+use std::collections::HashMap;
+
+use tabletrace_data::matching::{normalize, split_values, Norm};
+use tabletrace_data::{
+    approx_tokens, render_tables, Answer, Budget, ErrorType, Polarity, Question, Reporter, RowFormat, TableDb, Trace,
+};
+use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Sampling};
+
+use crate::cache::{CallCache, CallKey};
+use crate::generate::{gold_answer, Wanted};
+use crate::pairs::qa_prompt;
+use crate::program::{ProgramTracer, StepCache};
+use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
+
+/// Sampling parameters of one request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LlmParams {
+    /// Temperature; 0 is greedy.
+    pub temperature: f64,
+    /// Nucleus threshold.
+    pub top_p: f64,
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Sampling seed of this request.
+    pub seed: u64,
+}
+
+/// A text generator for trace prompts.
+pub trait Llm {
+    /// The backend (`local`, `http`).
+    fn backend(&self) -> &str;
+    /// The model's name.
+    fn model(&self) -> &str;
+    /// One completion per prompt (the user message), or the reason it failed.
+    fn complete(&self, prompts: &[String], params: &[LlmParams]) -> Vec<Result<String, String>>;
+}
+
+/// The embedded model on tabletrace's runtime, generating in batches.
+pub struct LocalLlm {
+    /// The loaded model.
+    pub model: LoadedModel,
+    /// The spec it was loaded from (its name in traces).
+    pub name: String,
+    /// Prompts per batch.
+    pub batch: usize,
+}
+
+impl Llm for LocalLlm {
+    fn backend(&self) -> &str {
+        "local"
+    }
+
+    fn model(&self) -> &str {
+        &self.name
+    }
+
+    fn complete(&self, prompts: &[String], params: &[LlmParams]) -> Vec<Result<String, String>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        // Rows of one batch share temperature, top-p and length; seeds are per row.
+        let mut i = 0;
+        while i < prompts.len() {
+            let p0 = &params[i];
+            let mut j = i + 1;
+            while j < prompts.len()
+                && j - i < self.batch.max(1)
+                && (params[j].temperature, params[j].top_p, params[j].max_tokens)
+                    == (p0.temperature, p0.top_p, p0.max_tokens)
+            {
+                j += 1;
+            }
+            let encoded: Result<Vec<Vec<u32>>, String> = prompts[i..j]
+                .iter()
+                .map(|p| {
+                    let text = self
+                        .model
+                        .tokenizer
+                        .apply_chat_template(&[ChatMessage::new("user", p.clone())], true)
+                        .map_err(|e| e.to_string())?;
+                    self.model.tokenizer.encode(&text, true).map_err(|e| e.to_string())
+                })
+                .collect();
+            let sampling = if p0.temperature <= 0.0 {
+                Sampling::Greedy
+            } else {
+                Sampling::Sample { temperature: p0.temperature, top_p: p0.top_p, seed: p0.seed }
+            };
+            let opts = GenerateOptions {
+                max_new_tokens: p0.max_tokens,
+                sampling,
+                row_seeds: params[i..j].iter().map(|p| p.seed).collect(),
+                ..GenerateOptions::default()
+            };
+            match encoded.and_then(|ids| {
+                generate(&self.model.model, &self.model.tokenizer, &ids, &opts).map_err(|e| e.to_string())
+            }) {
+                Ok(gens) => out.extend(gens.into_iter().map(|g| Ok(g.text))),
+                Err(e) => out.extend((i..j).map(|_| Err(e.clone()))),
+            }
+            i = j;
+        }
+        out
+    }
+}
+
+/// The prompt asking for a convincing trace with one error of a given type.
+pub fn negative_prompt(question: &str, tables: &str, error: ErrorType) -> String {
+    format!(
+        "{}\n\nWrite a convincing step-by-step solution that contains exactly one subtle mistake: {}. Do not mention the mistake. End with a line \"Final answer: ...\" giving the answer the mistaken reasoning leads to.",
+        qa_prompt(question, tables),
+        error.describe()
+    )
+}
+
+/// Options of an LLM trace run.
+#[derive(Debug, Clone)]
+pub struct LlmRunOptions {
+    /// Which traces.
+    pub wanted: Wanted,
+    /// Temperature of positives (0: greedy).
+    pub temperature_positive: f64,
+    /// Temperature of negatives.
+    pub temperature_negative: f64,
+    /// Nucleus threshold.
+    pub top_p: f64,
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Base seed.
+    pub seed: u64,
+    /// Table rows shown per table.
+    pub max_rows: usize,
+    /// Requests per generator call.
+    pub chunk: usize,
+}
+
+struct Request {
+    question: usize,
+    polarity: Polarity,
+    error: Option<ErrorType>,
+    prompt: String,
+    params: LlmParams,
+}
+
+/// Counts of one run, for the report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LlmRunStats {
+    /// Requests made.
+    pub requests: usize,
+    /// Answered from the cache.
+    pub cached: usize,
+    /// Failed calls (recorded as invalid traces with the reason).
+    pub failed: usize,
+}
+
+fn seed_of(base: u64, text: &str) -> u64 {
+    text.bytes().fold(base ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Traces from an LLM for each question, validated, through the cache.
+pub fn llm_traces(
+    questions: &[Question],
+    llm: &dyn Llm,
+    cache: &CallCache,
+    opts: &LlmRunOptions,
+    reporter: &dyn Reporter,
+) -> Result<(Vec<Trace>, LlmRunStats), String> {
+    let tracer = ProgramTracer::default();
+    let budget = Budget { max_rows_per_table: Some(opts.max_rows), max_tokens: None };
+    let mut requests = Vec::new();
+    let mut context: HashMap<usize, (Answer, Evidence, Vec<String>)> = HashMap::new();
+    for (qi, q) in questions.iter().enumerate() {
+        let Ok(db) = TableDb::open(&q.tables) else { continue };
+        let Ok(gold) = gold_answer(q, &db, &tracer) else { continue };
+        let Ok(tables) = render_tables(&db, q, RowFormat::Markdown, &budget, &approx_tokens) else { continue };
+        // Evidence: the tables, schema names, the question, and the gold SQL's executed steps.
+        let schema = db.schema().map_err(|f| f.message)?;
+        let names: Vec<String> = schema
+            .tables
+            .iter()
+            .flat_map(|t| std::iter::once(t.name.clone()).chain(t.columns.iter().map(|c| c.name.clone())))
+            .collect();
+        let mut evidence: Evidence = names.iter().collect();
+        for t in &schema.tables {
+            let _ = db.scan(&t.name, |row| {
+                row.iter().for_each(|v| evidence.add(&v.to_string()));
+                true
+            });
+        }
+        q.text.split_whitespace().for_each(|w| evidence.add(w.trim_matches(|c: char| !c.is_alphanumeric())));
+        if let Some(t) = q.gold_sql.as_deref().and_then(|sql| tracer.trace(&db, sql, &StepCache::default()).ok()) {
+            t.evidence.iter().for_each(|e| evidence.add(e));
+        }
+        context.insert(qi, (gold, evidence, names));
+        let params = |polarity: &str, k: usize, temperature: f64| LlmParams {
+            temperature,
+            top_p: opts.top_p,
+            max_tokens: opts.max_tokens,
+            seed: seed_of(opts.seed, &format!("{}/{polarity}/{k}", q.id)),
+        };
+        if opts.wanted.positive {
+            let prompt = qa_prompt(&q.text, &tables.text);
+            requests.push(Request {
+                question: qi,
+                polarity: Polarity::Positive,
+                error: None,
+                prompt,
+                params: params("positive", 0, opts.temperature_positive),
+            });
+        }
+        for k in 0..opts.wanted.negatives {
+            let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
+            let prompt = negative_prompt(&q.text, &tables.text, et);
+            requests.push(Request {
+                question: qi,
+                polarity: Polarity::Negative,
+                error: Some(et),
+                prompt,
+                params: params("negative", k, opts.temperature_negative),
+            });
+        }
+    }
+
+    let mut stats = LlmRunStats { requests: requests.len(), ..Default::default() };
+    let key = |r: &Request| CallKey {
+        backend: llm.backend().to_string(),
+        model: llm.model().to_string(),
+        prompt: r.prompt.clone(),
+        params: serde_json::to_value(&r.params).expect("params serialise"),
+    };
+    let mut completions: Vec<Option<Result<String, String>>> = Vec::with_capacity(requests.len());
+    for r in &requests {
+        let hit = cache.get(&key(r))?.and_then(|v| v.into_iter().next());
+        stats.cached += usize::from(hit.is_some());
+        completions.push(hit.map(Ok));
+    }
+    reporter.start((requests.len() - stats.cached) as u64, &format!("{}:{}", llm.backend(), llm.model()));
+    let missing: Vec<usize> = (0..requests.len()).filter(|&i| completions[i].is_none()).collect();
+    for chunk in missing.chunks(opts.chunk.max(1)) {
+        let prompts: Vec<String> = chunk.iter().map(|&i| requests[i].prompt.clone()).collect();
+        let params: Vec<LlmParams> = chunk.iter().map(|&i| requests[i].params.clone()).collect();
+        for (&i, result) in chunk.iter().zip(llm.complete(&prompts, &params)) {
+            if let Ok(text) = &result {
+                // Stored at once: a crash loses at most the calls in flight.
+                cache.put(&key(&requests[i]), std::slice::from_ref(text))?;
+            } else {
+                stats.failed += 1;
+            }
+            completions[i] = Some(result);
+        }
+        reporter.advance(chunk.len() as u64);
+    }
+    reporter.finish();
+
+    let generator = format!("{}:{}", llm.backend(), llm.model());
+    let mut positives_by_q: HashMap<usize, Vec<String>> = HashMap::new();
+    for (r, c) in requests.iter().zip(&completions) {
+        if let (Polarity::Positive, Some(Ok(t))) = (r.polarity, c) {
+            positives_by_q.entry(r.question).or_default().push(t.clone());
+        }
+    }
+    let mut traces = Vec::with_capacity(requests.len());
+    for (r, c) in requests.iter().zip(completions) {
+        let (gold, evidence, names) = &context[&r.question];
+        let (text, valid) = match c.expect("every request was answered") {
+            Ok(text) => {
+                let v = match r.polarity {
+                    Polarity::Positive => validate_positive(&text, gold),
+                    Polarity::Negative => validate_llm_negative(
+                        &text,
+                        gold,
+                        names,
+                        positives_by_q.get(&r.question).map_or(&[][..], |v| v),
+                    ),
+                };
+                (text, v)
+            }
+            Err(e) => (String::new(), Err(format!("generation failed: {e}"))),
+        };
+        traces.push(Trace {
+            question_id: questions[r.question].id.to_string(),
+            generator: generator.clone(),
+            polarity: r.polarity,
+            final_answer: extract_final_answer(&text),
+            faithfulness: faithfulness(&text, evidence),
+            valid: valid.is_ok(),
+            invalid_reason: valid.err(),
+            error_type: r.error,
+            text,
+            prompt: r.prompt.clone(),
+            params: serde_json::json!({"model": llm.model(), "backend": llm.backend(), "sampling": r.params}),
+        });
+    }
+    Ok((traces, stats))
+}
+
+fn validate_positive(text: &str, gold: &Answer) -> Result<(), String> {
+    match extract_final_answer(text) {
+        Some(a) if matches_gold(&a, gold) => Ok(()),
+        Some(a) => Err(format!("final answer {a:?} does not match gold {:?}", gold.to_line())),
+        None => Err("no final answer line".into()),
+    }
+}
+
+/// An LLM negative is valid when it has a final answer that does not match
+/// gold but is of the same kind (as many values, numbers where gold has
+/// numbers), names a real table or column, and copies no positive.
+fn validate_llm_negative(text: &str, gold: &Answer, names: &[String], positives: &[String]) -> Result<(), String> {
+    let a = extract_final_answer(text).ok_or("no final answer line")?;
+    if matches_gold(&a, gold) {
+        return Err("its final answer matches gold".into());
+    }
+    if positives.iter().any(|p| p == text) {
+        return Err("it copies a positive".into());
+    }
+    let lower = text.to_lowercase();
+    if !names.iter().any(|n| lower.contains(&n.to_lowercase())) {
+        return Err("it names no table or column".into());
+    }
+    let (pred, want) = (split_values(&a), gold.values());
+    let numeric = |v: &String| matches!(normalize(v), Norm::Number { .. });
+    if pred.len() != want.len() || pred.iter().zip(&want).any(|(p, g)| numeric(p) != numeric(g)) {
+        return Err(format!("its answer {a:?} is not of the same kind as gold {:?}", gold.to_line()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tabletrace_data::ResultSet;
+    use tabletrace_data::Value;
+
+    #[test]
+    fn llm_negatives_must_be_plausible() {
+        let gold = Answer::Table(ResultSet {
+            columns: vec!["Name".into(), "n".into()],
+            rows: vec![vec![Value::Text("Treasury".into()), Value::Real(231794.0)]],
+            n_rows: 1,
+            truncated: false,
+        });
+        let names = vec!["department".to_string(), "Name".to_string()];
+        let ok = "Step 1: look at department.\nFinal answer: Defense, 3000000";
+        assert!(validate_llm_negative(ok, &gold, &names, &[]).is_ok());
+        let same = "Step 1: look at department.\nFinal answer: Treasury, 231794";
+        assert!(validate_llm_negative(same, &gold, &names, &[]).unwrap_err().contains("matches gold"));
+        let kind = "Step 1: look at department.\nFinal answer: Defense";
+        assert!(validate_llm_negative(kind, &gold, &names, &[]).unwrap_err().contains("same kind"));
+        let unnamed = "Step 1: think.\nFinal answer: Defense, 3";
+        assert!(validate_llm_negative(unnamed, &gold, &names, &[]).unwrap_err().contains("names no table"));
+        assert!(validate_llm_negative(ok, &gold, &names, &[ok.to_string()]).unwrap_err().contains("copies"));
+        assert!(validate_positive("x\nFinal answer: treasury, 231,794", &gold).is_ok());
+    }
+}
