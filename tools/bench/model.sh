@@ -2,14 +2,14 @@
 # Benchmark of the model runtime on SmolLM2-135M, beside Hugging Face
 # transformers (f32) and llama.cpp (the same GGUF), measured in one run at the
 # same thread counts. Prints one JSON line per (implementation, threads) and a
-# table. Set-up of the peers: tools/bench/setup-peers.sh (once).
+# table. Set-up of the peers: scripts/setup-peers.sh (once).
 #   tools/bench/model.sh [THREADS...]   (default: 1 2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 home=${TABLETRACE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/tabletrace}
 gguf="$home/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
 scripts/fetch-models.sh smollm2-135m >/dev/null
-tools/bench/setup-peers.sh llama torch >/dev/null
+scripts/setup-peers.sh llama torch >/dev/null
 cargo build --release --locked -q -p tabletrace
 [ $# -gt 0 ] || set -- 1 2
 out=$(mktemp)

@@ -9,7 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tabletrace_data::{load, Polarity, Reporter, Trace};
 use tabletrace_model::{load_model, LoadOptions};
-use tabletrace_trace::{llm_traces, program_traces, CallCache, LlmRunOptions, LocalLlm, ProgramTracer, Wanted};
+use tabletrace_trace::{
+    llm_traces, parse_http_spec, program_traces, CallCache, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
+    ProgramTracer, Wanted,
+};
 
 use crate::progress::Bar;
 
@@ -47,6 +50,15 @@ pub struct TracesArgs {
     /// LLM new tokens per trace at most.
     #[arg(long, default_value_t = 384)]
     max_tokens: usize,
+    /// HTTP requests in flight at most (over all endpoints).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// HTTP time-out per request, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_s: u64,
+    /// Environment variable holding the HTTP API key (never logged).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    api_key_env: String,
     /// Run the embedded model on the GGUF's stored quantisation.
     #[arg(long)]
     quantized: bool,
@@ -69,8 +81,11 @@ pub struct TracesArgs {
 
 pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     for g in &a.generators {
-        if g != "program" && !g.starts_with("local:") {
-            bail!("generator {g:?} is not available (use program or local:MODEL; http: is not implemented yet)");
+        if g != "program" && !g.starts_with("local:") && !g.starts_with("http:") {
+            bail!("generator {g:?} is not available (use program, local:MODEL or http:URL[,URL…]#MODEL)");
+        }
+        if g.starts_with("http:") {
+            parse_http_spec(g).map_err(anyhow::Error::msg)?;
         }
     }
     let ds = load(&a.data, &tabletrace_data::LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
@@ -102,10 +117,24 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 }
             }
             bar.finish();
-        } else if let Some(spec) = g.strip_prefix("local:") {
-            let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
-            let model = load_model(spec, &opts).with_context(|| format!("loading model {spec}"))?;
-            let llm = LocalLlm { model, name: spec.to_string(), batch: a.batch };
+        } else {
+            let llm: Box<dyn Llm> = match g.strip_prefix("local:") {
+                Some(spec) => {
+                    let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
+                    let model = load_model(spec, &opts).with_context(|| format!("loading model {spec}"))?;
+                    Box::new(LocalLlm { model, name: spec.to_string(), batch: a.batch })
+                }
+                None => {
+                    let (endpoints, model) = parse_http_spec(g).map_err(anyhow::Error::msg)?;
+                    let opts = HttpOptions {
+                        concurrency: a.concurrency,
+                        timeout: std::time::Duration::from_secs(a.timeout_s),
+                        api_key_env: Some(a.api_key_env.clone()),
+                        ..HttpOptions::default()
+                    };
+                    Box::new(HttpLlm::new(endpoints, model, opts))
+                }
+            };
             let cache_path = a.cache.clone().unwrap_or_else(|| a.out.with_file_name("llm_cache.sqlite"));
             let cache = CallCache::open(&cache_path).map_err(anyhow::Error::msg)?;
             let run = LlmRunOptions {
@@ -116,9 +145,9 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 max_tokens: a.max_tokens,
                 seed: a.seed,
                 max_rows: 30,
-                chunk: a.batch * 4,
+                chunk: a.batch.max(a.concurrency) * 2,
             };
-            let (t, stats) = llm_traces(&ds.questions, &llm, &cache, &run, &bar).map_err(anyhow::Error::msg)?;
+            let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar).map_err(anyhow::Error::msg)?;
             eprintln!(
                 "{g}: {} requests, {} from the cache {}, {} failed",
                 stats.requests,
@@ -150,6 +179,11 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         a.out.display()
     );
     for g in &a.generators {
+        // The name traces carry: `http:MODEL` for an HTTP generator (endpoints are deployment detail).
+        let g = &match parse_http_spec(g) {
+            Ok((_, model)) => format!("http:{model}"),
+            Err(_) => g.clone(),
+        };
         for p in [Polarity::Positive, Polarity::Negative] {
             let ts: Vec<&Trace> = traces.iter().filter(|t| &t.generator == g && t.polarity == p).collect();
             if ts.is_empty() {

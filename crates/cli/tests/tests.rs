@@ -3,6 +3,7 @@
 
 mod chat;
 mod data;
+mod resume;
 mod traces;
 
 use std::path::PathBuf;

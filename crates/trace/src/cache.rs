@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
-/// The cache.
+/// The cache. It may be shared between threads (calls finishing on worker
+/// threads store their answers at once).
 pub struct CallCache {
-    conn: Connection,
+    conn: std::sync::Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -61,13 +62,18 @@ impl CallCache {
                 params TEXT NOT NULL, completions TEXT NOT NULL, created REAL NOT NULL)",
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(CallCache { conn, path: path.to_path_buf() })
+        Ok(CallCache { conn: std::sync::Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The cached completions of a call, if any.
     pub fn get(&self, key: &CallKey) -> Result<Option<Vec<String>>, String> {
         let row: Option<String> = self
-            .conn
+            .lock()
             .query_row("SELECT completions FROM calls WHERE key = ?1", [key.digest()], |r| r.get(0))
             .optional()
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
@@ -78,7 +84,7 @@ impl CallCache {
     /// Stores a call's completions (replacing any earlier entry).
     pub fn put(&self, key: &CallKey, completions: &[String]) -> Result<(), String> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        self.conn
+        self.lock()
             .execute(
                 "INSERT OR REPLACE INTO calls (key, backend, model, params, completions, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -96,7 +102,7 @@ impl CallCache {
 
     /// Entries stored.
     pub fn len(&self) -> usize {
-        self.conn.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get::<_, i64>(0)).unwrap_or(0) as usize
+        self.lock().query_row("SELECT COUNT(*) FROM calls", [], |r| r.get::<_, i64>(0)).unwrap_or(0) as usize
     }
 
     /// True when nothing is stored.

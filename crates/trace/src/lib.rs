@@ -13,6 +13,7 @@
 
 pub mod cache;
 mod generate;
+pub mod http;
 pub mod llm;
 pub mod pairs;
 mod perturb;
@@ -22,7 +23,8 @@ pub mod validate;
 
 pub use cache::{CallCache, CallKey};
 pub use generate::{error_types, gold_answer, program_traces, validate_negative, Wanted};
-pub use llm::{llm_traces, negative_prompt, Llm, LlmParams, LlmRunOptions, LlmRunStats, LocalLlm};
+pub use http::{parse_http_spec, HttpLlm, HttpOptions};
+pub use llm::{llm_traces, negative_prompt, Done, Llm, LlmParams, LlmRunOptions, LlmRunStats, LocalLlm};
 pub use pairs::{build_pairs, pair_json, qa_prompt, PairOptions, PairPolicy, PairReport};
 pub use perturb::{negatives, same_kind_but_wrong};
 pub use program::{answer_line, ProgramTrace, ProgramTracer, StepCache};

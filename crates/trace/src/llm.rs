@@ -29,14 +29,19 @@ pub struct LlmParams {
     pub seed: u64,
 }
 
+/// Called with a prompt's index and result as soon as it is answered.
+pub type Done<'a> = dyn Fn(usize, &Result<String, String>) + Sync + 'a;
+
 /// A text generator for trace prompts.
 pub trait Llm {
     /// The backend (`local`, `http`).
     fn backend(&self) -> &str;
     /// The model's name.
     fn model(&self) -> &str;
-    /// One completion per prompt (the user message), or the reason it failed.
-    fn complete(&self, prompts: &[String], params: &[LlmParams]) -> Vec<Result<String, String>>;
+    /// One completion per prompt (the user message), or the reason it
+    /// failed. `done(i, result)` is called as soon as prompt `i` is answered
+    /// (from any thread), so that callers can store it before the rest finish.
+    fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>>;
 }
 
 /// The embedded model on tabletrace's runtime, generating in batches.
@@ -58,8 +63,8 @@ impl Llm for LocalLlm {
         &self.name
     }
 
-    fn complete(&self, prompts: &[String], params: &[LlmParams]) -> Vec<Result<String, String>> {
-        let mut out = Vec::with_capacity(prompts.len());
+    fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>> {
+        let mut out: Vec<Result<String, String>> = Vec::with_capacity(prompts.len());
         // Rows of one batch share temperature, top-p and length; seeds are per row.
         let mut i = 0;
         while i < prompts.len() {
@@ -99,6 +104,9 @@ impl Llm for LocalLlm {
             }) {
                 Ok(gens) => out.extend(gens.into_iter().map(|g| Ok(g.text))),
                 Err(e) => out.extend((i..j).map(|_| Err(e.clone()))),
+            }
+            for (k, r) in out[i..j].iter().enumerate() {
+                done(i + k, r);
             }
             i = j;
         }
@@ -224,9 +232,10 @@ pub fn llm_traces(
     }
 
     let mut stats = LlmRunStats { requests: requests.len(), ..Default::default() };
+    let (backend, model) = (llm.backend().to_string(), llm.model().to_string());
     let key = |r: &Request| CallKey {
-        backend: llm.backend().to_string(),
-        model: llm.model().to_string(),
+        backend: backend.clone(),
+        model: model.clone(),
         prompt: r.prompt.clone(),
         params: serde_json::to_value(&r.params).expect("params serialise"),
     };
@@ -241,13 +250,22 @@ pub fn llm_traces(
     for chunk in missing.chunks(opts.chunk.max(1)) {
         let prompts: Vec<String> = chunk.iter().map(|&i| requests[i].prompt.clone()).collect();
         let params: Vec<LlmParams> = chunk.iter().map(|&i| requests[i].params.clone()).collect();
-        for (&i, result) in chunk.iter().zip(llm.complete(&prompts, &params)) {
-            if let Ok(text) = &result {
-                // Stored at once: a crash loses at most the calls in flight.
-                cache.put(&key(&requests[i]), std::slice::from_ref(text))?;
-            } else {
-                stats.failed += 1;
+        // Each answer is stored the moment it arrives: a crash loses at most
+        // the calls in flight.
+        let store_errors = std::sync::Mutex::new(Vec::new());
+        let store = |k: usize, r: &Result<String, String>| {
+            if let Ok(text) = r {
+                if let Err(e) = cache.put(&key(&requests[chunk[k]]), std::slice::from_ref(text)) {
+                    store_errors.lock().expect("lock").push(e);
+                }
             }
+        };
+        let results = llm.complete(&prompts, &params, &store);
+        if let Some(e) = store_errors.into_inner().expect("lock").into_iter().next() {
+            return Err(e);
+        }
+        for (&i, result) in chunk.iter().zip(results) {
+            stats.failed += usize::from(result.is_err());
             completions[i] = Some(result);
         }
         reporter.advance(chunk.len() as u64);

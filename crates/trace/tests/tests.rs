@@ -1,5 +1,6 @@
 //! Integration tests of the trace factory on the bundled sample and, when
 //! present, the full MMQA data.
 
+mod http;
 mod llm;
 mod program;

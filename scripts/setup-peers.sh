@@ -6,7 +6,7 @@
 #     native build dies with SIGILL); also the OpenAI-compatible test server.
 #   $TABLETRACE_HOME/venv-torch : torch, transformers, gguf, accelerate (and trl,
 #     peft for the trainer's references).
-# Usage: tools/bench/setup-peers.sh [llama] [torch]   (default: both)
+# Usage: scripts/setup-peers.sh [llama] [torch]   (default: both)
 set -euo pipefail
 home=${TABLETRACE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/tabletrace}
 [ $# -gt 0 ] || set -- llama torch

@@ -1,0 +1,190 @@
+//! OpenAI-compatible chat-completions backends (vLLM, SGLang, llama.cpp's
+//! server, Ollama, hosted APIs): several endpoints with load spreading,
+//! bounded concurrency, per-request time-outs, and retries with exponential
+//! backoff and jitter on 429, 5xx, time-outs and unreadable answers. The API
+//! key is read from an environment variable and never written anywhere.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::llm::{Done, Llm, LlmParams};
+
+/// Settings of an HTTP backend.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Requests in flight at most (over all endpoints). Default 8.
+    pub concurrency: usize,
+    /// Time-out of one request. Default 120 s.
+    pub timeout: Duration,
+    /// Retries after the first attempt. Default 4.
+    pub retries: u32,
+    /// First backoff; doubles each retry, plus up to 50% jitter. Default 0.5 s.
+    pub backoff: Duration,
+    /// Environment variable holding the API key, if any. Default `OPENAI_API_KEY`.
+    pub api_key_env: Option<String>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            concurrency: 8,
+            timeout: Duration::from_secs(120),
+            retries: 4,
+            backoff: Duration::from_millis(500),
+            api_key_env: Some("OPENAI_API_KEY".into()),
+        }
+    }
+}
+
+/// A model served over the OpenAI chat-completions API by one or more endpoints.
+pub struct HttpLlm {
+    endpoints: Vec<String>,
+    model: String,
+    opts: HttpOptions,
+    agent: ureq::Agent,
+    next_endpoint: AtomicUsize,
+}
+
+impl std::fmt::Debug for HttpLlm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpLlm").field("endpoints", &self.endpoints).field("model", &self.model).finish()
+    }
+}
+
+/// Splits `http:URL[,URL…]#MODEL` (the `--generator` form) into endpoints and model.
+pub fn parse_http_spec(spec: &str) -> Result<(Vec<String>, String), String> {
+    let rest = spec.strip_prefix("http:").ok_or_else(|| format!("{spec:?}: expected http:URL#MODEL"))?;
+    let (urls, model) = rest
+        .rsplit_once('#')
+        .ok_or_else(|| format!("{spec:?}: expected http:URL#MODEL (several URLs separated by commas)"))?;
+    let endpoints: Vec<String> =
+        urls.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
+    if endpoints.is_empty() || model.is_empty() {
+        return Err(format!("{spec:?}: expected http:URL#MODEL"));
+    }
+    for e in &endpoints {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(format!("endpoint {e:?} must start with http:// or https://"));
+        }
+    }
+    Ok((endpoints, model.to_string()))
+}
+
+impl HttpLlm {
+    /// A backend for `model` on these base URLs (`http://host:port` or `…/v1`).
+    pub fn new(endpoints: Vec<String>, model: String, opts: HttpOptions) -> HttpLlm {
+        let agent = ureq::AgentBuilder::new().timeout(opts.timeout).build();
+        HttpLlm { endpoints, model, opts, agent, next_endpoint: AtomicUsize::new(0) }
+    }
+
+    fn url(base: &str) -> String {
+        if base.ends_with("/v1") {
+            format!("{base}/chat/completions")
+        } else {
+            format!("{base}/v1/chat/completions")
+        }
+    }
+
+    /// One request with retries; the error names the endpoint and the last failure.
+    fn request(&self, prompt: &str, p: &LlmParams, jitter: &Mutex<u64>) -> Result<String, String> {
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "max_tokens": p.max_tokens,
+            "seed": p.seed,
+            "n": 1,
+        });
+        let key = self.opts.api_key_env.as_deref().and_then(|v| std::env::var(v).ok());
+        let mut last = String::new();
+        for attempt in 0..=self.opts.retries {
+            let base = &self.endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()];
+            let mut req = self.agent.post(&Self::url(base)).set("Content-Type", "application/json");
+            if let Some(k) = &key {
+                req = req.set("Authorization", &format!("Bearer {k}"));
+            }
+            let retry = match req.send_json(&body) {
+                Ok(resp) => match resp.into_json::<serde_json::Value>() {
+                    Ok(v) => match v.pointer("/choices/0/message/content").and_then(|c| c.as_str()) {
+                        Some(text) => return Ok(text.to_string()),
+                        None => {
+                            last = format!("{base}: the answer has no choices[0].message.content");
+                            true
+                        }
+                    },
+                    Err(e) => {
+                        last = format!("{base}: unreadable answer: {e}");
+                        true
+                    }
+                },
+                Err(ureq::Error::Status(code, resp)) => {
+                    let detail: String = resp.into_string().unwrap_or_default().chars().take(200).collect();
+                    last = format!("{base}: HTTP {code}: {detail}");
+                    code == 429 || code >= 500
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    last = format!("{base}: {t}");
+                    true
+                }
+            };
+            if !retry || attempt == self.opts.retries {
+                break;
+            }
+            let wait = self.opts.backoff * 2u32.pow(attempt);
+            let mut j = jitter.lock().expect("jitter lock");
+            *j = j.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let extra = wait.mul_f64(((*j >> 33) % 1000) as f64 / 2000.0);
+            drop(j);
+            std::thread::sleep(wait + extra);
+        }
+        Err(format!("failed after {} attempts: {last}", self.opts.retries + 1))
+    }
+}
+
+impl Llm for HttpLlm {
+    fn backend(&self) -> &str {
+        "http"
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>> {
+        let results: Vec<Mutex<Option<Result<String, String>>>> = prompts.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let jitter = Mutex::new(0x2545_F491_4F6C_DD1D);
+        std::thread::scope(|s| {
+            for _ in 0..self.opts.concurrency.clamp(1, prompts.len().max(1)) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= prompts.len() {
+                        break;
+                    }
+                    let r = self.request(&prompts[i], &params[i], &jitter);
+                    done(i, &r);
+                    *results[i].lock().expect("result lock") = Some(r);
+                });
+            }
+        });
+        results.into_iter().map(|m| m.into_inner().expect("result lock").expect("every request ran")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let (e, m) = parse_http_spec("http:http://127.0.0.1:8080,http://127.0.0.1:8081/#qwen").unwrap();
+        assert_eq!(e, vec!["http://127.0.0.1:8080", "http://127.0.0.1:8081"]);
+        assert_eq!(m, "qwen");
+        assert!(parse_http_spec("http:http://x").unwrap_err().contains("URL#MODEL"));
+        assert!(parse_http_spec("http:ftp://x#m").unwrap_err().contains("must start with http"));
+        assert_eq!(HttpLlm::url("http://h:1/v1"), "http://h:1/v1/chat/completions");
+        assert_eq!(HttpLlm::url("http://h:1"), "http://h:1/v1/chat/completions");
+    }
+}

@@ -1,0 +1,105 @@
+//! The HTTP backend against small servers on 127.0.0.1 that misbehave on
+//! purpose: errors are retried, garbage is retried, failures are recorded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tabletrace_trace::{HttpLlm, HttpOptions, Llm, LlmParams};
+
+/// Serves `script[i]` as the i-th answer (status, body), then the last one forever.
+fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let i = counter.fetch_add(1, Ordering::SeqCst);
+            let (status, text) = script[i.min(script.len() - 1)].clone();
+            let resp = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+            let _ = stream.write_all(resp.as_bytes());
+        }
+    });
+    (addr, hits)
+}
+
+fn ok(text: &str) -> (u16, String) {
+    (200, serde_json::json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string())
+}
+
+fn params() -> Vec<LlmParams> {
+    vec![LlmParams { temperature: 0.0, top_p: 1.0, max_tokens: 8, seed: 1 }]
+}
+
+fn opts() -> HttpOptions {
+    HttpOptions {
+        concurrency: 2,
+        timeout: Duration::from_secs(5),
+        retries: 3,
+        backoff: Duration::from_millis(10),
+        api_key_env: None,
+    }
+}
+
+#[test]
+fn server_errors_and_garbage_are_retried() {
+    let (addr, hits) =
+        server(vec![(500, "{}".into()), (429, "{}".into()), (200, "not json".into()), ok("Final answer: 4")]);
+    let llm = HttpLlm::new(vec![addr], "m".into(), opts());
+    let out = llm.complete(&["2+2?".into()], &params(), &|_, _| {});
+    assert_eq!(out[0].as_deref(), Ok("Final answer: 4"));
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn client_errors_fail_at_once_and_persistent_failures_are_recorded() {
+    let (addr, hits) = server(vec![(400, "{\"error\": \"bad model\"}".into())]);
+    let llm = HttpLlm::new(vec![addr], "m".into(), opts());
+    let out = llm.complete(&["x".into()], &params(), &|_, _| {});
+    let e = out[0].as_ref().unwrap_err();
+    assert!(e.contains("HTTP 400") && e.contains("bad model"), "{e}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "a 400 is not retried");
+
+    let (addr, hits) = server(vec![(503, "{}".into())]);
+    let llm = HttpLlm::new(vec![addr], "m".into(), opts());
+    let e = llm.complete(&["x".into()], &params(), &|_, _| {}).remove(0).unwrap_err();
+    assert!(e.contains("failed after 4 attempts") && e.contains("HTTP 503"), "{e}");
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn a_server_that_is_down_is_a_recorded_failure() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // bound, then closed
+    let llm = HttpLlm::new(vec![format!("http://127.0.0.1:{port}")], "m".into(), HttpOptions { retries: 1, ..opts() });
+    let e = llm.complete(&["x".into()], &params(), &|_, _| {}).remove(0).unwrap_err();
+    assert!(e.contains("failed after 2 attempts"), "{e}");
+}
+
+#[test]
+fn requests_spread_over_endpoints() {
+    let (a, hits_a) = server(vec![ok("a")]);
+    let (b, hits_b) = server(vec![ok("b")]);
+    let llm = HttpLlm::new(vec![a, b], "m".into(), opts());
+    let prompts: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+    let out = llm.complete(&prompts, &vec![params()[0].clone(); 6], &|_, _| {});
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(hits_a.load(Ordering::SeqCst), 3);
+    assert_eq!(hits_b.load(Ordering::SeqCst), 3);
+}
