@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,7 @@ fn start_server() -> (Server, u16) {
     panic!("the llama.cpp server did not answer on port {port} within 120 s");
 }
 
-fn traces_cmd(port: u16, out: &PathBuf) -> Command {
+fn traces_cmd(port: u16, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tabletrace"));
     c.current_dir(root()).args([
         "traces",
