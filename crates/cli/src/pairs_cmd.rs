@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tabletrace_data::{approx_tokens, load, render_tables, Budget, LoadOptions, RowFormat, TableDb, Trace};
-use tabletrace_trace::{build_pairs, pair_json, qa_prompt, PairOptions, PairPolicy};
+use tabletrace_trace::{build_pairs, pair_json, PairOptions, PairPolicy, PromptTemplates};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PolicyArg {
@@ -44,6 +44,16 @@ pub struct PairsArgs {
     /// Table rows shown per table in the prompt at most.
     #[arg(long, default_value_t = 30)]
     max_rows: usize,
+    /// A folder with `positive.jinja` replacing the built-in prompt.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Drop pairs whose prompt plus chosen or rejected trace is longer than
+    /// this many tokens of --tokenizer's model (reported).
+    #[arg(long, requires = "tokenizer")]
+    max_length: Option<usize>,
+    /// The target model whose tokenizer measures --max-length.
+    #[arg(long)]
+    tokenizer: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = PairFormat::Standard)]
     format: PairFormat,
@@ -73,19 +83,54 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
     let ds = load(&a.data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", a.data.display()))?;
     let wanted: std::collections::HashSet<&str> = traces.iter().map(|t| t.question_id.as_str()).collect();
+    let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
     let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: None };
     let mut prompts = HashMap::new();
     for q in ds.questions.iter().filter(|q| wanted.contains(q.id.0.as_str())) {
         let db = TableDb::open(&q.tables).map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
         let tables = render_tables(&db, q, RowFormat::Markdown, &budget, &approx_tokens)
             .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
-        prompts.insert(q.id.0.clone(), qa_prompt(&q.text, &tables.text));
+        prompts.insert(q.id.0.clone(), templates.positive(&q.text, &tables.text));
     }
     let policy = match a.policy {
         PolicyArg::Heterogeneous => PairPolicy::Heterogeneous,
         PolicyArg::Homogeneous => PairPolicy::Homogeneous,
     };
-    let (pairs, report) = build_pairs(&traces, &prompts, &PairOptions { policy, max_per_question: a.max_per_question });
+    let (mut pairs, mut report) =
+        build_pairs(&traces, &prompts, &PairOptions { policy, max_per_question: a.max_per_question });
+    if let (Some(max), Some(spec)) = (a.max_length, &a.tokenizer) {
+        // Only the tokenizer is needed; loading the model gives it with its chat template.
+        let m = tabletrace_model::load_model(spec, &Default::default()).with_context(|| format!("loading {spec}"))?;
+        let len = |prompt: &str, completion: &str| -> anyhow::Result<usize> {
+            let p = m
+                .tokenizer
+                .apply_chat_template(&[tabletrace_model::ChatMessage::new("user", prompt)], true)
+                .unwrap_or_else(|_| prompt.to_string());
+            Ok(m.tokenizer.encode(&p, true)?.len() + m.tokenizer.encode(completion, false)?.len() + 1)
+        };
+        let before = pairs.len();
+        let mut kept = Vec::with_capacity(pairs.len());
+        for p in pairs {
+            if len(&p.prompt, &p.chosen)? <= max && len(&p.prompt, &p.rejected)? <= max {
+                kept.push(p);
+            }
+        }
+        pairs = kept;
+        let dropped = before - pairs.len();
+        if dropped > 0 {
+            report.dropped.insert(format!("pairs longer than {max} tokens of {spec}"), dropped);
+        }
+        // The counts describe the pairs kept.
+        report.pairs = pairs.len();
+        let mut qs: Vec<&str> = pairs.iter().map(|p| p.metadata.question_id.as_str()).collect();
+        qs.sort();
+        qs.dedup();
+        report.questions_with_pairs = qs.len();
+        report.error_types.clear();
+        for e in pairs.iter().filter_map(|p| p.metadata.error_type) {
+            *report.error_types.entry(e.to_string()).or_default() += 1;
+        }
+    }
     let tmp = a.out.with_extension("jsonl.tmp");
     {
         let mut f = std::io::BufWriter::new(
@@ -116,7 +161,7 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
         );
     }
     for (why, n) in &report.dropped {
-        eprintln!("  dropped {n} questions: {why}");
+        eprintln!("  dropped {n} {why}");
     }
     if !report.error_types.is_empty() {
         let h: Vec<String> = report.error_types.iter().map(|(e, n)| format!("{e} {n}")).collect();

@@ -11,7 +11,7 @@ use tabletrace_data::{load, Polarity, Reporter, Trace};
 use tabletrace_model::{load_model, LoadOptions};
 use tabletrace_trace::{
     llm_traces, parse_http_spec, program_traces, CallCache, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
-    ProgramTracer, Wanted,
+    ProgramTracer, PromptTemplates, Wanted,
 };
 
 use crate::progress::Bar;
@@ -71,6 +71,9 @@ pub struct TracesArgs {
     /// Seed for choosing perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A folder with `positive.jinja` / `negative.jinja` replacing the built-in prompts.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
     /// Trace only the first N questions (in file order).
     #[arg(long)]
     limit: Option<usize>,
@@ -98,6 +101,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         positive: a.polarity != PolarityArg::Negative,
         negatives: if a.polarity == PolarityArg::Positive { 0 } else { a.negatives },
     };
+    let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
     let tracer = ProgramTracer::default();
     let bar = Bar::new(quiet);
     let start = Instant::now();
@@ -146,6 +150,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 seed: a.seed,
                 max_rows: 30,
                 chunk: a.batch.max(a.concurrency) * 2,
+                templates: templates.clone(),
             };
             let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar).map_err(anyhow::Error::msg)?;
             eprintln!(

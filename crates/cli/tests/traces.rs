@@ -40,3 +40,43 @@ fn unknown_generator_is_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("generator \"gpt9\""), "{}", stderr(&o));
 }
+
+#[test]
+fn pairs_from_program_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces.jsonl");
+    let o =
+        tabletrace(&["traces", "--data", "data/sample/mmqa/mmqa_three_table.jsonl", "--out", traces.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pairs = dir.path().join("pairs.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["pairs", "--traces", traces.to_str().unwrap(), "--data", "data/sample/mmqa/mmqa_three_table.jsonl"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", pairs.to_str().unwrap()]);
+        let o = tabletrace(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines: Vec<serde_json::Value> =
+            std::fs::read_to_string(&pairs).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (lines, stderr(&o))
+    };
+    // One generator: the heterogeneous default pairs nothing, and says why.
+    let (lines, err) = run(&[]);
+    assert!(lines.is_empty());
+    assert!(err.contains("questions without a positive and a negative from different generators"), "{err}");
+    let (lines, _) = run(&["--policy", "homogeneous", "--max-per-question", "2"]);
+    assert!(lines.len() > 100);
+    for l in &lines {
+        assert!(l["prompt"].as_str().unwrap().contains("Question:"));
+        assert_ne!(l["chosen"], l["rejected"]);
+        assert_eq!(l["metadata"]["chosen_generator"], "program");
+        assert!(l["metadata"]["error_type"].is_string());
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("pairs.report.json")).unwrap()).unwrap();
+    assert_eq!(report["pairs"], lines.len());
+    let (conv, _) = run(&["--policy", "homogeneous", "--format", "conversational"]);
+    assert_eq!(conv[0]["chosen"][0]["role"], "assistant");
+    let (short, err) = run(&["--policy", "homogeneous", "--max-length", "800", "--tokenizer", "smollm2-135m"]);
+    assert!(short.len() < conv.len() && err.contains("pairs longer than 800 tokens"), "{err}");
+}

@@ -18,6 +18,7 @@ pub mod llm;
 pub mod pairs;
 mod perturb;
 mod program;
+pub mod prompts;
 mod sql;
 pub mod validate;
 
@@ -28,5 +29,6 @@ pub use llm::{llm_traces, negative_prompt, Done, Llm, LlmParams, LlmRunOptions, 
 pub use pairs::{build_pairs, pair_json, qa_prompt, PairOptions, PairPolicy, PairReport};
 pub use perturb::{negatives, same_kind_but_wrong};
 pub use program::{answer_line, ProgramTrace, ProgramTracer, StepCache};
+pub use prompts::PromptTemplates;
 pub use sql::parse_query;
 pub use validate::{extract_final_answer, faithfulness, matches_gold, Evidence};

@@ -12,8 +12,8 @@ use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Samp
 
 use crate::cache::{CallCache, CallKey};
 use crate::generate::{gold_answer, Wanted};
-use crate::pairs::qa_prompt;
 use crate::program::{ProgramTracer, StepCache};
+use crate::prompts::PromptTemplates;
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
 
 /// Sampling parameters of one request.
@@ -114,13 +114,10 @@ impl Llm for LocalLlm {
     }
 }
 
-/// The prompt asking for a convincing trace with one error of a given type.
+/// The prompt asking for a convincing trace with one error of a given type
+/// (built-in template).
 pub fn negative_prompt(question: &str, tables: &str, error: ErrorType) -> String {
-    format!(
-        "{}\n\nWrite a convincing step-by-step solution that contains exactly one subtle mistake: {}. Do not mention the mistake. End with a line \"Final answer: ...\" giving the answer the mistaken reasoning leads to.",
-        qa_prompt(question, tables),
-        error.describe()
-    )
+    PromptTemplates::default().negative(question, tables, error)
 }
 
 /// Options of an LLM trace run.
@@ -142,6 +139,8 @@ pub struct LlmRunOptions {
     pub max_rows: usize,
     /// Requests per generator call.
     pub chunk: usize,
+    /// The prompt templates.
+    pub templates: PromptTemplates,
 }
 
 struct Request {
@@ -209,7 +208,7 @@ pub fn llm_traces(
             seed: seed_of(opts.seed, &format!("{}/{polarity}/{k}", q.id)),
         };
         if opts.wanted.positive {
-            let prompt = qa_prompt(&q.text, &tables.text);
+            let prompt = opts.templates.positive(&q.text, &tables.text);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
@@ -220,7 +219,7 @@ pub fn llm_traces(
         }
         for k in 0..opts.wanted.negatives {
             let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
-            let prompt = negative_prompt(&q.text, &tables.text, et);
+            let prompt = opts.templates.negative(&q.text, &tables.text, et);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,

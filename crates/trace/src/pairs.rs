@@ -95,7 +95,7 @@ pub fn build_pairs(
     for (qid, ts) in by_question {
         let mut drop = |why: &str| *report.dropped.entry(why.to_string()).or_default() += 1;
         let Some(prompt) = prompts.get(qid) else {
-            drop("question not in the dataset");
+            drop("questions not in the dataset");
             continue;
         };
         let unique = |p: Polarity| {
@@ -108,11 +108,11 @@ pub fn build_pairs(
         let positives = unique(Polarity::Positive);
         let mut negatives = unique(Polarity::Negative);
         if positives.is_empty() {
-            drop("no valid positive");
+            drop("questions without a valid positive");
             continue;
         }
         if negatives.is_empty() {
-            drop("no valid negative");
+            drop("questions without a valid negative");
             continue;
         }
         // Distinct error types first: each type's first trace, then the rest.
@@ -156,8 +156,8 @@ pub fn build_pairs(
         }
         if made == 0 {
             drop(match opts.policy {
-                PairPolicy::Heterogeneous => "no positive and negative from different generators",
-                PairPolicy::Homogeneous => "no positive and negative from the same generator",
+                PairPolicy::Heterogeneous => "questions without a positive and a negative from different generators",
+                PairPolicy::Homogeneous => "questions without a positive and a negative from the same generator",
             });
         } else {
             report.questions_with_pairs += 1;
@@ -187,12 +187,10 @@ pub fn pair_json(p: &PreferencePair, conversational: bool) -> serde_json::Value 
     }
 }
 
-/// The training prompt for a question: its tables, the question, and how to
-/// answer. Positives, negatives and evaluation all use this wording.
+/// The training prompt for a question with the built-in template (see
+/// [`PromptTemplates`](crate::PromptTemplates) for user templates).
 pub fn qa_prompt(question: &str, tables: &str) -> String {
-    format!(
-        "You are given the following tables.\n\n{tables}\nQuestion: {question}\n\nReason step by step over the tables, then give the answer on a last line that starts with \"Final answer:\"."
-    )
+    crate::prompts::PromptTemplates::default().positive(question, tables)
 }
 
 #[cfg(test)]
@@ -233,7 +231,7 @@ mod tests {
         let (pairs, report) = build_pairs(&ts, &prompts, &PairOptions::default());
         assert_eq!(pairs.len(), 2);
         assert!(pairs.iter().all(|p| p.metadata.chosen_generator != p.metadata.rejected_generator));
-        assert_eq!(report.dropped.get("no valid negative"), Some(&1));
+        assert_eq!(report.dropped.get("questions without a valid negative"), Some(&1));
         let homo = PairOptions { policy: PairPolicy::Homogeneous, ..PairOptions::default() };
         let (pairs, _) = build_pairs(&ts, &prompts, &homo);
         assert_eq!(pairs.len(), 2);

@@ -30,6 +30,7 @@ fn local_generator_records_caches_and_resumes() {
         seed: 1,
         max_rows: 5,
         chunk: 4,
+        templates: Default::default(),
     };
     let (traces, stats) = llm_traces(&qs, &llm, &cache, &opts, &Silent).unwrap();
     assert_eq!(stats.requests, 4);
