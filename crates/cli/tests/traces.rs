@@ -18,7 +18,7 @@ fn program_traces_have_the_documented_fields() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("positives"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("program                  positive"), "{}", stderr(&o));
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.len() > 100);
