@@ -269,10 +269,12 @@ fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The path, cut to its last 47 characters behind an ellipsis when longer than 48.
 fn short(p: &Path) -> String {
     let s = p.display().to_string();
-    if s.len() > 48 {
-        format!("…{}", &s[s.len() - 47..])
+    let n = s.chars().count();
+    if n > 48 {
+        format!("…{}", s.chars().skip(n - 47).collect::<String>())
     } else {
         s
     }

@@ -105,14 +105,14 @@ pub fn render_tables(
     let column_lines: Vec<String> = schema
         .tables
         .iter()
-        .map(|t| render_row(format, &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>(), true))
+        .map(|t| render_row(format, &t.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>()))
         .collect();
     let row_texts: Vec<Vec<String>> = candidates
         .iter()
         .map(|c| {
             c.rows
                 .iter()
-                .map(|(_, _, r)| render_row(format, &r.iter().map(Value::to_string).collect::<Vec<_>>(), false))
+                .map(|(_, _, r)| render_row(format, &r.iter().map(Value::to_string).collect::<Vec<_>>()))
                 .collect()
         })
         .collect();
@@ -236,7 +236,7 @@ fn table_header(schema: &Database, table: &crate::table::Table, hints: &KeyHints
     s
 }
 
-fn render_row(format: RowFormat, cells: &[String], _header: bool) -> String {
+fn render_row(format: RowFormat, cells: &[String]) -> String {
     match format {
         RowFormat::Markdown => {
             let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|").replace(['\n', '\r'], " ")).collect();
