@@ -54,19 +54,25 @@ pub fn tables_of(from: &[TableWithJoins]) -> Vec<TableUse> {
     out
 }
 
+/// The constraint of the join kinds that have one (`&` or `&mut`, by match ergonomics).
+macro_rules! join_constraint {
+    ($op:expr) => {
+        match $op {
+            JoinOperator::Join(c)
+            | JoinOperator::Inner(c)
+            | JoinOperator::Left(c)
+            | JoinOperator::LeftOuter(c)
+            | JoinOperator::Right(c)
+            | JoinOperator::RightOuter(c)
+            | JoinOperator::FullOuter(c) => Some(c),
+            _ => None,
+        }
+    };
+}
+
 /// The ON condition of a join, if it has one.
 pub fn join_condition(join: &Join) -> Option<&Expr> {
-    let c = match &join.join_operator {
-        JoinOperator::Join(c)
-        | JoinOperator::Inner(c)
-        | JoinOperator::Left(c)
-        | JoinOperator::LeftOuter(c)
-        | JoinOperator::Right(c)
-        | JoinOperator::RightOuter(c)
-        | JoinOperator::FullOuter(c) => c,
-        _ => return None,
-    };
-    match c {
+    match join_constraint!(&join.join_operator)? {
         JoinConstraint::On(e) => Some(e),
         _ => None,
     }
@@ -74,17 +80,7 @@ pub fn join_condition(join: &Join) -> Option<&Expr> {
 
 /// Mutable access to a join's ON condition.
 pub fn join_condition_mut(join: &mut Join) -> Option<&mut Expr> {
-    let c = match &mut join.join_operator {
-        JoinOperator::Join(c)
-        | JoinOperator::Inner(c)
-        | JoinOperator::Left(c)
-        | JoinOperator::LeftOuter(c)
-        | JoinOperator::Right(c)
-        | JoinOperator::RightOuter(c)
-        | JoinOperator::FullOuter(c) => c,
-        _ => return None,
-    };
-    match c {
+    match join_constraint!(&mut join.join_operator)? {
         JoinConstraint::On(e) => Some(e),
         _ => None,
     }
