@@ -71,13 +71,13 @@ pub fn f32_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
             // loaded once for eight (four) FMAs, and streamed from memory once.
             while i + 8 <= m {
                 // SAFETY: the CPU has AVX2, FMA and F16C (checked above); k % 8 == 0.
-                let r = unsafe { avx::dot_f32_x8(wj, &x[i * k..(i + 8) * k], k) };
+                let r = unsafe { avx::dot_f32_rows::<8>(wj, &x[i * k..(i + 8) * k], k) };
                 out[i..i + 8].copy_from_slice(&r);
                 i += 8;
             }
             while i + 4 <= m {
                 // SAFETY: the CPU has AVX2, FMA and F16C (checked above); k % 8 == 0.
-                let r = unsafe { avx::dot_f32_x4(wj, &x[i * k..(i + 4) * k], k) };
+                let r = unsafe { avx::dot_f32_rows::<4>(wj, &x[i * k..(i + 4) * k], k) };
                 out[i..i + 4].copy_from_slice(&r);
                 i += 4;
             }
@@ -297,12 +297,13 @@ mod avx {
         hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
     }
 
-    /// Dot products of one f32 row with four consecutive rows of `x`
-    /// (`4 * k` values), `k` a multiple of 8.
+    /// Dot products of one f32 row with `R` consecutive rows of `x`
+    /// (`R * k` values), `k` a multiple of 8: the weight vector is loaded
+    /// once for `R` FMAs.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f32_x4(w: &[f32], x: &[f32], k: usize) -> [f32; 4] {
+    pub unsafe fn dot_f32_rows<const R: usize>(w: &[f32], x: &[f32], k: usize) -> [f32; R] {
         let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [_mm256_setzero_ps(); R];
         let mut c = 0;
         while c + 8 <= k {
             let wv = _mm256_loadu_ps(pw.add(c));
@@ -311,23 +312,7 @@ mod avx {
             }
             c += 8;
         }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-    }
-
-    /// Dot products of one f32 row with eight consecutive rows of `x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f32_x8(w: &[f32], x: &[f32], k: usize) -> [f32; 8] {
-        let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut c = 0;
-        while c + 8 <= k {
-            let wv = _mm256_loadu_ps(pw.add(c));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(r * k + c)), *acc);
-            }
-            c += 8;
-        }
-        let mut out = [0f32; 8];
+        let mut out = [0f32; R];
         for (o, a) in out.iter_mut().zip(acc) {
             *o = hsum(a);
         }

@@ -36,13 +36,7 @@ pub fn program_traces(q: &Question, tracer: &ProgramTracer, wanted: Wanted, seed
     let cache = StepCache::default();
     let positive = tracer.trace(&db, sql, &cache)?;
     // What a trace may cite: table cells, schema names and the question's words.
-    let mut table_evidence: Evidence = table_values(&db).into_iter().collect();
-    for name in schema_names(&db) {
-        table_evidence.add(&name);
-    }
-    for word in q.text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '?' | '(' | ')')) {
-        table_evidence.add(word);
-    }
+    let (table_evidence, schema_names) = question_evidence(q, &db);
     let mut out = Vec::new();
     let record = |t: &ProgramTrace, polarity: Polarity, valid: Result<(), String>| {
         let mut evidence = table_evidence.clone();
@@ -76,7 +70,6 @@ pub fn program_traces(q: &Question, tracer: &ProgramTracer, wanted: Wanted, seed
             Answer::Table(rs) => rs.clone(),
             Answer::Text { .. } => return Ok(out),
         };
-        let schema_names = schema_names(&db);
         for t in negatives(tracer, &db, &gold_rs, &positive, wanted.negatives, seed, &cache) {
             let valid = validate_negative(&t, &gold, &gold_rs, &positive, &schema_names);
             out.push(record(&t, Polarity::Negative, valid));
@@ -112,30 +105,27 @@ pub fn validate_negative(
     Ok(())
 }
 
-fn schema_names(db: &TableDb) -> Vec<String> {
-    db.schema()
-        .map(|s| {
-            s.tables
-                .iter()
-                .flat_map(|t| std::iter::once(t.name.clone()).chain(t.columns.iter().map(|c| c.name.clone())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Cell values of the question's tables (up to 5,000 per table), as evidence.
-fn table_values(db: &TableDb) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(schema) = db.schema() else { return out };
+/// What any trace of a question may cite — cell values of its tables (up
+/// to 5,000 rows a table, so memory stays bounded), table and column names,
+/// and the question's words — with the table and column names themselves.
+pub(crate) fn question_evidence(q: &Question, db: &TableDb) -> (Evidence, Vec<String>) {
+    let Ok(schema) = db.schema() else { return (Evidence::default(), Vec::new()) };
+    let names: Vec<String> = schema
+        .tables
+        .iter()
+        .flat_map(|t| std::iter::once(t.name.clone()).chain(t.columns.iter().map(|c| c.name.clone())))
+        .collect();
+    let mut evidence: Evidence = names.iter().collect();
     for t in &schema.tables {
         let mut n = 0;
         let _ = db.scan(&t.name, |row| {
-            out.extend(row.iter().filter(|v| !matches!(v, Value::Null)).map(Value::to_string));
+            row.iter().filter(|v| !matches!(v, Value::Null)).for_each(|v| evidence.add(&v.to_string()));
             n += 1;
             n < 5_000
         });
     }
-    out
+    q.text.split_whitespace().for_each(|w| evidence.add(w.trim_matches(|c: char| !c.is_alphanumeric())));
+    (evidence, names)
 }
 
 /// Which error types a set of traces covers (for reports).

@@ -11,7 +11,7 @@ use tabletrace_data::{
 use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Sampling};
 
 use crate::cache::{CallCache, CallKey};
-use crate::generate::{gold_answer, Wanted};
+use crate::generate::{gold_answer, question_evidence, Wanted};
 use crate::program::{ProgramTracer, StepCache};
 use crate::prompts::PromptTemplates;
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
@@ -183,20 +183,7 @@ pub fn llm_traces(
         let Ok(gold) = gold_answer(q, &db, &tracer) else { continue };
         let Ok(tables) = render_tables(&db, q, RowFormat::Markdown, &budget, &approx_tokens) else { continue };
         // Evidence: the tables, schema names, the question, and the gold SQL's executed steps.
-        let schema = db.schema().map_err(|f| f.message)?;
-        let names: Vec<String> = schema
-            .tables
-            .iter()
-            .flat_map(|t| std::iter::once(t.name.clone()).chain(t.columns.iter().map(|c| c.name.clone())))
-            .collect();
-        let mut evidence: Evidence = names.iter().collect();
-        for t in &schema.tables {
-            let _ = db.scan(&t.name, |row| {
-                row.iter().for_each(|v| evidence.add(&v.to_string()));
-                true
-            });
-        }
-        q.text.split_whitespace().for_each(|w| evidence.add(w.trim_matches(|c: char| !c.is_alphanumeric())));
+        let (mut evidence, names) = question_evidence(q, &db);
         if let Some(t) = q.gold_sql.as_deref().and_then(|sql| tracer.trace(&db, sql, &StepCache::default()).ok()) {
             t.evidence.iter().for_each(|e| evidence.add(e));
         }
