@@ -37,6 +37,9 @@ impl Reporter for Bar {
     fn advance(&self, n: u64) {
         self.bar.inc(n);
     }
+    fn message(&self, text: &str) {
+        self.bar.set_message(text.to_string());
+    }
     fn finish(&self) {
         self.bar.finish_and_clear();
     }

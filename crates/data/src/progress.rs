@@ -6,6 +6,8 @@ pub trait Reporter {
     fn start(&self, _total: u64, _label: &str) {}
     /// `n` more items are done.
     fn advance(&self, _n: u64) {}
+    /// A short status beside the bar (the latest loss).
+    fn message(&self, _text: &str) {}
     /// The stage ended.
     fn finish(&self) {}
 }

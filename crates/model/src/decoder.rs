@@ -48,6 +48,96 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// The seven projections of a decoder layer, by their Hugging Face names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Proj {
+    /// `self_attn.q_proj`
+    #[serde(rename = "q_proj")]
+    Q,
+    /// `self_attn.k_proj`
+    #[serde(rename = "k_proj")]
+    K,
+    /// `self_attn.v_proj`
+    #[serde(rename = "v_proj")]
+    V,
+    /// `self_attn.o_proj`
+    #[serde(rename = "o_proj")]
+    O,
+    /// `mlp.gate_proj`
+    #[serde(rename = "gate_proj")]
+    Gate,
+    /// `mlp.up_proj`
+    #[serde(rename = "up_proj")]
+    Up,
+    /// `mlp.down_proj`
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl Proj {
+    /// All seven, in checkpoint order.
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The module's short name (`q_proj`, …, `down_proj`), as PEFT's `target_modules` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// The module's path inside a layer (`self_attn.q_proj`, `mlp.down_proj`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Parses a short name.
+    pub fn from_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// Something that adds to a projection's output: a LoRA adapter. The base
+/// weights stay frozen; what the adapter returns is differentiable in its
+/// own variables.
+pub trait Adapter {
+    /// The term added to projection `proj` of layer `layer` for input `x`
+    /// `(.., in)`, shaped `(.., out)`; `None` where the adapter has nothing.
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>>;
+}
+
+/// The adapter of one layer, if any.
+#[derive(Clone, Copy)]
+struct LayerAdapter<'a> {
+    adapter: &'a dyn Adapter,
+    layer: usize,
+}
+
+impl LayerAdapter<'_> {
+    fn add(this: Option<Self>, proj: Proj, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        match this {
+            Some(a) => match a.adapter.delta(a.layer, proj, x)? {
+                Some(d) => Ok((y + d)?),
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+}
+
 /// Projections of the same input (q, k, v; gate, up), run as one product
 /// when their weights stack (same storage kind), else one by one.
 struct Projections {
@@ -65,8 +155,9 @@ impl Projections {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.fused {
+    /// The projections of `x`, each plus the adapter's term for `kinds[i]`.
+    fn forward(&self, x: &Tensor, kinds: &[Proj], adapter: Option<LayerAdapter>) -> Result<Vec<Tensor>> {
+        let base: Vec<Tensor> = match &self.fused {
             Some(f) => {
                 let y = f.forward(x)?;
                 let mut at = 0;
@@ -77,10 +168,11 @@ impl Projections {
                         at += n;
                         Ok(part?)
                     })
-                    .collect()
+                    .collect::<Result<_>>()?
             }
-            None => self.parts.iter().map(|p| p.forward(x)).collect(),
-        }
+            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+        };
+        base.into_iter().zip(kinds).map(|(y, &k)| LayerAdapter::add(adapter, k, x, y)).collect()
     }
 }
 
@@ -263,12 +355,19 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &RopeAt, mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        adapter: Option<LayerAdapter>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads =
             |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let mut qkv = self.qkv.forward(x, &[Proj::Q, Proj::K, Proj::V], adapter)?.into_iter();
         let mut next = || qkv.next().expect("three projections");
         let mut q = heads(next(), h)?; // (B, H, T, D)
         let mut k = heads(next(), kv)?; // (B, KV, T, D)
@@ -301,7 +400,7 @@ impl Attention {
         let probs = ops::softmax_last(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?; // (B, KV, G*T, D)
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+        LayerAdapter::add(adapter, Proj::O, &out, self.o_proj.forward(&out)?)
     }
 }
 
@@ -312,10 +411,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
+    fn forward(&self, x: &Tensor, adapter: Option<LayerAdapter>) -> Result<Tensor> {
+        let gate_up = self.gate_up.forward(x, &[Proj::Gate, Proj::Up], adapter)?;
         let (gate, up) = (&gate_up[0], &gate_up[1]);
-        self.down_proj.forward(&(gate.silu()? * up)?)
+        let act = (gate.silu()? * up)?;
+        LayerAdapter::add(adapter, Proj::Down, &act, self.down_proj.forward(&act)?)
     }
 }
 
@@ -526,8 +626,67 @@ impl Model {
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
-        mut cache: Option<&mut Cache>,
+        cache: Option<&mut Cache>,
         last_only: bool,
+    ) -> Result<Tensor> {
+        let h = self.run(ids, positions, mask, cache, None)?;
+        let t = h.dim(1)?;
+        let h = if last_only { h.narrow(1, t - 1, 1)? } else { h };
+        let logits = self.lm_head.forward(&h)?;
+        let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
+        Ok(if last_only { logits.squeeze(1)? } else { logits })
+    }
+
+    /// The final hidden states `(B, T, hidden)` (after the last norm, before
+    /// the output layer), with an optional adapter on the projections. For
+    /// training: pair with [`Model::output_weight`] and
+    /// [`ops::token_logprobs`] to score tokens without materialising the
+    /// logits. Arguments as in [`Model::forward`], without a cache.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        adapter: Option<&dyn Adapter>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, mask, None, adapter)
+    }
+
+    /// The output layer's weight `(vocab_size, hidden)` as floats, and its bias if any.
+    pub fn output_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let w = self.lm_head.weight_out_in()?.narrow(0, 0, self.config.vocab_size)?;
+        let b = match &self.lm_head.bias {
+            Some(b) => Some(b.narrow(0, 0, self.config.vocab_size)?),
+            None => None,
+        };
+        Ok((w, b))
+    }
+
+    /// The `(out, in)` shape of projection `proj` of layer `layer`, `None`
+    /// past the last layer: what an adapter must fit.
+    pub fn projection_shape(&self, layer: usize, proj: Proj) -> Option<(usize, usize)> {
+        if layer >= self.layers.len() {
+            return None;
+        }
+        let c = &self.config;
+        let attn = c.num_heads * c.head_dim;
+        let kv = c.num_kv_heads * c.head_dim;
+        Some(match proj {
+            Proj::Q => (attn, c.hidden_size),
+            Proj::K | Proj::V => (kv, c.hidden_size),
+            Proj::O => (c.hidden_size, attn),
+            Proj::Gate | Proj::Up => (c.intermediate_size, c.hidden_size),
+            Proj::Down => (c.hidden_size, c.intermediate_size),
+        })
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+        adapter: Option<&dyn Adapter>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let max = self.config.max_position_embeddings;
@@ -550,15 +709,13 @@ impl Model {
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let la = adapter.map(|adapter| LayerAdapter { adapter, layer: i });
             let a = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
-            h = (h + layer.self_attn.forward(&a, &rope, mask.as_ref(), layer_cache)?)?;
+            h = (h + layer.self_attn.forward(&a, &rope, mask.as_ref(), layer_cache, la)?)?;
             let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
-            h = (h + layer.mlp.forward(&m)?)?;
+            h = (h + layer.mlp.forward(&m, la)?)?;
         }
-        let h = if last_only { h.narrow(1, t - 1, 1)? } else { h };
-        let logits = self.lm_head.forward(&ops::rms_norm(&h, &self.norm, eps)?)?;
-        let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
-        Ok(if last_only { logits.squeeze(1)? } else { logits })
+        Ok(ops::rms_norm(&h, &self.norm, eps)?)
     }
 }
 

@@ -29,13 +29,15 @@ mod error;
 mod generate;
 pub mod kernels;
 mod loader;
+mod lora;
 pub mod ops;
 mod tokenizer;
 
 pub use checkpoint::{read_gguf, read_hf_folder, Checkpoint, RopeLayout};
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
-pub use decoder::{causal_mask, padded_causal_mask, Cache, Linear, LinearWeight, Model};
+pub use decoder::{causal_mask, padded_causal_mask, Adapter, Cache, Linear, LinearWeight, Model, Proj};
 pub use error::{Error, Result};
 pub use generate::{generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling};
 pub use loader::{cache_dir, load_model, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS};
+pub use lora::{adapter_files, peft_name, Lora, LoraConfig, LoraPair};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};

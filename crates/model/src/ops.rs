@@ -54,7 +54,7 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// candle's matmul backward always computes the weight's gradient, even for
 /// a weight that is not trained: for LoRA that costs a full fine-tuning's
 /// compute and memory. Here the product is computed without a graph and
-/// re-attached to `x` through [`FrozenMatmulGrad`], whose backward returns
+/// re-attached to `x` through a pass-through op whose backward returns
 /// the input's gradient only. A weight that is itself a variable (full
 /// fine-tuning) takes the ordinary differentiable path.
 pub fn frozen_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
@@ -65,7 +65,8 @@ pub fn frozen_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2_arc(&y, Arc::new(Box::new(FrozenMatmulGrad { rhs: rhs.clone() })))
+    let rhs_t = rhs.t()?;
+    attach(x, &y, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
 }
 
 /// `x @ rhs` with `x` flattened to 2-D and reshaped back.
@@ -83,20 +84,30 @@ fn plain_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Passes a precomputed `x @ rhs` through, with `d/dx = grad @ rhs.T` as backward.
-struct FrozenMatmulGrad {
-    rhs: Tensor,
+/// `d/dx` of a value computed from `x` outside the graph.
+type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Attaches `y`, computed from `x` without a graph, to `x`, with `backward`
+/// mapping the gradient of `y` to the gradient of `x`.
+fn attach(x: &Tensor, y: &Tensor, name: &'static str, backward: Backward) -> Result<Tensor> {
+    x.apply_op2_arc(y, Arc::new(Box::new(PassThrough { name, backward })))
 }
 
-impl CustomOp2 for FrozenMatmulGrad {
+/// Passes a precomputed value through, with a hand-written backward.
+struct PassThrough {
+    name: &'static str,
+    backward: Backward,
+}
+
+impl CustomOp2 for PassThrough {
     fn name(&self) -> &'static str {
-        "frozen-matmul-grad"
+        self.name
     }
 
     fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        // `y` was produced by a matmul and reshape: contiguous from offset 0.
+        // The precomputed value is the fresh result of an op: contiguous from offset 0.
         if !l2.is_contiguous() || l2.start_offset() != 0 {
-            candle_core::bail!("frozen-matmul-grad: the precomputed product must be contiguous");
+            candle_core::bail!("{}: the precomputed value must be contiguous", self.name);
         }
         Ok((s2.clone(), l2.shape().clone()))
     }
@@ -110,13 +121,94 @@ impl CustomOp2 for FrozenMatmulGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         if !l2.is_contiguous() || l2.start_offset() != 0 {
-            candle_core::bail!("frozen-matmul-grad: the precomputed product must be contiguous");
+            candle_core::bail!("{}: the precomputed value must be contiguous", self.name);
         }
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(plain_linear(grad, &self.rhs.t()?)?), None))
+        Ok((Some((self.backward)(grad)?), None))
+    }
+}
+
+/// Log-probabilities of `targets[i]` under `softmax(hidden[i] @ weight^T + bias)`,
+/// for `hidden` `(N, H)`, `weight` `(V, H)`: the language-model loss's core
+/// without a `(N, V)` logits tensor alive beyond one chunk of `chunk` rows.
+///
+/// The backward recomputes each chunk's logits (one extra product) and
+/// returns `g_i (W[y_i] - softmax_i W)` for `hidden` only: the output
+/// weight is frozen. A weight that is itself a variable takes the plain
+/// differentiable path (full logits).
+pub fn token_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let (n, _) = hidden.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("token_logprobs: {} targets for {n} rows", targets.len());
+    }
+    let device = hidden.device().clone();
+    let targets_t = Tensor::from_slice(targets, n, &device)?;
+    let logits_of = |h: &Tensor| -> Result<Tensor> {
+        let l = h.matmul(&weight.t()?)?;
+        match bias {
+            Some(b) => l.broadcast_add(b),
+            None => Ok(l),
+        }
+    };
+    if weight.track_op() || bias.is_some_and(|b| b.track_op()) {
+        let logp = candle_nn::ops::log_softmax(&logits_of(hidden)?, D::Minus1)?;
+        return logp.gather(&targets_t.unsqueeze(1)?, 1)?.squeeze(1);
+    }
+    let chunk = chunk.max(1);
+    let detached = hidden.detach();
+    let (mut logps, mut lses) = (Vec::new(), Vec::new());
+    for at in (0..n).step_by(chunk) {
+        let c = chunk.min(n - at);
+        let logits = logits_of(&detached.narrow(0, at, c)?)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?; // (c, 1)
+        let picked = logits.gather(&targets_t.narrow(0, at, c)?.unsqueeze(1)?, 1)?;
+        logps.push((picked - &lse)?.squeeze(1)?);
+        lses.push(lse.squeeze(1)?);
+    }
+    let logp = Tensor::cat(&logps, 0)?;
+    if !hidden.track_op() {
+        return Ok(logp);
+    }
+    let lse = Tensor::cat(&lses, 0)?;
+    let (weight, bias) = (weight.clone(), bias.cloned());
+    let backward: Backward = Box::new(move |grad: &Tensor| {
+        let mut parts = Vec::new();
+        for at in (0..n).step_by(chunk) {
+            let c = chunk.min(n - at);
+            let h = detached.narrow(0, at, c)?;
+            let mut logits = h.matmul(&weight.t()?)?;
+            if let Some(b) = &bias {
+                logits = logits.broadcast_add(b)?;
+            }
+            let p = logits.broadcast_sub(&lse.narrow(0, at, c)?.unsqueeze(1)?)?.exp()?; // (c, V)
+            let picked = weight.index_select(&targets_t.narrow(0, at, c)?, 0)?; // (c, H)
+            let g = grad.narrow(0, at, c)?.unsqueeze(1)?;
+            parts.push((picked - p.matmul(&weight)?)?.broadcast_mul(&g)?);
+        }
+        Tensor::cat(&parts, 0)
+    });
+    attach(hidden, &logp, "token-logprobs", backward)
+}
+
+/// Per row of `hidden` `(N, H)`, the sum over the vocabulary of
+/// `hidden @ weight^T + bias`, without the `(N, V)` product: `hidden · Σ_v W[v] + Σ b`.
+/// For the mean-logit metrics TRL logs. No gradient.
+pub fn logit_sums(hidden: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let col = weight.detach().sum_keepdim(0)?.t()?; // (H, 1)
+    let s = hidden.detach().matmul(&col)?.squeeze(1)?;
+    match bias {
+        Some(b) => s.affine(1.0, b.detach().sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?),
+        None => Ok(s),
     }
 }
 
@@ -190,6 +282,35 @@ mod tests {
         let cos = randn(&[1, 3, 4], 3);
         let sin = randn(&[1, 3, 4], 4);
         check_grad(&randn(&[1, 2, 3, 8], 9), |x| rope_half(x, &cos, &sin).unwrap());
+    }
+
+    #[test]
+    fn token_logprobs_match_log_softmax_and_finite_differences() {
+        let w = randn(&[11, 6], 21);
+        let b = randn(&[11], 22);
+        let targets = [3u32, 0, 10, 7, 7];
+        let h = randn(&[5, 6], 23);
+        let plain = |h: &Tensor| {
+            let l = h.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let lp = candle_nn::ops::log_softmax(&l, D::Minus1).unwrap();
+            let t = Tensor::new(&targets, &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+            lp.gather(&t, 1).unwrap().squeeze(1).unwrap()
+        };
+        for chunk in [1, 2, 5, 64] {
+            let hv = Var::from_tensor(&h).unwrap();
+            assert!(
+                max_diff(&token_logprobs(hv.as_tensor(), &w, Some(&b), &targets, chunk).unwrap(), &plain(&h)) < 1e-5
+            );
+            check_grad(&h, |x| token_logprobs(x, &w, Some(&b), &targets, chunk).unwrap());
+        }
+        // The weight is frozen: no gradient is computed for it.
+        let hv = Var::from_tensor(&h).unwrap();
+        let grads =
+            token_logprobs(hv.as_tensor(), &w, None, &targets, 2).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none() && grads.get(hv.as_tensor()).is_some());
+        let sums = logit_sums(&h, &w, Some(&b)).unwrap();
+        let direct = h.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().sum(1).unwrap();
+        assert!(max_diff(&sums, &direct) < 1e-4);
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! LoRA adapters on the decoder's projections, saved and loaded in PEFT's
+//! format (`adapter_model.safetensors` + `adapter_config.json`), so that
+//! `peft`, vLLM and SGLang load what we train and we load what they train.
+//!
+//! A projection `y = x W^T` becomes `y = x W^T + scale · (drop(x) A^T) B^T`
+//! with `A` `(r, in)`, `B` `(out, r)` and `scale = alpha / r` (or
+//! `alpha / sqrt(r)` with rsLoRA). `A` starts uniform in `±1/sqrt(in)`
+//! (PEFT's Kaiming init) and `B` at zero, so a new adapter changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::decoder::{Adapter, Model, Proj};
+use crate::error::{Error, Result};
+use crate::generate::Rng;
+
+/// The adapter's shape and scale: PEFT's `LoraConfig`, the parts we use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank `r`. Default 16.
+    pub r: usize,
+    /// `lora_alpha`; the update is scaled by `alpha / r`. Default 32.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training. Default 0.05.
+    pub dropout: f64,
+    /// Projections that get an adapter. Default all seven.
+    pub target_modules: Vec<Proj>,
+    /// rsLoRA: scale by `alpha / sqrt(r)`. Default false.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, target_modules: Proj::ALL.to_vec(), use_rslora: false }
+    }
+}
+
+impl LoraConfig {
+    /// The factor on `B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// One adapted projection: `A` `(r, in)` and `B` `(out, r)`.
+#[derive(Debug)]
+pub struct LoraPair {
+    /// `lora_A.weight`.
+    pub a: Var,
+    /// `lora_B.weight`.
+    pub b: Var,
+}
+
+/// A LoRA adapter for one model: a pair per adapted (layer, projection).
+#[derive(Debug)]
+pub struct Lora {
+    config: LoraConfig,
+    pairs: BTreeMap<(usize, Proj), LoraPair>,
+    scale: f64,
+    /// Dropout stream while training (`None`: no dropout).
+    dropout: Mutex<Option<Rng>>,
+}
+
+/// `adapter_config.json` as PEFT writes it (the fields we read and write).
+#[derive(Debug, Serialize, Deserialize)]
+struct PeftConfig {
+    peft_type: String,
+    task_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    modules_to_save: Option<serde_json::Value>,
+    #[serde(default)]
+    layers_to_transform: Option<serde_json::Value>,
+}
+
+/// PEFT's tensor name for one side of a pair.
+pub fn peft_name(layer: usize, proj: Proj, side: char) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.lora_{side}.weight", proj.path())
+}
+
+impl Lora {
+    /// A fresh adapter for `model`: `A` uniform in `±1/sqrt(in)` from `seed`, `B` zero.
+    pub fn new(model: &Model, config: &LoraConfig, seed: u64) -> Result<Lora> {
+        Lora::init(model, config, |layer, proj, side, rows, cols| {
+            if side == 'B' {
+                return vec![0.0; rows * cols];
+            }
+            let mut rng = Rng::new(seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let bound = 1.0 / (cols as f64).sqrt();
+            (0..rows * cols).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+        })
+    }
+
+    /// An adapter whose entries come from `value(layer, proj, side, rows, cols)`
+    /// (row-major, `side` `'A'` or `'B'`): for tests and fixtures.
+    pub fn init(
+        model: &Model,
+        config: &LoraConfig,
+        mut value: impl FnMut(usize, Proj, char, usize, usize) -> Vec<f32>,
+    ) -> Result<Lora> {
+        if config.r == 0 {
+            return Err(Error::Request("LoRA rank r must be at least 1".into()));
+        }
+        let device = model.device();
+        let mut pairs = BTreeMap::new();
+        for layer in 0..model.config().num_layers {
+            for &proj in &config.target_modules {
+                let (out, inp) = model.projection_shape(layer, proj).expect("layer < num_layers");
+                let a = Tensor::from_vec(value(layer, proj, 'A', config.r, inp), (config.r, inp), device)?;
+                let b = Tensor::from_vec(value(layer, proj, 'B', out, config.r), (out, config.r), device)?;
+                pairs.insert((layer, proj), LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+            }
+        }
+        Ok(Lora { scale: config.scale(), config: config.clone(), pairs, dropout: Mutex::new(None) })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Every trainable tensor with its PEFT name, in a fixed order.
+    pub fn named_vars(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::with_capacity(self.pairs.len() * 2);
+        for ((layer, proj), pair) in &self.pairs {
+            out.push((peft_name(*layer, *proj, 'A'), &pair.a));
+            out.push((peft_name(*layer, *proj, 'B'), &pair.b));
+        }
+        out
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.pairs.values().map(|p| p.a.elem_count() + p.b.elem_count()).sum()
+    }
+
+    /// Turns dropout on (training, with its own seeded stream) or off.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self.dropout.lock().expect("the dropout lock is never poisoned") = seed.map(Rng::new);
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
+    pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        let tensors: HashMap<String, Tensor> =
+            self.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let weights = dir.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&tensors, &weights)?;
+        let cfg = PeftConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: self.config.r,
+            lora_alpha: self.config.alpha,
+            lora_dropout: self.config.dropout,
+            target_modules: self.config.target_modules.iter().map(|p| p.name()).collect::<Vec<_>>().into(),
+            use_rslora: self.config.use_rslora,
+            use_dora: false,
+            bias: Some("none".into()),
+            base_model_name_or_path: Some(base_model.into()),
+            fan_in_fan_out: false,
+            inference_mode: true,
+            modules_to_save: None,
+            layers_to_transform: None,
+        };
+        let path = dir.join("adapter_config.json");
+        let text = serde_json::to_string_pretty(&cfg).expect("the config serialises");
+        std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
+    }
+
+    /// Loads a PEFT LoRA adapter from `dir` for `model`, checking that every
+    /// tensor fits the model's projections (an adapter for another base
+    /// model is refused, naming the first tensor that does not fit).
+    pub fn load(dir: &Path, model: &Model) -> Result<Lora> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io { path: cfg_path.clone(), source })?;
+        let bad = |message: String| Error::Config { source_name: cfg_path.display().to_string(), message };
+        let peft: PeftConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a PEFT adapter config: {e}")))?;
+        if peft.peft_type != "LORA" {
+            return Err(bad(format!("peft_type is {:?}; only LORA adapters load", peft.peft_type)));
+        }
+        if peft.use_dora {
+            return Err(bad("DoRA adapters are not supported".into()));
+        }
+        let weights = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights, model.device())
+            .map_err(|e| Error::Weights { path: weights.clone(), message: e.to_string() })?;
+        let mut pairs: BTreeMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (name, t) in tensors {
+            let (layer, proj, side) = parse_peft_name(&name).ok_or_else(|| Error::Tensor {
+                name: name.clone(),
+                message: format!("in {} is not a LoRA tensor of a decoder projection", weights.display()),
+            })?;
+            let (out, inp) = model.projection_shape(layer, proj).ok_or_else(|| Error::Tensor {
+                name: name.clone(),
+                message: format!(
+                    "names layer {layer}, but the model has {} layers: the adapter was trained for another base model",
+                    model.config().num_layers
+                ),
+            })?;
+            let want = if side == 'A' { (peft.r, inp) } else { (out, peft.r) };
+            let got = t.dims2().map_err(|_| Error::Tensor { name: name.clone(), message: "is not 2-D".into() })?;
+            if got != want {
+                return Err(Error::Tensor {
+                    name,
+                    message: format!(
+                        "has shape {got:?}, but this model's {} needs {want:?}: the adapter was trained for another base model",
+                        proj.path()
+                    ),
+                });
+            }
+            let t = t.to_dtype(DType::F32)?;
+            let slot = pairs.entry((layer, proj)).or_default();
+            if side == 'A' {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut targets: Vec<Proj> = Vec::new();
+        for ((layer, proj), (a, b)) in pairs {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(Error::Tensor {
+                    name: peft_name(layer, proj, 'A'),
+                    message: format!("{} has only one of lora_A and lora_B", weights.display()),
+                });
+            };
+            if !targets.contains(&proj) {
+                targets.push(proj);
+            }
+            out.insert((layer, proj), LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+        }
+        targets.sort();
+        let config = LoraConfig {
+            r: peft.r,
+            alpha: peft.lora_alpha,
+            dropout: peft.lora_dropout,
+            target_modules: targets,
+            use_rslora: peft.use_rslora,
+        };
+        Ok(Lora { scale: config.scale(), config, pairs: out, dropout: Mutex::new(None) })
+    }
+
+    /// Copies the values of `other` (same shapes) into this adapter's variables.
+    pub fn assign(&self, other: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.named_vars() {
+            let t = other.get(&name).ok_or_else(|| Error::Tensor { name: name.clone(), message: "missing".into() })?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// `scale · B A`, `(out, in)`: the update merged into a base weight.
+    pub fn merged_delta(&self, layer: usize, proj: Proj) -> Result<Option<Tensor>> {
+        Ok(match self.pairs.get(&(layer, proj)) {
+            Some(p) => Some((p.b.as_tensor().matmul(p.a.as_tensor())? * self.scale)?),
+            None => None,
+        })
+    }
+
+    fn dropout_mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let p = self.config.dropout;
+        let mut guard = self.dropout.lock().expect("the dropout lock is never poisoned");
+        let Some(rng) = guard.as_mut().filter(|_| p > 0.0) else {
+            return Ok(None);
+        };
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let v: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
+        Ok(Some(Tensor::from_vec(v, x.dims(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
+    }
+}
+
+/// `(layer, projection, side)` of a PEFT LoRA tensor name.
+fn parse_peft_name(name: &str) -> Option<(usize, Proj, char)> {
+    let rest = name.split("layers.").nth(1)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let proj = Proj::ALL.into_iter().find(|p| rest.starts_with(&format!("{}.", p.path())))?;
+    let side = if rest.ends_with("lora_A.weight") {
+        'A'
+    } else if rest.ends_with("lora_B.weight") {
+        'B'
+    } else {
+        return None;
+    };
+    Some((layer, proj, side))
+}
+
+impl Adapter for Lora {
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(pair) = self.pairs.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let x = match self.dropout_mask(x)? {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("inputs have a feature dimension");
+        let rows = x.elem_count() / k.max(1);
+        let h = x.reshape((rows, k))?.matmul(&pair.a.as_tensor().t()?)?; // (rows, r)
+        let y = (h.matmul(&pair.b.as_tensor().t()?)? * self.scale)?; // (rows, out)
+        let mut out = dims;
+        *out.last_mut().expect("rank > 0") = y.dim(1)?;
+        Ok(Some(y.reshape(out)?))
+    }
+}
+
+/// Where an adapter directory keeps its files.
+pub fn adapter_files(dir: &Path) -> [PathBuf; 2] {
+    [dir.join("adapter_model.safetensors"), dir.join("adapter_config.json")]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_names_round_trip() {
+        for proj in Proj::ALL {
+            for side in ['A', 'B'] {
+                assert_eq!(parse_peft_name(&peft_name(17, proj, side)), Some((17, proj, side)));
+            }
+        }
+        assert_eq!(parse_peft_name("base_model.model.model.layers.3.mlp.down_proj.lora_B.default.weight"), None);
+        assert_eq!(parse_peft_name("base_model.model.lm_head.weight"), None);
+    }
+}

@@ -1,0 +1,356 @@
+//! Training rows and their tokenisation, identical to TRL's for the same rows.
+//!
+//! Rows are JSONL in TRL's formats: preference (`prompt`, `chosen`,
+//! `rejected`) or prompt-completion (`prompt`, `completion`), each either
+//! standard (strings) or conversational (lists of `{role, content}`).
+//!
+//! - Preference rows follow `CPOTrainer.tokenize_row`: the answer's tokens
+//!   are those of `prompt + answer` after the prompt's (one fewer when the
+//!   tokenizer merges across the boundary), BOS is prepended to the prompt
+//!   unless already there, EOS appended to the answer unless already there,
+//!   and the answer is cut to fit `max_length`.
+//! - Completion rows follow `SFTTrainer`: EOS text appended to standard
+//!   completions, the completion starts where the tokenised prompt and
+//!   prompt + completion diverge, the sequence is cut at `max_length`.
+//! - Conversational rows are rendered with the chat template first, as
+//!   TRL's `maybe_apply_chat_template` does.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tabletrace_model::{ChatMessage, Tokenizer};
+
+use crate::error::{io, Error, Result};
+
+/// A token sequence whose tokens from `completion_start` on are scored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    /// Prompt and completion ids.
+    pub ids: Vec<u32>,
+    /// Index of the first completion token.
+    pub completion_start: usize,
+}
+
+impl Sequence {
+    /// Number of scored completion tokens (the first token of a sequence
+    /// has no prediction, so it is never scored).
+    pub fn scored(&self) -> usize {
+        self.ids.len().saturating_sub(self.completion_start.max(1))
+    }
+}
+
+/// One row as text, after the chat template.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// A preference pair.
+    Preference {
+        /// Question id or `line N`.
+        id: String,
+        /// Prompt text.
+        prompt: String,
+        /// Preferred completion.
+        chosen: String,
+        /// Rejected completion.
+        rejected: String,
+    },
+    /// A prompt-completion row (SFT).
+    Completion {
+        /// Question id or `line N`.
+        id: String,
+        /// Prompt text.
+        prompt: String,
+        /// Completion text.
+        completion: String,
+        /// Whether the row was conversational (no EOS text appended: the template ends the turn).
+        conversational: bool,
+    },
+}
+
+/// A tokenised row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Example {
+    /// Chosen and rejected sequences of one pair.
+    Preference {
+        /// Row id.
+        id: String,
+        /// Prompt + chosen.
+        chosen: Sequence,
+        /// Prompt + rejected.
+        rejected: Sequence,
+    },
+    /// One SFT sequence.
+    Completion {
+        /// Row id.
+        id: String,
+        /// Prompt + completion.
+        seq: Sequence,
+    },
+}
+
+impl Example {
+    /// The row id.
+    pub fn id(&self) -> &str {
+        match self {
+            Example::Preference { id, .. } | Example::Completion { id, .. } => id,
+        }
+    }
+
+    /// Tokens in the example (both sequences of a pair).
+    pub fn tokens(&self) -> usize {
+        match self {
+            Example::Preference { chosen, rejected, .. } => chosen.ids.len() + rejected.ids.len(),
+            Example::Completion { seq, .. } => seq.ids.len(),
+        }
+    }
+}
+
+/// What the SFT target of a preference row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SftTarget {
+    /// The chosen trace.
+    Trace,
+    /// Only the chosen trace's `Final answer: …` line.
+    Answer,
+}
+
+/// Rows dropped or cut while tokenising, with reasons.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TokenizeReport {
+    /// Rows kept.
+    pub kept: usize,
+    /// Rows whose completion was cut to fit `max_length`.
+    pub truncated: usize,
+    /// Rows skipped: `(id, reason)`.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Reads a JSONL file of rows, rendering conversational rows with `tokenizer`'s chat template.
+pub fn read_rows(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| Error::Row { path: path.to_path_buf(), line: i + 1, message };
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        rows.push(parse_row(&v, i + 1, tokenizer).map_err(bad)?);
+    }
+    if rows.is_empty() {
+        return Err(Error::Setup(format!("{}: no rows", path.display())));
+    }
+    Ok(rows)
+}
+
+fn messages(v: &Value, key: &str) -> Result<Vec<ChatMessage>, String> {
+    let list = v.as_array().ok_or_else(|| format!("{key:?} must be a string or a list of messages"))?;
+    list.iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str);
+            let content = m.get("content").and_then(Value::as_str);
+            match (role, content) {
+                (Some(r), Some(c)) => Ok(ChatMessage::new(r, c)),
+                _ => Err(format!("{key:?}: each message needs string \"role\" and \"content\"")),
+            }
+        })
+        .collect()
+}
+
+fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+    let n = a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).count();
+    match a.char_indices().nth(n) {
+        Some((at, _)) => &a[..at],
+        None => a,
+    }
+}
+
+/// One JSON row as text; conversational rows go through the chat template
+/// as in TRL's `maybe_apply_chat_template`.
+pub fn parse_row(v: &Value, line: usize, tokenizer: &Tokenizer) -> Result<Row, String> {
+    let id = v
+        .pointer("/metadata/question_id")
+        .or_else(|| v.get("id"))
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("line {line}"), str::to_string);
+    let prompt = v.get("prompt").ok_or("no \"prompt\" (TRL rows need an explicit prompt)")?;
+    let answers: Vec<&str> = ["chosen", "rejected", "completion"].into_iter().filter(|k| v.get(*k).is_some()).collect();
+    let is_pref = answers == ["chosen", "rejected"];
+    if !is_pref && answers != ["completion"] {
+        return Err("a row needs \"chosen\" and \"rejected\", or \"completion\"".into());
+    }
+    if let Some(p) = prompt.as_str() {
+        let text = |k: &str| -> Result<String, String> {
+            v[k].as_str().map(str::to_string).ok_or_else(|| format!("{k:?} must be a string like \"prompt\""))
+        };
+        return Ok(if is_pref {
+            Row::Preference { id, prompt: p.into(), chosen: text("chosen")?, rejected: text("rejected")? }
+        } else {
+            Row::Completion { id, prompt: p.into(), completion: text("completion")?, conversational: false }
+        });
+    }
+    let prompt_msgs = messages(prompt, "prompt")?;
+    let last = prompt_msgs.last().ok_or("\"prompt\" has no messages")?;
+    let add_generation_prompt = match last.role.as_str() {
+        "user" | "tool" | "system" => true,
+        "assistant" => return Err("a prompt ending with an assistant message is not supported".into()),
+        r => return Err(format!("unknown role {r:?} in the last prompt message")),
+    };
+    let render = |msgs: &[ChatMessage], gen: bool| tokenizer.apply_chat_template(msgs, gen).map_err(|e| e.to_string());
+    let mut prompt_text = render(&prompt_msgs, add_generation_prompt)?;
+    let mut full = Vec::new();
+    for k in &answers {
+        let mut all = prompt_msgs.clone();
+        all.extend(messages(&v[*k], k)?);
+        let t = render(&all, false)?;
+        prompt_text = common_prefix(&prompt_text, &t).to_string();
+        full.push(t);
+    }
+    let tail = |t: &String| t[prompt_text.len()..].to_string();
+    Ok(if is_pref {
+        Row::Preference { id, chosen: tail(&full[0]), rejected: tail(&full[1]), prompt: prompt_text }
+    } else {
+        Row::Completion { id, completion: tail(&full[0]), prompt: prompt_text, conversational: true }
+    })
+}
+
+/// TRL's `build_tokenized_answer`: (prompt ids, answer ids) of `prompt + answer`.
+fn tokenized_answer(tokenizer: &Tokenizer, prompt: &str, answer: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let full = tokenizer.encode(&format!("{prompt}{answer}"), false)?;
+    let prompt_ids = tokenizer.encode(prompt, false)?;
+    let mut start = prompt_ids.len().min(full.len());
+    if prompt_ids[..start] != full[..start] {
+        start = start.saturating_sub(1);
+    }
+    Ok((full[..start].to_vec(), full[start..].to_vec()))
+}
+
+/// The chosen trace's `Final answer: …` line (the Q&A SFT target).
+pub fn final_answer_line(trace: &str) -> Option<&str> {
+    trace.lines().rev().map(str::trim).find(|l| l.to_ascii_lowercase().starts_with("final answer"))
+}
+
+/// Tokenises rows for `method`'s kind of training.
+///
+/// Preference rows train preference methods; for SFT they give prompt →
+/// chosen (or its final answer line for Q&A SFT). Prompt-completion rows
+/// only train SFT.
+pub fn tokenize(
+    rows: &[Row],
+    tokenizer: &Tokenizer,
+    max_length: usize,
+    preference: bool,
+    sft_target: SftTarget,
+) -> Result<(Vec<Example>, TokenizeReport)> {
+    let eos = *tokenizer
+        .eos_ids()
+        .first()
+        .ok_or_else(|| Error::Setup("the tokenizer has no EOS token; training needs one to end completions".into()))?;
+    let mut out = Vec::new();
+    let mut report = TokenizeReport::default();
+    for row in rows {
+        let example = match row {
+            Row::Preference { id, prompt, chosen, rejected } if preference => {
+                if chosen.trim().is_empty() || rejected.trim().is_empty() {
+                    report.skipped.push((id.clone(), "empty chosen or rejected completion".into()));
+                    continue;
+                }
+                let mut seqs = Vec::with_capacity(2);
+                let mut truncated = false;
+                for answer in [chosen, rejected] {
+                    let (mut p, mut a) = tokenized_answer(tokenizer, prompt, answer)?;
+                    if let Some(bos) = tokenizer.bos_id() {
+                        if p.first() != Some(&bos) {
+                            p.insert(0, bos);
+                        }
+                    }
+                    if a.last() != Some(&eos) {
+                        a.push(eos);
+                    }
+                    if p.len() + a.len() > max_length {
+                        a.truncate(max_length.saturating_sub(p.len()));
+                        truncated = true;
+                    }
+                    seqs.push((p, a));
+                }
+                if seqs.iter().any(|(_, a)| a.is_empty()) {
+                    let n = seqs[0].0.len();
+                    report
+                        .skipped
+                        .push((id.clone(), format!("the prompt alone has {n} tokens, max_length is {max_length}")));
+                    continue;
+                }
+                report.truncated += truncated as usize;
+                let mut seqs = seqs
+                    .into_iter()
+                    .map(|(p, a)| Sequence { completion_start: p.len(), ids: p.into_iter().chain(a).collect() });
+                Example::Preference {
+                    id: id.clone(),
+                    chosen: seqs.next().expect("two sequences"),
+                    rejected: seqs.next().expect("two sequences"),
+                }
+            }
+            Row::Preference { id, .. } | Row::Completion { id, .. } if preference => {
+                return Err(Error::Setup(format!(
+                    "row {id} is a prompt-completion row; preference methods need prompt/chosen/rejected rows"
+                )));
+            }
+            Row::Preference { id, prompt, chosen, .. } | Row::Completion { id, prompt, completion: chosen, .. } => {
+                let conversational = matches!(row, Row::Completion { conversational: true, .. });
+                let target = match (row, sft_target) {
+                    (Row::Preference { .. }, SftTarget::Answer) => match final_answer_line(chosen) {
+                        Some(line) => line.to_string(),
+                        None => {
+                            report.skipped.push((id.clone(), "the chosen trace has no \"Final answer:\" line".into()));
+                            continue;
+                        }
+                    },
+                    _ => chosen.clone(),
+                };
+                if target.trim().is_empty() {
+                    report.skipped.push((id.clone(), "empty completion".into()));
+                    continue;
+                }
+                let eos_text = tokenizer.eos_token();
+                let completion = if !conversational && !eos_text.is_empty() && !target.ends_with(eos_text) {
+                    format!("{target}{eos_text}")
+                } else {
+                    target
+                };
+                let prompt_ids = tokenizer.encode(prompt, false)?;
+                let mut ids = tokenizer.encode(&format!("{prompt}{completion}"), false)?;
+                let start = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                if start >= max_length {
+                    report
+                        .skipped
+                        .push((id.clone(), format!("the prompt alone has {start} tokens, max_length is {max_length}")));
+                    continue;
+                }
+                if ids.len() > max_length {
+                    ids.truncate(max_length);
+                    report.truncated += 1;
+                }
+                if ids.len() == start {
+                    report.skipped.push((id.clone(), "the completion has no tokens".into()));
+                    continue;
+                }
+                Example::Completion { id: id.clone(), seq: Sequence { ids, completion_start: start } }
+            }
+        };
+        report.kept += 1;
+        out.push(example);
+    }
+    Ok((out, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_answer_lines_are_found() {
+        assert_eq!(final_answer_line("a\nb\nFinal answer: 3\n"), Some("Final answer: 3"));
+        assert_eq!(final_answer_line("no answer"), None);
+        assert_eq!(common_prefix("abcé", "abcx"), "abc");
+        assert_eq!(common_prefix("ab", "abc"), "ab");
+    }
+}

@@ -1,0 +1,261 @@
+//! Sequence log-probabilities and the losses: the CPO family exactly as
+//! TRL's `CPOTrainer` computes them, and SFT on completion tokens.
+//!
+//! Chosen and rejected share one forward pass (right-padded to one length,
+//! as TRL concatenates them). Token log-probs come from the final hidden
+//! states through [`ops::token_logprobs`], chunked, so no `(tokens, vocab)`
+//! tensor stays alive for the backward.
+//!
+//! Losses are normalised by the whole optimizer step's totals (pairs,
+//! chosen tokens), so that accumulating micro-batches gives exactly the
+//! gradient of one big batch.
+
+use candle_core::{DType, Tensor};
+use tabletrace_model::{ops, Adapter, Model};
+
+use crate::config::{LossParams, LossType};
+use crate::error::Result;
+use crate::examples::Sequence;
+
+/// Per-sequence scores of one forward pass.
+pub struct Scored {
+    /// Summed completion log-probs, `(S,)`, differentiable in the adapter.
+    pub logp_sums: Tensor,
+    /// Completion tokens per sequence.
+    pub counts: Vec<usize>,
+    /// Per sequence, the sum of all logits over every position of the
+    /// padded batch and the whole vocabulary (for TRL's `logits/*`).
+    pub logit_sums: Vec<f64>,
+    /// Padded length of the batch.
+    pub padded_len: usize,
+}
+
+/// Scores `seqs` in one right-padded batch: token `t + 1` of each
+/// completion under the model's prediction at position `t`.
+///
+/// Padding follows Hugging Face with right padding: positions count from 0
+/// through the padding, and every query attends to the real tokens at or
+/// before it (padding queries too, so their logits match for the metrics).
+pub fn score(
+    model: &Model,
+    adapter: Option<&dyn Adapter>,
+    seqs: &[&Sequence],
+    pad_id: u32,
+    chunk: usize,
+) -> Result<Scored> {
+    let device = model.device();
+    let s = seqs.len();
+    let t = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(s * t);
+    let mut mask = Vec::with_capacity(s * t * t);
+    let mut rows = Vec::new(); // flat positions whose next token is scored
+    let mut targets = Vec::new();
+    let mut seg = vec![0f32; 0];
+    let mut counts = Vec::with_capacity(s);
+    for (r, q) in seqs.iter().enumerate() {
+        let n = q.ids.len();
+        ids.extend(q.ids.iter().copied().chain(std::iter::repeat_n(pad_id, t - n)));
+        for i in 0..t {
+            for j in 0..t {
+                mask.push(if j <= i && j < n { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let start = q.completion_start.max(1);
+        for k in start..n {
+            rows.push((r * t + k - 1) as u32);
+            targets.push(q.ids[k]);
+        }
+        counts.push(q.scored());
+    }
+    let total: usize = counts.iter().sum();
+    // Segment matrix (S, N): row r sums the log-probs of sequence r.
+    seg.resize(s * total, 0.0);
+    let mut at = 0;
+    for (r, &c) in counts.iter().enumerate() {
+        for k in at..at + c {
+            seg[r * total + k] = 1.0;
+        }
+        at += c;
+    }
+    let ids_t = Tensor::from_vec(ids, (s, t), device)?;
+    let positions: Vec<u32> = (0..s).flat_map(|_| 0..t as u32).collect();
+    let pos_t = Tensor::from_vec(positions, (s, t), device)?;
+    let mask_t = Tensor::from_vec(mask, (s, t, t), device)?;
+    let hidden = model.hidden_states(&ids_t, &pos_t, Some(&mask_t), adapter)?; // (S, T, H)
+    let h = hidden.dim(2)?;
+    let flat = hidden.reshape((s * t, h))?;
+    let (weight, bias) = model.output_weight()?;
+    let weight = weight.to_dtype(flat.dtype())?;
+    let picked = flat.index_select(&Tensor::from_vec(rows, total, device)?, 0)?; // (N, H)
+    let logp = ops::token_logprobs(
+        &picked.to_dtype(DType::F32)?,
+        &weight.to_dtype(DType::F32)?,
+        bias.as_ref(),
+        &targets,
+        chunk,
+    )?; // (N,)
+    let seg_t = Tensor::from_vec(seg, (s, total), device)?;
+    let logp_sums = seg_t.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?; // (S,)
+    let sums = ops::logit_sums(&flat.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?, bias.as_ref())?
+        .reshape((s, t))?
+        .sum(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(Scored { logp_sums, counts, logit_sums: sums, padded_len: t })
+}
+
+/// Sums over one micro-batch of what TRL logs, to be averaged over a step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricSums {
+    /// Pairs (or SFT rows) seen.
+    pub rows: usize,
+    /// Completion tokens of chosen sequences (the NLL's denominator).
+    pub chosen_tokens: usize,
+    /// Σ loss contributions (already normalised by the step's totals).
+    pub loss: f64,
+    /// Σ chosen log-prob (negated: NLL numerator).
+    pub nll: f64,
+    /// Σ β·logp(chosen).
+    pub reward_chosen: f64,
+    /// Σ β·logp(rejected).
+    pub reward_rejected: f64,
+    /// Pairs with chosen reward above rejected.
+    pub accurate: usize,
+    /// Σ logp(chosen) (summed or averaged per the loss type).
+    pub logp_chosen: f64,
+    /// Σ logp(rejected).
+    pub logp_rejected: f64,
+    /// Σ over micro-batches of the mean chosen logit.
+    pub logits_chosen: f64,
+    /// Σ over micro-batches of the mean rejected logit.
+    pub logits_rejected: f64,
+    /// Micro-batches.
+    pub batches: usize,
+    /// Tokens forwarded (prompt + completion, unpadded).
+    pub tokens: usize,
+}
+
+impl MetricSums {
+    /// Adds another micro-batch.
+    pub fn add(&mut self, o: &MetricSums) {
+        self.rows += o.rows;
+        self.chosen_tokens += o.chosen_tokens;
+        self.loss += o.loss;
+        self.nll += o.nll;
+        self.reward_chosen += o.reward_chosen;
+        self.reward_rejected += o.reward_rejected;
+        self.accurate += o.accurate;
+        self.logp_chosen += o.logp_chosen;
+        self.logp_rejected += o.logp_rejected;
+        self.logits_chosen += o.logits_chosen;
+        self.logits_rejected += o.logits_rejected;
+        self.batches += o.batches;
+        self.tokens += o.tokens;
+    }
+
+    /// TRL's metric names and values (means over the step), preference or SFT.
+    pub fn to_metrics(&self, preference: bool, cpo_alpha: f64) -> Vec<(&'static str, f64)> {
+        let n = self.rows.max(1) as f64;
+        let b = self.batches.max(1) as f64;
+        let nll = self.nll / self.chosen_tokens.max(1) as f64;
+        if !preference {
+            return vec![("loss", self.loss), ("nll_loss", nll)];
+        }
+        vec![
+            ("loss", self.loss),
+            ("rewards/chosen", self.reward_chosen / n),
+            ("rewards/rejected", self.reward_rejected / n),
+            ("rewards/accuracies", self.accurate as f64 / n),
+            ("rewards/margins", (self.reward_chosen - self.reward_rejected) / n),
+            ("logps/chosen", self.logp_chosen / n),
+            ("logps/rejected", self.logp_rejected / n),
+            ("logits/chosen", self.logits_chosen / b),
+            ("logits/rejected", self.logits_rejected / b),
+            ("nll_loss", if cpo_alpha == 0.0 { 0.0 } else { nll }),
+        ]
+    }
+}
+
+/// `log σ(x)`, stable and differentiable: `min(x, 0) - log(1 + e^{-|x|})`.
+fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((x.minimum(0.0)? - soft)?)
+}
+
+/// The CPO-family loss of one micro-batch of pairs, normalised by the
+/// step's `step_pairs` and `step_chosen_tokens`, and its metric sums.
+///
+/// `scored` holds the chosen sequences first, then the rejected ones.
+pub fn preference_loss(
+    scored: &Scored,
+    p: &LossParams,
+    step_pairs: usize,
+    step_chosen_tokens: usize,
+    vocab: usize,
+) -> Result<(Tensor, MetricSums)> {
+    let s = scored.counts.len();
+    let n = s / 2;
+    let device = scored.logp_sums.device();
+    let counts: Vec<f32> = scored.counts.iter().map(|&c| c.max(1) as f32).collect();
+    let per_seq = if p.loss_type.averages() {
+        (&scored.logp_sums / Tensor::from_vec(counts, s, device)?)?
+    } else {
+        scored.logp_sums.clone()
+    };
+    let chosen = per_seq.narrow(0, 0, n)?;
+    let rejected = per_seq.narrow(0, n, n)?;
+    let mut logits = (&chosen - &rejected)?;
+    let beta = p.beta;
+    let losses = match p.loss_type {
+        LossType::Sigmoid | LossType::Simpo => {
+            if p.loss_type == LossType::Simpo {
+                logits = (logits - p.simpo_gamma / beta)?;
+            }
+            let pos = log_sigmoid(&(&logits * beta)?)?;
+            let neg = log_sigmoid(&(&logits * -beta)?)?;
+            ((pos * -(1.0 - p.label_smoothing))? - (neg * p.label_smoothing)?)?
+        }
+        LossType::Hinge => ((&logits * -beta)? + 1.0)?.relu()?,
+        LossType::Ipo => (logits - 1.0 / (2.0 * beta))?.sqr()?,
+    };
+    let pref = (losses.sum_all()? / step_pairs.max(1) as f64)?;
+    let chosen_sum = scored.logp_sums.narrow(0, 0, n)?.sum_all()?;
+    let nll = (chosen_sum.neg()? / step_chosen_tokens.max(1) as f64)?;
+    let loss = if p.cpo_alpha == 0.0 { pref } else { (pref + (&nll * p.cpo_alpha)?)? };
+
+    let c: Vec<f64> = chosen.to_dtype(DType::F64)?.to_vec1()?;
+    let r: Vec<f64> = rejected.to_dtype(DType::F64)?.to_vec1()?;
+    let denom = (n * scored.padded_len * vocab).max(1) as f64;
+    let sums = MetricSums {
+        rows: n,
+        chosen_tokens: scored.counts[..n].iter().sum(),
+        loss: loss.to_dtype(DType::F64)?.to_scalar()?,
+        nll: -chosen_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        reward_chosen: beta * c.iter().sum::<f64>(),
+        reward_rejected: beta * r.iter().sum::<f64>(),
+        accurate: c.iter().zip(&r).filter(|(a, b)| beta * **a > beta * **b).count(),
+        logp_chosen: c.iter().sum(),
+        logp_rejected: r.iter().sum(),
+        logits_chosen: scored.logit_sums[..n].iter().sum::<f64>() / denom,
+        logits_rejected: scored.logit_sums[n..].iter().sum::<f64>() / denom,
+        batches: 1,
+        tokens: 0,
+    };
+    Ok((loss, sums))
+}
+
+/// The SFT loss of one micro-batch: negative log-likelihood of completion
+/// tokens, divided by the step's completion tokens.
+pub fn sft_loss(scored: &Scored, step_tokens: usize) -> Result<(Tensor, MetricSums)> {
+    let total = scored.logp_sums.sum_all()?;
+    let loss = (total.neg()? / step_tokens.max(1) as f64)?;
+    let sums = MetricSums {
+        rows: scored.counts.len(),
+        chosen_tokens: scored.counts.iter().sum(),
+        loss: loss.to_dtype(DType::F64)?.to_scalar()?,
+        nll: -total.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        batches: 1,
+        ..Default::default()
+    };
+    Ok((loss, sums))
+}

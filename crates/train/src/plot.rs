@@ -1,0 +1,301 @@
+//! PNG line charts without a plotting stack: a small rasteriser with a
+//! built-in 5×7 font, enough for training curves and comparison charts.
+
+use std::path::Path;
+
+use crate::error::{io, Error, Result};
+
+/// One line of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend label.
+    pub name: String,
+    /// `(x, y)` points, in x order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart: a title, an x-axis label and its lines.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// Title above the chart.
+    pub title: String,
+    /// Label under the x axis.
+    pub x_label: String,
+    /// Lines.
+    pub series: Vec<Series>,
+}
+
+const COLORS: [[u8; 3]; 6] =
+    [[31, 119, 180], [214, 39, 40], [44, 160, 44], [255, 127, 14], [148, 103, 189], [140, 86, 75]];
+const PANEL_W: usize = 560;
+const PANEL_H: usize = 380;
+const SCALE: usize = 2; // font pixels per glyph pixel
+
+struct Canvas {
+    w: usize,
+    h: usize,
+    px: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(w: usize, h: usize) -> Canvas {
+        Canvas { w, h, px: vec![255; w * h * 3] }
+    }
+
+    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
+            let i = (y as usize * self.w + x as usize) * 3;
+            self.px[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3], thick: i64) {
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
+        for k in 0..=n {
+            let t = k as f64 / n as f64;
+            let (x, y) = ((x0 + (x1 - x0) * t).round() as i64, (y0 + (y1 - y0) * t).round() as i64);
+            for dx in 0..thick {
+                for dy in 0..thick {
+                    self.set(x + dx - thick / 2, y + dy - thick / 2, c);
+                }
+            }
+        }
+    }
+
+    fn text(&mut self, x: i64, y: i64, s: &str, c: [u8; 3]) {
+        for (k, ch) in s.chars().enumerate() {
+            let g = glyph(ch);
+            for (row, bits) in g.iter().enumerate() {
+                for col in 0..5 {
+                    if bits >> (4 - col) & 1 == 1 {
+                        for sx in 0..SCALE {
+                            for sy in 0..SCALE {
+                                let gx = x + (k * 6 * SCALE + col * SCALE + sx) as i64;
+                                self.set(gx, y + (row * SCALE + sy) as i64, c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Width in pixels of `s` in the built-in font.
+fn text_width(s: &str) -> usize {
+    s.chars().count() * 6 * SCALE
+}
+
+/// Compact tick labels: `0.25`, `12`, `1.5e-4`.
+fn tick_label(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
+/// Draws panels side by side into a PNG.
+pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
+    if panels.is_empty() {
+        return Err(Error::Setup("nothing to plot".into()));
+    }
+    let mut cv = Canvas::new(PANEL_W * panels.len(), PANEL_H);
+    for (p, panel) in panels.iter().enumerate() {
+        let ox = (p * PANEL_W) as f64;
+        let (left, right, top, bottom) = (ox + 80.0, ox + PANEL_W as f64 - 20.0, 40.0, PANEL_H as f64 - 70.0);
+        let pts: Vec<(f64, f64)> = panel
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        cv.text(ox as i64 + 80, 10, &panel.title, [0, 0, 0]);
+        let axis = [90, 90, 90];
+        cv.line((left, top), (left, bottom), axis, 1);
+        cv.line((left, bottom), (right, bottom), axis, 1);
+        cv.text(
+            ((left + right) / 2.0) as i64 - text_width(&panel.x_label) as i64 / 2,
+            bottom as i64 + 30,
+            &panel.x_label,
+            [0, 0, 0],
+        );
+        if pts.is_empty() {
+            cv.text(left as i64 + 20, ((top + bottom) / 2.0) as i64, "no data", axis);
+            continue;
+        }
+        let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        if x1 <= x0 {
+            x0 -= 0.5;
+            x1 += 0.5;
+        }
+        if y1 <= y0 {
+            y0 -= 0.5;
+            y1 += 0.5;
+        }
+        let pad = (y1 - y0) * 0.05;
+        let (y0, y1) = (y0 - pad, y1 + pad);
+        let sx = |x: f64| left + (x - x0) / (x1 - x0) * (right - left);
+        let sy = |y: f64| bottom - (y - y0) / (y1 - y0) * (bottom - top);
+        for k in 0..=4 {
+            let yv = y0 + (y1 - y0) * k as f64 / 4.0;
+            let y = sy(yv);
+            cv.line((left - 4.0, y), (left, y), axis, 1);
+            cv.line((left + 1.0, y), (right, y), [232, 232, 232], 1);
+            let label = tick_label(yv);
+            cv.text(left as i64 - 8 - text_width(&label) as i64, y as i64 - 7, &label, [0, 0, 0]);
+            let xv = x0 + (x1 - x0) * k as f64 / 4.0;
+            let x = sx(xv);
+            cv.line((x, bottom), (x, bottom + 4.0), axis, 1);
+            let label = tick_label(xv);
+            cv.text(x as i64 - text_width(&label) as i64 / 2, bottom as i64 + 8, &label, [0, 0, 0]);
+        }
+        for (i, s) in panel.series.iter().enumerate() {
+            let c = COLORS[i % COLORS.len()];
+            let good: Vec<(f64, f64)> =
+                s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            for w in good.windows(2) {
+                cv.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), c, 2);
+            }
+            if good.len() == 1 {
+                let (x, y) = (sx(good[0].0), sy(good[0].1));
+                cv.line((x - 3.0, y), (x + 3.0, y), c, 4);
+            }
+            let ly = top as i64 + 6 + i as i64 * 20;
+            cv.line((right - 150.0, ly as f64 + 7.0), (right - 130.0, ly as f64 + 7.0), c, 3);
+            cv.text(right as i64 - 124, ly, &s.name, [0, 0, 0]);
+        }
+    }
+    write_png(&cv, path)
+}
+
+fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("png.tmp");
+    {
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), cv.w as u32, cv.h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| Error::Setup(format!("{}: {e}", tmp.display())))?;
+        w.write_image_data(&cv.px).map_err(|e| Error::Setup(format!("{}: {e}", tmp.display())))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Loss (train and eval) and reward-margin curves from a `metrics.jsonl`.
+pub fn training_curves(metrics: &Path, png: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
+    let mut series: Vec<Series> = ["loss", "eval_loss", "rewards/margins", "eval_rewards/margins"]
+        .iter()
+        .map(|n| Series { name: n.to_string(), points: Vec::new() })
+        .collect();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
+        for s in &mut series {
+            if let Some(y) = v.get(&s.name).and_then(|y| y.as_f64()) {
+                s.points.push((step, y));
+            }
+        }
+    }
+    let mut it = series.into_iter();
+    let (loss, eval_loss, margin, eval_margin) =
+        (it.next().expect("4"), it.next().expect("4"), it.next().expect("4"), it.next().expect("4"));
+    let mut panels = vec![Panel {
+        title: "LOSS".into(),
+        x_label: "STEP".into(),
+        series: vec![loss, eval_loss].into_iter().filter(|s| !s.points.is_empty()).collect(),
+    }];
+    if !margin.points.is_empty() {
+        panels.push(Panel {
+            title: "REWARD MARGIN".into(),
+            x_label: "STEP".into(),
+            series: vec![margin, eval_margin].into_iter().filter(|s| !s.points.is_empty()).collect(),
+        });
+    }
+    line_charts(&panels, png)
+}
+
+/// 5×7 glyphs, one byte per row (low five bits, left to right). Letters
+/// render in capitals.
+fn glyph(c: char) -> [u8; 7] {
+    match c.to_ascii_uppercase() {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
+        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
+        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
+        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
+        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
+        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
+        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
+        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
+        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
+        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
+        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
+        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
+        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
+        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
+        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
+        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
+        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
+        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
+        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        _ => [0; 7],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_a_png_with_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let s = Series { name: "loss".into(), points: (0..20).map(|i| (i as f64, 1.0 / (1.0 + i as f64))).collect() };
+        line_charts(&[Panel { title: "LOSS".into(), x_label: "STEP".into(), series: vec![s] }], &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut r = dec.read_info().unwrap();
+        let mut buf = vec![0; r.output_buffer_size()];
+        r.next_frame(&mut buf).unwrap();
+        // Some pixels carry the first series' colour.
+        assert!(buf.chunks(3).any(|p| p == COLORS[0]));
+        assert_eq!(tick_label(0.25), "0.25");
+        assert_eq!(tick_label(0.00015), "1.5e-4");
+    }
+}

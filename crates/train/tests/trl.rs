@@ -1,0 +1,212 @@
+//! Exact against TRL: tests/data/trl_fixture.json and trl_grads.safetensors
+//! were written by tools/reference/cpo_fixture.py (TRL 1.16, torch 2.15,
+//! peft 0.21) on SmolLM2-135M with a LoRA adapter set by a closed formula.
+//! If one of these fails after a deliberate change, rerun that script.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+use tabletrace_model::{Adapter, Lora, LoraConfig, Proj};
+use tabletrace_train::examples::{parse_row, tokenize, Example, Row, SftTarget};
+use tabletrace_train::objective::{preference_loss, score, sft_loss};
+use tabletrace_train::{LossConfig, LossType, Method};
+
+use crate::util::smollm2;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn fixture() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(data("trl_fixture.json")).unwrap()).unwrap()
+}
+
+/// The fixture's adapter, from the same formula as the script's `lora_value`.
+fn fixture_lora(meta: &Value) -> Lora {
+    let r = meta["rank"].as_u64().unwrap() as usize;
+    let cfg = LoraConfig {
+        r,
+        alpha: meta["alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        target_modules: Proj::ALL.to_vec(),
+        use_rslora: false,
+    };
+    Lora::init(&smollm2().model, &cfg, |layer, proj, side, rows, cols| {
+        let module = Proj::ALL.iter().position(|p| *p == proj).unwrap() as f64;
+        let which = if side == 'A' { 0.0 } else { 1.0 };
+        let mut v = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                let x = 1.0 + 7.0 * layer as f64 + 13.0 * module + 3.0 * which + 0.37 * i as f64 + 0.11 * j as f64;
+                v.push((0.02 * x.sin()) as f32);
+            }
+        }
+        v
+    })
+    .unwrap()
+}
+
+fn rows(meta: &Value, key: &str) -> Vec<Row> {
+    let tok = &smollm2().tokenizer;
+    meta[key].as_array().unwrap().iter().enumerate().map(|(i, v)| parse_row(v, i + 1, tok).unwrap()).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// TRL's tokenisation: input ids, and the labels' first non-masked index.
+fn check_tokenized(examples: &[Example], expected: &Value) {
+    for (e, want) in examples.iter().zip(expected.as_array().unwrap()) {
+        let Example::Preference { chosen, rejected, .. } = e else { panic!("preference rows") };
+        for (seq, side) in [(chosen, "chosen"), (rejected, "rejected")] {
+            assert_eq!(seq.ids, ids(&want[format!("{side}_input_ids")]), "{side} input ids differ from TRL's");
+            let labels = want[format!("{side}_labels")].as_array().unwrap();
+            let first = labels.iter().position(|l| l.as_i64() != Some(-100)).unwrap();
+            assert_eq!(seq.completion_start, first, "{side}: the completion starts elsewhere than TRL's labels");
+        }
+    }
+}
+
+#[test]
+fn tokenisation_matches_trl_for_standard_and_conversational_rows() {
+    let meta = fixture();
+    let tok = &smollm2().tokenizer;
+    assert_eq!(tok.pad_id() as u64, meta["pad_token_id"].as_u64().unwrap());
+    for (rows_key, tok_key) in [("rows", "tokenized_standard"), ("conversational_rows", "tokenized_conversational")] {
+        let (ex, report) = tokenize(&rows(&meta, rows_key), tok, 512, true, SftTarget::Trace).unwrap();
+        assert_eq!(report.kept, 2);
+        check_tokenized(&ex, &meta[tok_key]);
+    }
+    let sft_rows: Vec<Row> = rows(&meta, "rows")
+        .into_iter()
+        .map(|r| match r {
+            Row::Preference { id, prompt, chosen, .. } => {
+                Row::Completion { id, prompt, completion: chosen, conversational: false }
+            }
+            r => r,
+        })
+        .collect();
+    let (ex, _) = tokenize(&sft_rows, tok, 512, false, SftTarget::Trace).unwrap();
+    for (e, (want_ids, labels)) in ex
+        .iter()
+        .zip(meta["sft"]["input_ids"].as_array().unwrap().iter().zip(meta["sft"]["labels"].as_array().unwrap()))
+    {
+        let Example::Completion { seq, .. } = e else { panic!("completion rows") };
+        assert_eq!(seq.ids, ids(want_ids), "SFT input ids differ from TRL's");
+        let first = labels.as_array().unwrap().iter().position(|l| l.as_i64() != Some(-100)).unwrap();
+        assert_eq!(seq.completion_start, first);
+    }
+}
+
+fn close(name: &str, got: f64, want: f64) {
+    let tol = 1e-4 * want.abs().max(1e-2);
+    assert!((got - want).abs() <= tol, "{name}: ours {got}, TRL {want} (|Δ| {})", (got - want).abs());
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Compares our LoRA gradients with TRL's: cosine per stored tensor, and the global norm.
+fn check_grads(
+    case: &str,
+    lora: &Lora,
+    grads: &candle_core::backprop::GradStore,
+    trl: &HashMap<String, Tensor>,
+    norm: f64,
+) {
+    let mut sq = 0.0;
+    let mut compared = 0;
+    for (name, var) in lora.named_vars() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{case}: {name} got no gradient"));
+        sq += g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        if let Some(want) = trl.get(&format!("{case}/{name}")) {
+            let c = cosine(g, want);
+            assert!(c >= 0.9999, "{case}: {name}: gradient cosine {c} with TRL's");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 28, "{case}: the fixture holds 2 layers × 7 modules × A, B");
+    close(&format!("{case}: global LoRA gradient norm"), sq.sqrt(), norm);
+}
+
+#[test]
+fn cpo_losses_metrics_and_gradients_match_trl() {
+    let meta = fixture();
+    let m = smollm2();
+    let trl = candle_core::safetensors::load(data("trl_grads.safetensors"), &Device::Cpu).unwrap();
+    let lora = fixture_lora(&meta);
+    let (ex, _) = tokenize(&rows(&meta, "rows"), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
+    let mut seqs = Vec::new();
+    for e in &ex {
+        if let Example::Preference { chosen, .. } = e {
+            seqs.push(chosen);
+        }
+    }
+    for e in &ex {
+        if let Example::Preference { rejected, .. } = e {
+            seqs.push(rejected);
+        }
+    }
+    let chosen_tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let loss_cfg = LossConfig {
+            loss_type: LossType::parse(case["loss_type"].as_str().unwrap()),
+            beta: case["beta"].as_f64(),
+            cpo_alpha: case["cpo_alpha"].as_f64(),
+            label_smoothing: case["label_smoothing"].as_f64().unwrap_or(0.0),
+            simpo_gamma: case["simpo_gamma"].as_f64(),
+        };
+        let params = loss_cfg.resolve(Method::Cpo);
+        // One forward per case (a chunk size that does not divide the rows, to exercise chunking).
+        let adapter: &dyn Adapter = &lora;
+        let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 37).unwrap();
+        let (loss, sums) = preference_loss(&scored, &params, 2, chosen_tokens, m.model.config().vocab_size).unwrap();
+        close(&format!("{name}: loss"), sums.loss, case["loss"].as_f64().unwrap());
+        for (k, v) in sums.to_metrics(true, params.cpo_alpha) {
+            if k == "loss" {
+                continue;
+            }
+            let want = case["metrics"][k].as_f64().unwrap_or_else(|| panic!("TRL logs no {k}"));
+            close(&format!("{name}: {k}"), v, want);
+        }
+        let grads = loss.backward().unwrap();
+        check_grads(name, &lora, &grads, &trl, case["grad_norm"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn sft_loss_and_gradients_match_trl() {
+    let meta = fixture();
+    let m = smollm2();
+    let trl = candle_core::safetensors::load(data("trl_grads.safetensors"), &Device::Cpu).unwrap();
+    let lora = fixture_lora(&meta);
+    let sft_rows: Vec<Row> = rows(&meta, "rows")
+        .into_iter()
+        .map(|r| match r {
+            Row::Preference { id, prompt, chosen, .. } => {
+                Row::Completion { id, prompt, completion: chosen, conversational: false }
+            }
+            r => r,
+        })
+        .collect();
+    let (ex, _) = tokenize(&sft_rows, &m.tokenizer, 512, false, SftTarget::Trace).unwrap();
+    let seqs: Vec<_> =
+        ex.iter().map(|e| if let Example::Completion { seq, .. } = e { seq } else { unreachable!() }).collect();
+    let tokens: usize = seqs.iter().map(|s| s.scored()).sum();
+    let adapter: &dyn Adapter = &lora;
+    let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 256).unwrap();
+    let (loss, sums) = sft_loss(&scored, tokens).unwrap();
+    close("sft: loss", sums.loss, meta["sft"]["loss"].as_f64().unwrap());
+    let grads = loss.backward().unwrap();
+    check_grads("sft", &lora, &grads, &trl, meta["sft"]["grad_norm"].as_f64().unwrap());
+}
