@@ -6,6 +6,7 @@ mod data_cmd;
 mod pairs_cmd;
 mod progress;
 mod traces_cmd;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     Pairs(pairs_cmd::PairsArgs),
     /// Chat with a model: prints only the assistant's reply on stdout.
     Chat(chat_cmd::ChatArgs),
+    /// Fine-tune a LoRA adapter with the CPO family or SFT (config in TOML; flags override).
+    Train(train_cmd::TrainArgs),
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
     Bench {
         #[command(subcommand)]
@@ -70,7 +73,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data { command } => data_cmd::run(command, cli.quiet),
         Command::Chat(args) => chat_cmd::run(args),
         Command::Traces(args) => traces_cmd::run(args, cli.quiet),
-        Command::Pairs(args) => pairs_cmd::run(args),
+        Command::Pairs(args) => match args.command {
+            Some(pairs_cmd::PairsCommand::Score(score)) => train_cmd::score_pairs(score),
+            None => pairs_cmd::run(args),
+        },
+        Command::Train(args) => train_cmd::run(args, cli.quiet),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use tabletrace_data::{approx_tokens, load, render_tables, Budget, LoadOptions, RowFormat, TableDb, Trace};
 use tabletrace_trace::{build_pairs, pair_json, PairOptions, PairPolicy, PromptTemplates};
 
@@ -24,8 +24,17 @@ pub enum PairFormat {
     Conversational,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PairsCommand {
+    /// Per-pair log-probs and the loss metrics of pairs under a model (and adapter), without training.
+    Score(crate::train_cmd::ScoreArgs),
+}
+
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PairsArgs {
+    #[command(subcommand)]
+    pub command: Option<PairsCommand>,
     /// Traces from `tabletrace traces` (JSON lines).
     #[arg(long)]
     traces: PathBuf,

@@ -680,6 +680,72 @@ impl Model {
         })
     }
 
+    /// Forward and backward with activation checkpointing: the layers run
+    /// once without keeping their graphs (only each layer's input is kept),
+    /// `head` turns the final hidden states into a loss, and the backward
+    /// recomputes one layer at a time from its kept input. Peak memory is
+    /// one layer's graph instead of all of them, for about a third more
+    /// compute.
+    ///
+    /// Returns the gradients of `vars` (the adapter's variables, `None` for
+    /// one that got none) and what `head` returned beside the loss.
+    pub fn backward_checkpointed<T>(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        adapter: &dyn Adapter,
+        vars: &[Tensor],
+        head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+    ) -> Result<(Vec<Option<Tensor>>, T)> {
+        let (b, t) = ids.dims2()?;
+        let rope = self.rope.at(positions)?;
+        let mask = mask.to_dtype(self.dtype)?;
+        let eps = self.config.rms_norm_eps;
+        let layer_fwd = |i: usize, x: &Tensor| -> Result<Tensor> {
+            let layer = &self.layers[i];
+            let la = Some(LayerAdapter { adapter, layer: i });
+            let a = ops::rms_norm(x, &layer.input_layernorm, eps)?;
+            let h = (x + layer.self_attn.forward(&a, &rope, Some(&mask), None, la)?)?;
+            let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+            Ok((&h + layer.mlp.forward(&m, la)?)?)
+        };
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        for i in 0..self.layers.len() {
+            let out = layer_fwd(i, &h)?.detach();
+            inputs.push(h);
+            h = out;
+        }
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+            for (slot, v) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(v) {
+                    *slot = Some(match slot.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let top = candle_core::Var::from_tensor(&h)?;
+        let (loss, extra) = head(&ops::rms_norm(top.as_tensor(), &self.norm, eps)?)?;
+        let store = loss.backward()?;
+        collect(&store)?;
+        let mut upstream = store.get(top.as_tensor()).cloned();
+        drop(store);
+        for i in (0..self.layers.len()).rev() {
+            let Some(dh) = upstream.take() else { break };
+            let x = candle_core::Var::from_tensor(&inputs[i])?;
+            let y = layer_fwd(i, x.as_tensor())?;
+            let store = (y * dh)?.sum_all()?.backward()?;
+            collect(&store)?;
+            upstream = store.get(x.as_tensor()).cloned();
+        }
+        Ok((grads, extra))
+    }
+
     fn run(
         &self,
         ids: &Tensor,

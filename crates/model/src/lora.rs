@@ -67,6 +67,8 @@ pub struct Lora {
     scale: f64,
     /// Dropout stream while training (`None`: no dropout).
     dropout: Mutex<Option<Rng>>,
+    /// Whether forward passes record a graph for the adapter's variables.
+    tracking: std::sync::atomic::AtomicBool,
 }
 
 /// `adapter_config.json` as PEFT writes it (the fields we read and write).
@@ -135,7 +137,13 @@ impl Lora {
                 pairs.insert((layer, proj), LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
             }
         }
-        Ok(Lora { scale: config.scale(), config: config.clone(), pairs, dropout: Mutex::new(None) })
+        Ok(Lora {
+            scale: config.scale(),
+            config: config.clone(),
+            pairs,
+            dropout: Mutex::new(None),
+            tracking: true.into(),
+        })
     }
 
     /// The configuration.
@@ -156,6 +164,12 @@ impl Lora {
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
         self.pairs.values().map(|p| p.a.elem_count() + p.b.elem_count()).sum()
+    }
+
+    /// Turns gradient tracking on (training, the default) or off (scoring
+    /// and evaluation: no graph is recorded, so memory stays at inference level).
+    pub fn set_tracking(&self, on: bool) {
+        self.tracking.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns dropout on (training, with its own seeded stream) or off.
@@ -263,7 +277,7 @@ impl Lora {
             target_modules: targets,
             use_rslora: peft.use_rslora,
         };
-        Ok(Lora { scale: config.scale(), config, pairs: out, dropout: Mutex::new(None) })
+        Ok(Lora { scale: config.scale(), config, pairs: out, dropout: Mutex::new(None), tracking: true.into() })
     }
 
     /// Copies the values of `other` (same shapes) into this adapter's variables.
@@ -323,8 +337,14 @@ impl Adapter for Lora {
         let dims = x.dims().to_vec();
         let k = *dims.last().expect("inputs have a feature dimension");
         let rows = x.elem_count() / k.max(1);
-        let h = x.reshape((rows, k))?.matmul(&pair.a.as_tensor().t()?)?; // (rows, r)
-        let y = (h.matmul(&pair.b.as_tensor().t()?)? * self.scale)?; // (rows, out)
+        let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
+        let (a, b) = if track {
+            (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
+        } else {
+            (pair.a.as_tensor().detach(), pair.b.as_tensor().detach())
+        };
+        let h = x.reshape((rows, k))?.matmul(&a.t()?)?; // (rows, r)
+        let y = (h.matmul(&b.t()?)? * self.scale)?; // (rows, out)
         let mut out = dims;
         *out.last_mut().expect("rank > 0") = y.dim(1)?;
         Ok(Some(y.reshape(out)?))

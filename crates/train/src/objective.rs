@@ -30,12 +30,90 @@ pub struct Scored {
     pub padded_len: usize,
 }
 
-/// Scores `seqs` in one right-padded batch: token `t + 1` of each
-/// completion under the model's prediction at position `t`.
+/// Sequences laid out as one right-padded batch.
 ///
 /// Padding follows Hugging Face with right padding: positions count from 0
 /// through the padding, and every query attends to the real tokens at or
 /// before it (padding queries too, so their logits match for the metrics).
+pub struct Batch {
+    /// `(S, T)` token ids.
+    pub ids: Tensor,
+    /// `(S, T)` positions.
+    pub positions: Tensor,
+    /// `(S, T, T)` additive mask.
+    pub mask: Tensor,
+    /// Flat positions `s * T + t` whose next token is scored.
+    rows: Tensor,
+    /// The scored tokens.
+    targets: Vec<u32>,
+    /// `(S, N)` 0/1: which scored token belongs to which sequence.
+    segments: Tensor,
+    counts: Vec<usize>,
+    padded_len: usize,
+}
+
+impl Batch {
+    /// Lays out `seqs`, padding with `pad_id`.
+    pub fn new(seqs: &[&Sequence], pad_id: u32, device: &candle_core::Device) -> Result<Batch> {
+        let s = seqs.len();
+        let t = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(s * t);
+        let mut mask = Vec::with_capacity(s * t * t);
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut counts = Vec::with_capacity(s);
+        for (r, q) in seqs.iter().enumerate() {
+            let n = q.ids.len();
+            ids.extend(q.ids.iter().copied().chain(std::iter::repeat_n(pad_id, t - n)));
+            for i in 0..t {
+                for j in 0..t {
+                    mask.push(if j <= i && j < n { 0.0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+            for k in q.completion_start.max(1)..n {
+                rows.push((r * t + k - 1) as u32);
+                targets.push(q.ids[k]);
+            }
+            counts.push(q.scored());
+        }
+        let total: usize = counts.iter().sum();
+        let mut seg = vec![0f32; s * total];
+        let mut at = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            seg[r * total + at..r * total + at + c].fill(1.0);
+            at += c;
+        }
+        let positions: Vec<u32> = (0..s).flat_map(|_| 0..t as u32).collect();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (s, t), device)?,
+            positions: Tensor::from_vec(positions, (s, t), device)?,
+            mask: Tensor::from_vec(mask, (s, t, t), device)?,
+            rows: Tensor::from_vec(rows, total, device)?,
+            targets,
+            segments: Tensor::from_vec(seg, (s, total), device)?,
+            counts,
+            padded_len: t,
+        })
+    }
+
+    /// Scores the batch from the model's final hidden states `(S, T, H)`.
+    pub fn score_hidden(&self, model: &Model, hidden: &Tensor, chunk: usize) -> Result<Scored> {
+        let (s, t, h) = hidden.dims3()?;
+        let flat = hidden.reshape((s * t, h))?.to_dtype(DType::F32)?;
+        let (weight, bias) = model.output_weight()?;
+        let weight = weight.to_dtype(DType::F32)?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let picked = flat.index_select(&self.rows, 0)?; // (N, H)
+        let logp = ops::token_logprobs(&picked, &weight, bias.as_ref(), &self.targets, chunk)?; // (N,)
+        let logp_sums = self.segments.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?; // (S,)
+        let logit_sums =
+            ops::logit_sums(&flat, &weight, bias.as_ref())?.reshape((s, t))?.sum(1)?.to_dtype(DType::F64)?.to_vec1()?;
+        Ok(Scored { logp_sums, counts: self.counts.clone(), logit_sums, padded_len: self.padded_len })
+    }
+}
+
+/// Scores `seqs` in one right-padded batch: token `t + 1` of each
+/// completion under the model's prediction at position `t` (see [`Batch`]).
 pub fn score(
     model: &Model,
     adapter: Option<&dyn Adapter>,
@@ -43,65 +121,9 @@ pub fn score(
     pad_id: u32,
     chunk: usize,
 ) -> Result<Scored> {
-    let device = model.device();
-    let s = seqs.len();
-    let t = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(s * t);
-    let mut mask = Vec::with_capacity(s * t * t);
-    let mut rows = Vec::new(); // flat positions whose next token is scored
-    let mut targets = Vec::new();
-    let mut seg = vec![0f32; 0];
-    let mut counts = Vec::with_capacity(s);
-    for (r, q) in seqs.iter().enumerate() {
-        let n = q.ids.len();
-        ids.extend(q.ids.iter().copied().chain(std::iter::repeat_n(pad_id, t - n)));
-        for i in 0..t {
-            for j in 0..t {
-                mask.push(if j <= i && j < n { 0.0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-        let start = q.completion_start.max(1);
-        for k in start..n {
-            rows.push((r * t + k - 1) as u32);
-            targets.push(q.ids[k]);
-        }
-        counts.push(q.scored());
-    }
-    let total: usize = counts.iter().sum();
-    // Segment matrix (S, N): row r sums the log-probs of sequence r.
-    seg.resize(s * total, 0.0);
-    let mut at = 0;
-    for (r, &c) in counts.iter().enumerate() {
-        for k in at..at + c {
-            seg[r * total + k] = 1.0;
-        }
-        at += c;
-    }
-    let ids_t = Tensor::from_vec(ids, (s, t), device)?;
-    let positions: Vec<u32> = (0..s).flat_map(|_| 0..t as u32).collect();
-    let pos_t = Tensor::from_vec(positions, (s, t), device)?;
-    let mask_t = Tensor::from_vec(mask, (s, t, t), device)?;
-    let hidden = model.hidden_states(&ids_t, &pos_t, Some(&mask_t), adapter)?; // (S, T, H)
-    let h = hidden.dim(2)?;
-    let flat = hidden.reshape((s * t, h))?;
-    let (weight, bias) = model.output_weight()?;
-    let weight = weight.to_dtype(flat.dtype())?;
-    let picked = flat.index_select(&Tensor::from_vec(rows, total, device)?, 0)?; // (N, H)
-    let logp = ops::token_logprobs(
-        &picked.to_dtype(DType::F32)?,
-        &weight.to_dtype(DType::F32)?,
-        bias.as_ref(),
-        &targets,
-        chunk,
-    )?; // (N,)
-    let seg_t = Tensor::from_vec(seg, (s, total), device)?;
-    let logp_sums = seg_t.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?; // (S,)
-    let sums = ops::logit_sums(&flat.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?, bias.as_ref())?
-        .reshape((s, t))?
-        .sum(1)?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    Ok(Scored { logp_sums, counts, logit_sums: sums, padded_len: t })
+    let batch = Batch::new(seqs, pad_id, model.device())?;
+    let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), adapter)?; // (S, T, H)
+    batch.score_hidden(model, &hidden, chunk)
 }
 
 /// Sums over one micro-batch of what TRL logs, to be averaged over a step.

@@ -191,15 +191,14 @@ fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
 /// Loss (train and eval) and reward-margin curves from a `metrics.jsonl`.
 pub fn training_curves(metrics: &Path, png: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
-    let mut series: Vec<Series> = ["loss", "eval_loss", "rewards/margins", "eval_rewards/margins"]
-        .iter()
-        .map(|n| Series { name: n.to_string(), points: Vec::new() })
-        .collect();
+    let keys = ["loss", "eval_loss", "rewards/margins", "eval_rewards/margins"];
+    let mut series: Vec<Series> =
+        ["train", "eval", "train", "eval"].iter().map(|n| Series { name: n.to_string(), points: Vec::new() }).collect();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
-        for s in &mut series {
-            if let Some(y) = v.get(&s.name).and_then(|y| y.as_f64()) {
+        for (s, key) in series.iter_mut().zip(keys) {
+            if let Some(y) = v.get(key).and_then(|y| y.as_f64()) {
                 s.points.push((step, y));
             }
         }

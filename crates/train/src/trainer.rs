@@ -26,12 +26,12 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use tabletrace_data::Reporter;
-use tabletrace_model::{Adapter, LoadedModel, Lora};
+use tabletrace_model::{LoadedModel, Lora};
 
 use crate::config::{LossParams, TrainConfig};
 use crate::error::{io, Error, Result};
 use crate::examples::{read_rows, tokenize, Example, SftTarget, TokenizeReport};
-use crate::objective::{preference_loss, score, sft_loss, MetricSums};
+use crate::objective::{preference_loss, sft_loss, Batch, MetricSums};
 use crate::optim::{clip, global_norm, learning_rate, AdamW};
 use crate::plot;
 
@@ -170,40 +170,68 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Loss and metric sums of one micro-batch, normalised by the step totals.
-    fn micro_batch(&self, rows: &[&Example], totals: (usize, usize)) -> Result<(Tensor, MetricSums)> {
+    /// The sequences of a micro-batch: chosen ones first, then rejected (preference), or the SFT sequences.
+    fn sequences<'e>(&self, rows: &[&'e Example]) -> Vec<&'e crate::examples::Sequence> {
+        let mut seqs = Vec::with_capacity(rows.len() * 2);
+        for e in rows {
+            match e {
+                Example::Preference { chosen, .. } => seqs.push(chosen),
+                Example::Completion { seq, .. } => seqs.push(seq),
+            }
+        }
+        for e in rows {
+            if let Example::Preference { rejected, .. } = e {
+                seqs.push(rejected);
+            }
+        }
+        seqs
+    }
+
+    /// The loss of scored sequences, normalised by the step totals.
+    fn loss_of(&self, scored: &crate::objective::Scored, totals: (usize, usize)) -> Result<(Tensor, MetricSums)> {
+        if self.cfg.method.is_preference() {
+            preference_loss(scored, &self.loss, totals.0, totals.1, self.loaded.model.config().vocab_size)
+        } else {
+            sft_loss(scored, totals.1)
+        }
+    }
+
+    /// Metric sums of one micro-batch and, when `vars` are given, the
+    /// gradients of its loss (normalised by the step totals) for them.
+    fn micro_batch(
+        &self,
+        rows: &[&Example],
+        totals: (usize, usize),
+        vars: Option<&[Tensor]>,
+    ) -> Result<(Vec<Option<Tensor>>, MetricSums)> {
         let model = &self.loaded.model;
-        let adapter: &dyn Adapter = &self.lora;
-        let pad = self.loaded.tokenizer.pad_id();
+        let seqs = self.sequences(rows);
+        let batch = Batch::new(&seqs, self.loaded.tokenizer.pad_id(), model.device())?;
         let chunk = self.cfg.logprob_chunk;
         let tokens: usize = rows.iter().map(|e| e.tokens()).sum();
-        let (loss, mut sums) = if self.cfg.method.is_preference() {
-            let mut seqs = Vec::with_capacity(rows.len() * 2);
-            for e in rows {
-                if let Example::Preference { chosen, .. } = e {
-                    seqs.push(chosen);
-                }
+        let (grads, mut sums) = match vars {
+            None => {
+                self.lora.set_tracking(false);
+                let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(&self.lora));
+                self.lora.set_tracking(true);
+                let (_, sums) = self.loss_of(&batch.score_hidden(model, &hidden?, chunk)?, totals)?;
+                (Vec::new(), sums)
             }
-            for e in rows {
-                if let Example::Preference { rejected, .. } = e {
-                    seqs.push(rejected);
-                }
+            Some(vars) if self.cfg.activation_checkpointing => {
+                model.backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &self.lora, vars, |hidden| {
+                    let scored = batch.score_hidden(model, hidden, chunk).map_err(to_model_error)?;
+                    self.loss_of(&scored, totals).map_err(to_model_error)
+                })?
             }
-            let scored = score(model, Some(adapter), &seqs, pad, chunk)?;
-            preference_loss(&scored, &self.loss, totals.0, totals.1, model.config().vocab_size)?
-        } else {
-            let seqs: Vec<_> = rows
-                .iter()
-                .filter_map(|e| match e {
-                    Example::Completion { seq, .. } => Some(seq),
-                    _ => None,
-                })
-                .collect();
-            let scored = score(model, Some(adapter), &seqs, pad, chunk)?;
-            sft_loss(&scored, totals.1)?
+            Some(vars) => {
+                let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(&self.lora))?;
+                let (loss, sums) = self.loss_of(&batch.score_hidden(model, &hidden, chunk)?, totals)?;
+                let store = loss.backward()?;
+                (vars.iter().map(|v| store.get(v).cloned()).collect(), sums)
+            }
         };
         sums.tokens = tokens;
-        Ok((loss, sums))
+        Ok((grads, sums))
     }
 
     /// `(rows, chosen completion tokens)` of a set of examples.
@@ -225,7 +253,7 @@ impl<'a> Trainer<'a> {
         let totals = Self::totals(&rows);
         let mut sums = MetricSums::default();
         for batch in rows.chunks(self.cfg.batch_size) {
-            let (_, s) = self.micro_batch(batch, totals)?;
+            let (_, s) = self.micro_batch(batch, totals, None)?;
             sums.add(&s);
         }
         Ok(sums
@@ -290,6 +318,7 @@ impl<'a> Trainer<'a> {
         let (mut last, mut tokens_done, t0) = (Vec::new(), 0usize, Instant::now());
         let named: Vec<(String, candle_core::Var)> =
             self.lora.named_vars().into_iter().map(|(n, v)| (n, v.clone())).collect();
+        let var_tensors: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         for step in start..total {
             let (epoch, in_epoch) = (step / per_epoch, step % per_epoch);
             let order = epoch_order(self.train.len(), cfg.seed, epoch);
@@ -305,16 +334,15 @@ impl<'a> Trainer<'a> {
                 self.lora.set_dropout_seed(Some(
                     cfg.seed ^ ((step as u64) << 16 | m as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
                 ));
-                let (loss, s) = self.micro_batch(&rows, totals)?;
+                let (g, s) = self.micro_batch(&rows, totals, Some(&var_tensors))?;
                 if !s.loss.is_finite() {
                     return Err(Error::NotFinite { step: step + 1, micro_batch: m, rows: ids(), what: "loss" });
                 }
-                let g = loss.backward()?;
-                for (name, var) in &named {
-                    if let Some(gv) = g.get(var.as_tensor()) {
+                for ((name, _), gv) in named.iter().zip(g) {
+                    if let Some(gv) = gv {
                         let acc = match grads.remove(name) {
                             Some(prev) => (prev + gv)?,
-                            None => gv.clone(),
+                            None => gv,
                         };
                         grads.insert(name.clone(), acc);
                     }
@@ -486,5 +514,14 @@ mod tests {
         let b1 = step_batches(&o, 1, &cfg);
         assert_eq!(b0.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3]);
         assert_eq!(b1.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 1]);
+    }
+}
+
+/// Carries a trainer error through the model's checkpointed backward.
+fn to_model_error(e: Error) -> tabletrace_model::Error {
+    match e {
+        Error::Model(m) => m,
+        Error::Candle(c) => tabletrace_model::Error::Candle(c),
+        other => tabletrace_model::Error::Request(other.to_string()),
     }
 }

@@ -210,3 +210,47 @@ fn sft_loss_and_gradients_match_trl() {
     let grads = loss.backward().unwrap();
     check_grads("sft", &lora, &grads, &trl, meta["sft"]["grad_norm"].as_f64().unwrap());
 }
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    use tabletrace_train::objective::Batch;
+    let meta = fixture();
+    let m = smollm2();
+    let lora = fixture_lora(&meta);
+    let (ex, _) = tokenize(&rows(&meta, "rows"), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
+    let mut seqs = Vec::new();
+    for e in &ex {
+        if let Example::Preference { chosen, .. } = e {
+            seqs.push(chosen);
+        }
+    }
+    for e in &ex {
+        if let Example::Preference { rejected, .. } = e {
+            seqs.push(rejected);
+        }
+    }
+    let tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
+    let params = LossConfig::default().resolve(Method::Cpo);
+    let vocab = m.model.config().vocab_size;
+    let vars: Vec<Tensor> = lora.named_vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let adapter: &dyn Adapter = &lora;
+    let plain = {
+        let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 64).unwrap();
+        let (loss, _) = preference_loss(&scored, &params, 2, tokens, vocab).unwrap();
+        let store = loss.backward().unwrap();
+        vars.iter().map(|v| store.get(v).unwrap().clone()).collect::<Vec<_>>()
+    };
+    let batch = Batch::new(&seqs, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
+    let (ckpt, _) = m
+        .model
+        .backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &lora, &vars, |h| {
+            let scored = batch.score_hidden(&m.model, h, 64).unwrap();
+            Ok(preference_loss(&scored, &params, 2, tokens, vocab).unwrap())
+        })
+        .unwrap();
+    for ((name, _), (a, b)) in lora.named_vars().iter().zip(plain.iter().zip(&ckpt)) {
+        let b = b.as_ref().unwrap_or_else(|| panic!("{name}: no gradient with checkpointing"));
+        let c = cosine(a, b);
+        assert!(c >= 0.99999, "{name}: cosine {c} between plain and checkpointed gradients");
+    }
+}
