@@ -36,11 +36,11 @@ pub struct PairsArgs {
     #[command(subcommand)]
     pub command: Option<PairsCommand>,
     /// Traces from `tabletrace traces` (JSON lines).
-    #[arg(long)]
-    traces: PathBuf,
+    #[arg(long, required = true)]
+    traces: Option<PathBuf>,
     /// The dataset the traces were made for (to render each question's prompt).
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
     /// Spider's database/ folder.
     #[arg(long)]
     db_dir: Option<PathBuf>,
@@ -67,8 +67,8 @@ pub struct PairsArgs {
     #[arg(long, value_enum, default_value_t = PairFormat::Standard)]
     format: PairFormat,
     /// Output JSON lines (a report is written beside it as `.report.json`).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
 }
 
 fn read_traces(path: &PathBuf) -> anyhow::Result<Vec<Trace>> {
@@ -85,12 +85,15 @@ fn read_traces(path: &PathBuf) -> anyhow::Result<Vec<Trace>> {
 }
 
 pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
-    let traces = read_traces(&a.traces)?;
+    let (Some(traces_path), Some(data), Some(out)) = (&a.traces, &a.data, &a.out) else {
+        bail!("pairs needs --traces, --data and --out (or the `score` subcommand)");
+    };
+    let traces = read_traces(traces_path)?;
     if traces.is_empty() {
-        bail!("{} holds no traces", a.traces.display());
+        bail!("{} holds no traces", traces_path.display());
     }
-    let ds = load(&a.data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
-        .with_context(|| format!("loading {}", a.data.display()))?;
+    let ds = load(data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
+        .with_context(|| format!("loading {}", data.display()))?;
     let wanted: std::collections::HashSet<&str> = traces.iter().map(|t| t.question_id.as_str()).collect();
     let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
     let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: None };
@@ -140,7 +143,7 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
             *report.error_types.entry(e.to_string()).or_default() += 1;
         }
     }
-    let tmp = a.out.with_extension("jsonl.tmp");
+    let tmp = out.with_extension("jsonl.tmp");
     {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
@@ -151,8 +154,8 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
         }
         f.flush()?;
     }
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    let report_path = a.out.with_extension("report.json");
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    let report_path = out.with_extension("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
     eprintln!(
         "{} pairs for {} of {} questions ({:?} policy); wrote {} and {}",
@@ -160,7 +163,7 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
         report.questions_with_pairs,
         report.questions,
         policy,
-        a.out.display(),
+        out.display(),
         report_path.display()
     );
     for (g, s) in &report.generators {

@@ -105,7 +105,8 @@ pub fn resolve_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 
 pub fn run(args: TrainArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let cfg = resolve_config(&args)?;
-    let loaded = load_model(&cfg.model, &LoadOptions::default())
+    let (device, dtype) = cfg.device()?;
+    let loaded = load_model(&cfg.model, &LoadOptions { device, dtype, ..LoadOptions::default() })
         .with_context(|| format!("cannot load the model {:?}", cfg.model))?;
     let bar = Bar::new(quiet);
     let mut trainer = Trainer::new(cfg, &loaded, &bar)?;

@@ -5,6 +5,7 @@ mod chat;
 mod data;
 mod resume;
 mod traces;
+mod train;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -382,23 +382,11 @@ impl Attention {
             Some(c) => c.append(&k, &v)?, // (B, KV, S, D), S = cached + T
             None => (k, v),
         };
-        let s = k.dim(2)?;
         let g = h / kv;
         // Grouped-query attention without copying k/v: query heads j*G..j*G+G
         // share kv head j, so q is viewed as (B, KV, G*T, D).
         let q = q.reshape((b, kv, g * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, KV, G*T, S)
-        let scores = match mask {
-            Some(m) => scores.reshape((b, kv, g, t, s))?.broadcast_add(&m.reshape((b, 1, 1, t, s))?)?.reshape((
-                b,
-                kv,
-                g * t,
-                s,
-            ))?,
-            None => scores,
-        };
-        let probs = ops::softmax_last(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?; // (B, KV, G*T, D)
+        let out = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (B, KV, G*T, D)
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         LayerAdapter::add(adapter, Proj::O, &out, self.o_proj.forward(&out)?)
     }

@@ -65,8 +65,10 @@ pub struct Lora {
     config: LoraConfig,
     pairs: BTreeMap<(usize, Proj), LoraPair>,
     scale: f64,
-    /// Dropout stream while training (`None`: no dropout).
-    dropout: Mutex<Option<Rng>>,
+    /// Dropout seed while training (`None`: no dropout). Each (layer,
+    /// projection) draws its mask from this seed and its own position, so
+    /// a recomputed forward (activation checkpointing) draws the same mask.
+    dropout: Mutex<Option<u64>>,
     /// Whether forward passes record a graph for the adapter's variables.
     tracking: std::sync::atomic::AtomicBool,
 }
@@ -174,7 +176,7 @@ impl Lora {
 
     /// Turns dropout on (training, with its own seeded stream) or off.
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
-        *self.dropout.lock().expect("the dropout lock is never poisoned") = seed.map(Rng::new);
+        *self.dropout.lock().expect("the dropout lock is never poisoned") = seed;
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
@@ -297,14 +299,30 @@ impl Lora {
         })
     }
 
-    fn dropout_mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn dropout_mask(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let p = self.config.dropout;
-        let mut guard = self.dropout.lock().expect("the dropout lock is never poisoned");
-        let Some(rng) = guard.as_mut().filter(|_| p > 0.0) else {
+        let seed = *self.dropout.lock().expect("the dropout lock is never poisoned");
+        let Some(seed) = seed.filter(|_| p > 0.0) else {
             return Ok(None);
         };
+        use rayon::prelude::*;
+        let base = seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
         let keep = (1.0 / (1.0 - p)) as f32;
-        let v: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() < p { 0.0 } else { keep }).collect();
+        // 16-bit uniform draws, four per 64-bit random word; fixed-size chunks
+        // with their own streams, so the mask does not depend on the thread count.
+        let threshold = (p * 65536.0).round() as u64;
+        const CHUNK: usize = 1 << 14;
+        let mut v = vec![0f32; x.elem_count()];
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let mut rng = Rng::new(base.wrapping_add((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            for quad in out.chunks_mut(4) {
+                let mut word = rng.next_u64();
+                for o in quad {
+                    *o = if word & 0xFFFF < threshold { 0.0 } else { keep };
+                    word >>= 16;
+                }
+            }
+        });
         Ok(Some(Tensor::from_vec(v, x.dims(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
     }
 }
@@ -330,7 +348,7 @@ impl Adapter for Lora {
         let Some(pair) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let x = match self.dropout_mask(x)? {
+        let x = match self.dropout_mask(layer, proj, x)? {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
@@ -343,8 +361,9 @@ impl Adapter for Lora {
         } else {
             (pair.a.as_tensor().detach(), pair.b.as_tensor().detach())
         };
-        let h = x.reshape((rows, k))?.matmul(&a.t()?)?; // (rows, r)
-        let y = (h.matmul(&b.t()?)? * self.scale)?; // (rows, out)
+        // The adapter stays f32 over a bf16/f16 base (mixed precision on GPUs).
+        let h = x.reshape((rows, k))?.to_dtype(a.dtype())?.matmul(&a.t()?)?; // (rows, r)
+        let y = (h.matmul(&b.t()?)? * self.scale)?.to_dtype(x.dtype())?; // (rows, out)
         let mut out = dims;
         *out.last_mut().expect("rank > 0") = y.dim(1)?;
         Ok(Some(y.reshape(out)?))

@@ -200,6 +200,64 @@ pub fn token_logprobs(
     attach(hidden, &logp, "token-logprobs", backward)
 }
 
+/// Grouped-query attention `softmax(q k^T · scale + mask) v`.
+///
+/// - `q`: `(B, KV, G·T, D)`: the `G` query heads sharing each key/value
+///   head, stacked along the rows;
+/// - `k`, `v`: `(B, KV, S, D)`;
+/// - `mask`: additive `(B, T, S)`, the same for every head.
+///
+/// Computed without a graph (candle's fused softmax), keeping only the
+/// probabilities for a hand-written backward: `dV = Pᵀ dO`,
+/// `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = dS K · scale`,
+/// `dK = dSᵀ Q · scale`. The composed version keeps about five
+/// score-sized tensors per layer and runs as many elementwise passes.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, kv, gt, _) = q.dims4()?;
+    let s = k.dim(2)?;
+    let (qd, kd, vd) = (q.detach(), k.detach().contiguous()?, v.detach().contiguous()?);
+    let scores = (qd.matmul(&kd.t()?)? * scale)?; // (B, KV, G·T, S)
+    let scores = match mask {
+        Some(m) => {
+            let t = m.dim(1)?;
+            let g = gt / t;
+            scores.reshape((b, kv, g, t, s))?.broadcast_add(&m.reshape((b, 1, 1, t, s))?)?.reshape((b, kv, gt, s))?
+        }
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&vd)?; // (B, KV, G·T, D)
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    // One backward computes all three gradients; each input's op takes its own.
+    let slots: Arc<std::sync::Mutex<[Option<Tensor>; 3]>> = Arc::new(std::sync::Mutex::new([None, None, None]));
+    let grads_for =
+        move |which: usize, slots: &std::sync::Mutex<[Option<Tensor>; 3]>, d_out: &Tensor| -> Result<Tensor> {
+            let mut g = slots.lock().expect("the attention-gradient lock is never poisoned");
+            if g[which].is_none() {
+                let d_out = d_out.contiguous()?;
+                let dv = probs.t()?.matmul(&d_out)?; // (B, KV, S, D)
+                let dp = d_out.matmul(&vd.t()?)?; // (B, KV, G·T, S)
+                let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
+                let ds = (probs.clone() * dp.broadcast_sub(&row)?)?;
+                let dq = (ds.matmul(&kd)? * scale)?;
+                let dk = (ds.t()?.matmul(&qd)? * scale)?;
+                *g = [Some(dq), Some(dk), Some(dv)];
+            }
+            Ok(g[which].take().expect("filled above"))
+        };
+    let grads_for = Arc::new(grads_for);
+    let op = |which: usize| -> Backward {
+        let (f, slots) = (grads_for.clone(), slots.clone());
+        Box::new(move |d_out: &Tensor| f(which, &slots, d_out))
+    };
+    let zeros = out.zeros_like()?;
+    let y = attach(q, &out, "attention-q", op(0))?;
+    let y = (y + attach(k, &zeros, "attention-k", op(1))?)?;
+    y + attach(v, &zeros, "attention-v", op(2))?
+}
+
 /// Per row of `hidden` `(N, H)`, the sum over the vocabulary of
 /// `hidden @ weight^T + bias`, without the `(N, V)` product: `hidden · Σ_v W[v] + Σ b`.
 /// For the mean-logit metrics TRL logs. No gradient.
@@ -282,6 +340,49 @@ mod tests {
         let cos = randn(&[1, 3, 4], 3);
         let sin = randn(&[1, 3, 4], 4);
         check_grad(&randn(&[1, 2, 3, 8], 9), |x| rope_half(x, &cos, &sin).unwrap());
+    }
+
+    #[test]
+    fn attention_matches_the_composed_version_and_finite_differences() {
+        let (b, kv, g, t, d) = (2, 2, 2, 3, 4);
+        let q = randn(&[b, kv, g * t, d], 31);
+        let k = randn(&[b, kv, t, d], 32);
+        let v = randn(&[b, kv, t, d], 33);
+        let mask = crate::causal_mask(b, t, 0, &Device::Cpu).unwrap();
+        let composed = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            let sc = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
+            let sc = sc
+                .reshape((b, kv, g, t, t))
+                .unwrap()
+                .broadcast_add(&mask.reshape((b, 1, 1, t, t)).unwrap())
+                .unwrap()
+                .reshape((b, kv, g * t, t))
+                .unwrap();
+            candle_nn::ops::softmax(&sc, D::Minus1).unwrap().matmul(v).unwrap()
+        };
+        let qv = Var::from_tensor(&q).unwrap();
+        assert!(max_diff(&attention(qv.as_tensor(), &k, &v, Some(&mask), 0.5).unwrap(), &composed(&q, &k, &v)) < 1e-5);
+        check_grad(&q, |x| attention(x, &k, &v, Some(&mask), 0.5).unwrap());
+        check_grad(&k, |x| attention(&q, x, &v, Some(&mask), 0.5).unwrap());
+        check_grad(&v, |x| attention(&q, &k, x, Some(&mask), 0.5).unwrap());
+        // All three at once, as in the model.
+        let (kv_, vv) = (Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+        let probe = randn(&[b, kv, g * t, d], 34);
+        let ours = (attention(qv.as_tensor(), kv_.as_tensor(), vv.as_tensor(), Some(&mask), 0.5).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let reference = (composed(qv.as_tensor(), kv_.as_tensor(), vv.as_tensor()) * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for x in [qv.as_tensor(), kv_.as_tensor(), vv.as_tensor()] {
+            assert!(max_diff(ours.get(x).unwrap(), reference.get(x).unwrap()) < 1e-5);
+        }
     }
 
     #[test]

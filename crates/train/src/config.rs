@@ -305,6 +305,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Rows of the output layer scored at once (memory vs speed). Default 256.
     pub logprob_chunk: usize,
+    /// `cpu`, or `cuda` / `cuda:N` (needs the `cuda` cargo feature; the base
+    /// is then held in bf16 while LoRA and the optimizer stay f32). Default cpu.
+    pub device: String,
     /// Recompute each layer in the backward instead of keeping every
     /// layer's activations: memory of one layer's graph, ~1/3 more compute. Default true.
     pub activation_checkpointing: bool,
@@ -338,6 +341,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             logprob_chunk: 256,
             activation_checkpointing: true,
+            device: "cpu".into(),
             lora: LoraSettings::default(),
             loss: LossConfig::default(),
             optim: OptimConfig::default(),
@@ -373,6 +377,9 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return bad("eval_fraction", format!("{} is not in [0, 1)", self.eval_fraction));
         }
+        if self.device != "cpu" && self.device != "cuda" && !self.device.starts_with("cuda:") {
+            return bad("device", format!("{:?} is not cpu, cuda or cuda:N", self.device));
+        }
         if self.lora.r == 0 {
             return bad("lora.r", "must be at least 1".into());
         }
@@ -397,6 +404,22 @@ impl TrainConfig {
             return bad("schedule.warmup_ratio", format!("{} is not in [0, 1)", self.schedule.warmup_ratio));
         }
         Ok(())
+    }
+
+    /// The device and base-weight dtype to load the model with.
+    pub fn device(&self) -> Result<(candle_core::Device, candle_core::DType)> {
+        if self.device == "cpu" {
+            return Ok((candle_core::Device::Cpu, candle_core::DType::F32));
+        }
+        let n = self.device.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>).map_err(|_| Error::Config {
+            key: "device".into(),
+            message: format!("{:?}: the GPU number is not a number", self.device),
+        })?;
+        let d = candle_core::Device::new_cuda(n).map_err(|e| Error::Config {
+            key: "device".into(),
+            message: format!("{}: {e} (build with `--features cuda` on a machine with the CUDA toolkit)", self.device),
+        })?;
+        Ok((d, candle_core::DType::BF16))
     }
 
     /// A digest of everything that shapes the optimisation (not where

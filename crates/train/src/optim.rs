@@ -150,7 +150,7 @@ mod tests {
             opt.step(&[("p".to_string(), &var)], &grads, 0.1).unwrap();
         }
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
-        for (a, b) in got.iter().zip([0.8457245230674744f32, -1.8183910846710205, 2.77211332321167]) {
+        for (a, b) in got.iter().zip([0.845_724_5f32, -1.818_391, 2.772_113_3]) {
             assert!((a - b).abs() < 1e-5, "{got:?}");
         }
     }

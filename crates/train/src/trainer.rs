@@ -498,6 +498,15 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     write_atomic(path, body.as_bytes())
 }
 
+/// Carries a trainer error through the model's checkpointed backward.
+fn to_model_error(e: Error) -> tabletrace_model::Error {
+    match e {
+        Error::Model(m) => m,
+        Error::Candle(c) => tabletrace_model::Error::Candle(c),
+        other => tabletrace_model::Error::Request(other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,14 +523,5 @@ mod tests {
         let b1 = step_batches(&o, 1, &cfg);
         assert_eq!(b0.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3]);
         assert_eq!(b1.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 1]);
-    }
-}
-
-/// Carries a trainer error through the model's checkpointed backward.
-fn to_model_error(e: Error) -> tabletrace_model::Error {
-    match e {
-        Error::Model(m) => m,
-        Error::Candle(c) => tabletrace_model::Error::Candle(c),
-        other => tabletrace_model::Error::Request(other.to_string()),
     }
 }

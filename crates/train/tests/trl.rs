@@ -25,11 +25,15 @@ fn fixture() -> Value {
 
 /// The fixture's adapter, from the same formula as the script's `lora_value`.
 fn fixture_lora(meta: &Value) -> Lora {
+    fixture_lora_with_dropout(meta, 0.0)
+}
+
+fn fixture_lora_with_dropout(meta: &Value, dropout: f64) -> Lora {
     let r = meta["rank"].as_u64().unwrap() as usize;
     let cfg = LoraConfig {
         r,
         alpha: meta["alpha"].as_f64().unwrap(),
-        dropout: 0.0,
+        dropout,
         target_modules: Proj::ALL.to_vec(),
         use_rslora: false,
     };
@@ -212,11 +216,13 @@ fn sft_loss_and_gradients_match_trl() {
 }
 
 #[test]
-fn activation_checkpointing_gives_the_same_gradients() {
+fn activation_checkpointing_gives_the_same_gradients_with_dropout() {
     use tabletrace_train::objective::Batch;
     let meta = fixture();
     let m = smollm2();
-    let lora = fixture_lora(&meta);
+    // With dropout: the recomputed forward must draw the same masks.
+    let lora = fixture_lora_with_dropout(&meta, 0.1);
+    lora.set_dropout_seed(Some(5));
     let (ex, _) = tokenize(&rows(&meta, "rows"), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
     let mut seqs = Vec::new();
     for e in &ex {
