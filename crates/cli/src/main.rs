@@ -3,8 +3,10 @@
 mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
+mod eval_cmd;
 mod pairs_cmd;
 mod progress;
+mod run_cmd;
 mod traces_cmd;
 mod train_cmd;
 
@@ -36,6 +38,13 @@ enum Command {
     Pairs(pairs_cmd::PairsArgs),
     /// Chat with a model: prints only the assistant's reply on stdout.
     Chat(chat_cmd::ChatArgs),
+    /// The whole pipeline from one config (data → traces → pairs → train → eval → report), resumable.
+    /// Without a config: the embedded default on the bundled sample.
+    Run(run_cmd::RunArgs),
+    /// Evaluate a model (and adapter) on multi-table questions: eval.json and predictions.jsonl.
+    Eval(eval_cmd::EvalArgs),
+    /// Compare run directories (each with eval.json) in Markdown with PNG charts.
+    Report(eval_cmd::ReportArgs),
     /// Fine-tune a LoRA adapter with the CPO family or SFT (config in TOML; flags override).
     Train(train_cmd::TrainArgs),
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
@@ -57,6 +66,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("TABLETRACE_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -78,6 +88,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             None => pairs_cmd::run(args),
         },
         Command::Train(args) => train_cmd::run(args, cli.quiet),
+        Command::Eval(args) => eval_cmd::run(args, cli.quiet),
+        Command::Run(args) => run_cmd::run(args, cli.quiet),
+        Command::Report(args) => eval_cmd::report(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }
+}
+
+/// Question ids listed one per line in `path` (blank lines ignored).
+pub fn read_ids(path: &std::path::Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the id list {}", path.display()))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
 }

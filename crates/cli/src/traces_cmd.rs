@@ -74,6 +74,9 @@ pub struct TracesArgs {
     /// A folder with `positive.jinja` / `negative.jinja` replacing the built-in prompts.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// Only the questions whose ids are listed in this file (one per line).
+    #[arg(long)]
+    ids: Option<PathBuf>,
     /// Trace only the first N questions (in file order).
     #[arg(long)]
     limit: Option<usize>,
@@ -94,6 +97,10 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let ds = load(&a.data, &tabletrace_data::LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", a.data.display()))?;
     let mut ds = ds;
+    if let Some(path) = &a.ids {
+        let ids = crate::read_ids(path)?;
+        ds.questions.retain(|q| ids.contains(q.id.0.as_str()));
+    }
     if let Some(n) = a.limit {
         ds.questions.truncate(n);
     }

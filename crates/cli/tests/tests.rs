@@ -3,6 +3,7 @@
 
 mod chat;
 mod data;
+mod pipeline;
 mod resume;
 mod traces;
 mod train;

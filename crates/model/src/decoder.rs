@@ -155,6 +155,36 @@ impl Projections {
         })
     }
 
+    /// Adds `deltas[i]` (if any) to part `i`'s weight.
+    fn add_deltas(&mut self, deltas: &[Option<Tensor>]) -> Result<()> {
+        match &mut self.fused {
+            Some(f) => {
+                if deltas.iter().all(Option::is_none) {
+                    return Ok(());
+                }
+                let w = f.weight_out_in()?;
+                let inp = w.dim(1)?;
+                let parts = deltas
+                    .iter()
+                    .zip(&self.sizes)
+                    .map(|(d, &n)| match d {
+                        Some(d) => Ok(d.to_dtype(w.dtype())?),
+                        None => Ok(Tensor::zeros((n, inp), w.dtype(), w.device())?),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                f.add_delta(&Tensor::cat(&parts, 0)?)
+            }
+            None => {
+                for (p, d) in self.parts.iter_mut().zip(deltas) {
+                    if let Some(d) = d {
+                        p.add_delta(d)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The projections of `x`, each plus the adapter's term for `kinds[i]`.
     fn forward(&self, x: &Tensor, kinds: &[Proj], adapter: Option<LayerAdapter>) -> Result<Vec<Tensor>> {
         let base: Vec<Tensor> = match &self.fused {
@@ -282,6 +312,17 @@ impl Linear {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
             },
         })
+    }
+
+    /// Adds `delta` `(out, in)` to a float weight (merging an adapter).
+    fn add_delta(&mut self, delta: &Tensor) -> Result<()> {
+        match &mut self.weight {
+            LinearWeight::Float(w) => {
+                *w = (&*w + delta.to_dtype(w.dtype())?)?.detach();
+                Ok(())
+            }
+            _ => Err(Error::Request("an adapter merges into float weights only; load the model unquantised".into())),
+        }
     }
 
     /// Applies the projection to `x` of shape `(.., in)`.
@@ -623,6 +664,23 @@ impl Model {
         let logits = self.lm_head.forward(&h)?;
         let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
         Ok(if last_only { logits.squeeze(1)? } else { logits })
+    }
+
+    /// Merges a LoRA adapter into the float projection weights
+    /// (`W += scale · B A`): generation then runs at the base model's speed.
+    pub fn merge_adapter(&mut self, lora: &crate::Lora) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let d = |p: Proj| lora.merged_delta(i, p);
+            layer.self_attn.qkv.add_deltas(&[d(Proj::Q)?, d(Proj::K)?, d(Proj::V)?])?;
+            if let Some(x) = d(Proj::O)? {
+                layer.self_attn.o_proj.add_delta(&x)?;
+            }
+            layer.mlp.gate_up.add_deltas(&[d(Proj::Gate)?, d(Proj::Up)?])?;
+            if let Some(x) = d(Proj::Down)? {
+                layer.mlp.down_proj.add_delta(&x)?;
+            }
+        }
+        Ok(())
     }
 
     /// The final hidden states `(B, T, hidden)` (after the last norm, before

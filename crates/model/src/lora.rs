@@ -294,7 +294,8 @@ impl Lora {
     /// `scale · B A`, `(out, in)`: the update merged into a base weight.
     pub fn merged_delta(&self, layer: usize, proj: Proj) -> Result<Option<Tensor>> {
         Ok(match self.pairs.get(&(layer, proj)) {
-            Some(p) => Some((p.b.as_tensor().matmul(p.a.as_tensor())? * self.scale)?),
+            // Detached: merged weights are plain tensors that never record a graph.
+            Some(p) => Some((p.b.as_tensor().detach().matmul(&p.a.as_tensor().detach())? * self.scale)?),
             None => None,
         })
     }

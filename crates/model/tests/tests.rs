@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod gradients;
+mod lora;
 mod reference;
 mod smollm2;
 mod util;

@@ -175,6 +175,52 @@ pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
     write_png(&cv, path)
 }
 
+/// Grouped bars: for each category, one bar per series (`values[series][category]`),
+/// values in `[0, 1]` drawn as percentages.
+pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>)], path: &Path) -> Result<()> {
+    if categories.is_empty() || series.is_empty() {
+        return Err(Error::Setup("nothing to plot".into()));
+    }
+    let w = (160 + categories.len() * (series.len() * 36 + 40)).max(560);
+    let mut cv = Canvas::new(w, PANEL_H);
+    let (left, right, top, bottom) = (80.0, w as f64 - 20.0, 40.0 + 20.0 * series.len() as f64, PANEL_H as f64 - 50.0);
+    cv.text(80, 10, title, [0, 0, 0]);
+    let axis = [90, 90, 90];
+    cv.line((left, top), (left, bottom), axis, 1);
+    cv.line((left, bottom), (right, bottom), axis, 1);
+    let sy = |v: f64| bottom - v.clamp(0.0, 1.0) * (bottom - top);
+    for k in 0..=4 {
+        let v = k as f64 / 4.0;
+        cv.line((left + 1.0, sy(v)), (right, sy(v)), [232, 232, 232], 1);
+        let label = format!("{}%", (v * 100.0) as u32);
+        cv.text(left as i64 - 8 - text_width(&label) as i64, sy(v) as i64 - 7, &label, [0, 0, 0]);
+    }
+    let group = (right - left) / categories.len() as f64;
+    let bar = (group - 30.0) / series.len() as f64;
+    for (c, cat) in categories.iter().enumerate() {
+        let gx = left + group * c as f64 + 15.0;
+        for (s, (_, values)) in series.iter().enumerate() {
+            let v = values.get(c).copied().unwrap_or(f64::NAN);
+            if !v.is_finite() {
+                continue;
+            }
+            let x0 = gx + bar * s as f64;
+            for x in (x0 as i64 + 1)..((x0 + bar) as i64 - 1) {
+                cv.line((x as f64, sy(v)), (x as f64, bottom - 1.0), COLORS[s % COLORS.len()], 1);
+            }
+            let label = format!("{:.0}", v * 100.0);
+            cv.text((x0 + bar / 2.0) as i64 - text_width(&label) as i64 / 2, sy(v) as i64 - 18, &label, [0, 0, 0]);
+        }
+        cv.text((gx + group / 2.0 - 15.0) as i64 - text_width(cat) as i64 / 2, bottom as i64 + 10, cat, [0, 0, 0]);
+    }
+    for (s, (name, _)) in series.iter().enumerate() {
+        let y = 34 + 20 * s as i64;
+        cv.line((right - 220.0, y as f64 + 7.0), (right - 200.0, y as f64 + 7.0), COLORS[s % COLORS.len()], 6);
+        cv.text(right as i64 - 192, y, name, [0, 0, 0]);
+    }
+    write_png(&cv, path)
+}
+
 fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
     {

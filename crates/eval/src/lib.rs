@@ -1,0 +1,56 @@
+//! Evaluation of multi-table QA for tabletrace.
+//!
+//! - [`EvalItem`]: one question as the model sees it (the prompt, already
+//!   rendered with its tables) with its gold answer, table count and
+//!   [`Kind`] (from the gold SQL).
+//! - [`evaluate`] generates answers in batches on the model runtime,
+//!   extracts the `Final answer:` line and scores it ([`Prediction`]);
+//!   [`EvalReport`] aggregates EM (value-set exact match), MMQA-style
+//!   partial match, token F1 and numeric-tolerant match, overall, by table
+//!   count and by question kind.
+//! - [`report`] compares run directories side by side in Markdown with PNG charts.
+//!
+//! ```no_run
+//! use tabletrace_eval::{evaluate, EvalItem, EvalOptions, Kind};
+//! use tabletrace_model::{load_model, LoadOptions};
+//!
+//! let m = load_model("smollm2-135m", &LoadOptions::default())?;
+//! let items = vec![EvalItem {
+//!     id: "q1".into(),
+//!     prompt: "Table t: x\n1\n2\nQuestion: how many rows?\nEnd with 'Final answer: ...'.".into(),
+//!     gold: tabletrace_data::Answer::Text { text: "2".into() },
+//!     n_tables: 1,
+//!     kind: Kind::Count,
+//! }];
+//! let (report, predictions) = evaluate(&m, &items, &EvalOptions::default(), &tabletrace_data::Silent)?;
+//! println!("EM {:.3} over {}", report.em, report.n);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+mod eval;
+pub mod report;
+
+pub use eval::{evaluate, extract_answer, Breakdown, EvalItem, EvalOptions, EvalReport, Kind, Prediction};
+
+/// What can go wrong evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model runtime failed.
+    #[error(transparent)]
+    Model(#[from] tabletrace_model::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Nothing to evaluate or compare.
+    #[error("{0}")]
+    Empty(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
