@@ -340,8 +340,14 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             .iter()
             .position(|s| s == from)
             .with_context(|| format!("--from {from:?} is not one of {}", STAGES.join(", ")))?;
-        for s in &STAGES[at..] {
-            let _ = std::fs::remove_file(p.marker(s));
+        // Markers are `.STAGE.done` or, per method or run, `.STAGE-NAME.done`.
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if STAGES[at..].iter().any(|s| {
+                name == format!(".{s}.done") || (name.starts_with(&format!(".{s}-")) && name.ends_with(".done"))
+            }) {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
     let t0 = Instant::now();
