@@ -47,11 +47,22 @@ enum Command {
     Report(eval_cmd::ReportArgs),
     /// Fine-tune a LoRA adapter with the CPO family or SFT (config in TOML; flags override).
     Train(train_cmd::TrainArgs),
+    /// LoRA adapters: merge into the base and export a Hugging Face folder.
+    Adapter {
+        #[command(subcommand)]
+        command: AdapterCommand,
+    },
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdapterCommand {
+    /// Merge an adapter into its base model and write config.json, model.safetensors and the tokenizer.
+    Merge(train_cmd::MergeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train_cmd::run(args, cli.quiet),
         Command::Eval(args) => eval_cmd::run(args, cli.quiet),
         Command::Run(args) => run_cmd::run(args, cli.quiet),
+        Command::Adapter { command: AdapterCommand::Merge(args) } => train_cmd::merge(args),
         Command::Report(args) => eval_cmd::report(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
     }

@@ -388,6 +388,8 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                     &cfg.traces.max_tokens.to_string(),
                     "--batch",
                     &cfg.traces.batch.to_string(),
+                    "--max-rows",
+                    &cfg.max_rows.to_string(),
                     "--cache",
                     &traces_dir.join("llm_cache.sqlite").display().to_string(),
                     "--out",

@@ -74,6 +74,9 @@ pub struct TracesArgs {
     /// A folder with `positive.jinja` / `negative.jinja` replacing the built-in prompts.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// Table rows per table in LLM prompts at most.
+    #[arg(long, default_value_t = 30)]
+    max_rows: usize,
     /// Only the questions whose ids are listed in this file (one per line).
     #[arg(long)]
     ids: Option<PathBuf>,
@@ -155,7 +158,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 top_p: 0.95,
                 max_tokens: a.max_tokens,
                 seed: a.seed,
-                max_rows: 30,
+                max_rows: a.max_rows,
                 chunk: a.batch.max(a.concurrency) * 2,
                 templates: templates.clone(),
             };

@@ -228,3 +228,27 @@ pub fn score_pairs(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model: short name, .gguf, HF folder or hub id.
+    #[arg(long)]
+    model: String,
+    /// The PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Merges an adapter into its base and writes a Hugging Face folder.
+pub fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let m = load_model(&a.model, &LoadOptions::default()).with_context(|| format!("cannot load {:?}", a.model))?;
+    let lora =
+        Lora::load(&a.adapter, &m.model).with_context(|| format!("cannot load the adapter {}", a.adapter.display()))?;
+    tabletrace_model::export_merged(&a.model, Some(&lora), &m.tokenizer, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {} (load it with --model {})", a.out.display(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -80,3 +80,59 @@ fn a_bad_config_names_the_key() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("learning_rate"), "{}", stderr(&o));
 }
+
+#[test]
+fn merged_export_loads_as_a_hugging_face_folder_and_answers_like_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fresh adapter with non-zero B (trained one step), then merged.
+    let pairs = pairs(dir.path());
+    let out = dir.path().join("run");
+    let o = tabletrace(&[
+        "train",
+        "--train",
+        pairs.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "256",
+        "--lr",
+        "5e-3",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = dir.path().join("merged");
+    let adapter = out.join("adapter");
+    let o = tabletrace(&[
+        "adapter",
+        "merge",
+        "--model",
+        "smollm2-135m",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(merged.join(f).is_file(), "{f} is missing");
+    }
+    let score = |args: &[&str]| {
+        let mut all = vec!["pairs", "score", "--pairs", pairs.to_str().unwrap(), "--json"];
+        all.extend_from_slice(args);
+        let o = tabletrace(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["metrics"]["logps/chosen"].as_f64().unwrap()
+    };
+    let with_adapter = score(&["--model", "smollm2-135m", "--adapter", adapter.to_str().unwrap()]);
+    let from_folder = score(&["--model", merged.to_str().unwrap()]);
+    let base = score(&["--model", "smollm2-135m"]);
+    assert!(
+        (with_adapter - from_folder).abs() < 1e-3 * with_adapter.abs(),
+        "adapter {with_adapter}, merged folder {from_folder}"
+    );
+    assert!((with_adapter - base).abs() > 1e-3, "training changed nothing");
+}

@@ -258,6 +258,25 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS/pad
+    /// tokens, chat template) into `dir`, as a Hugging Face folder has them.
+    pub fn save_hf(&self, dir: &std::path::Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner.save(&path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let pad = self.inner.id_to_token(self.pad_id());
+        let cfg = serde_json::json!({
+            "bos_token": (!self.bos_token.is_empty()).then_some(&self.bos_token),
+            "eos_token": &self.eos_token,
+            "pad_token": pad,
+            "add_bos_token": self.add_bos,
+            "chat_template": &self.chat_template,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg).expect("json"))
+            .map_err(|source| Error::Io { path, source })
+    }
+
     /// The model's chat template, if it has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
