@@ -205,11 +205,14 @@ impl EvalReport {
 /// last non-empty line. The flag says whether a final line was found.
 pub fn extract_answer(output: &str) -> (String, bool) {
     for line in output.lines().rev() {
-        let l = line.trim().trim_start_matches(['*', '#', ' ']);
-        let lower = l.to_ascii_lowercase();
-        if let Some(rest) = lower.strip_prefix("final answer") {
-            let v = l[l.len() - rest.len()..].trim_start_matches(['*', ':', ' ']).trim_end_matches(['*', ' ', '.']);
-            return (v.trim().to_string(), true);
+        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
+        let mut found = false;
+        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
+            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
+            found = true;
+        }
+        if found {
+            return (l.trim_end_matches(['*', ' ', '.']).trim().to_string(), true);
         }
     }
     (output.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_string(), false)
@@ -278,6 +281,7 @@ mod tests {
     fn answers_are_extracted_from_the_final_line() {
         assert_eq!(extract_answer("step 1\n**Final answer:** Paris.\n"), ("Paris".into(), true));
         assert_eq!(extract_answer("I think\n42\n\n"), ("42".into(), false));
+        assert_eq!(extract_answer("Final answer: Final answer: 7"), ("7".into(), true));
     }
 
     #[test]

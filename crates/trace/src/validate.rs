@@ -8,12 +8,17 @@ use tabletrace_data::Answer;
 /// emphasis and a trailing period removed), if there is one.
 pub fn extract_final_answer(text: &str) -> Option<String> {
     text.lines().rev().find_map(|line| {
-        let l = line.trim().trim_start_matches(['*', '#', ' ']);
-        let lower = l.to_ascii_lowercase();
-        let rest = lower.strip_prefix("final answer")?;
-        let start = l.len() - rest.len();
-        let v =
-            l[start..].trim_start_matches(['*', ':', ' ']).trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
+        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
+        let mut found = false;
+        // Small models repeat the label ("Final answer: Final answer: x").
+        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
+            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
+            found = true;
+        }
+        if !found {
+            return None;
+        }
+        let v = l.trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
         (!v.is_empty()).then(|| v.to_string())
     })
 }
@@ -137,6 +142,16 @@ fn citations(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_label_is_stripped() {
+        assert_eq!(
+            extract_final_answer("x\nFinal answer: Final answer: Sergio García").as_deref(),
+            Some("Sergio García")
+        );
+        assert_eq!(extract_final_answer("**Final Answer:** 42.").as_deref(), Some("42"));
+        assert_eq!(extract_final_answer("no label"), None);
+    }
 
     #[test]
     fn final_answers_are_found_in_common_forms() {
