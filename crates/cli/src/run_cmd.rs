@@ -246,13 +246,18 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs this binary with `args`; a failure names the stage and the command.
-    fn tabletrace(&self, stage: &str, args: &[String]) -> anyhow::Result<()> {
+    /// Runs this binary with `args`; a failure names the stage and the
+    /// command. With `hide_stdout`, the child's stdout (JSON results) is kept
+    /// off the terminal.
+    fn tabletrace(&self, stage: &str, args: &[String], hide_stdout: bool) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.exe);
         if self.quiet {
             cmd.arg("--quiet");
         }
         cmd.args(args);
+        if hide_stdout {
+            cmd.stdout(std::process::Stdio::null());
+        }
         let status = cmd.status().with_context(|| format!("stage {stage}: cannot start {}", self.exe.display()))?;
         if !status.success() {
             bail!(
@@ -400,7 +405,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             if g != "program" {
                 args.extend(["--limit".into(), cfg.traces.llm_questions.to_string()]);
             }
-            p.tabletrace("traces", &args)?;
+            p.tabletrace("traces", &args, false)?;
             parts.push(out);
         }
         let mut all = String::new();
@@ -450,7 +455,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 ]
                 .map(String::from),
             );
-            p.tabletrace("pairs", &args)?;
+            p.tabletrace("pairs", &args, false)?;
             let n = std::fs::read_to_string(&pairs)?.lines().filter(|l| !l.trim().is_empty()).count();
             if n > 0 {
                 eprintln!("   {n} pairs ({policy})");
@@ -505,7 +510,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         if t.max_steps == 0 {
             args.extend(["--epochs".into(), "1".into()]);
         }
-        p.tabletrace_quiet_stdout("train", &args)?;
+        p.tabletrace("train", &args, true)?;
         p.finish(&key, &settings)?;
     }
 
@@ -552,7 +557,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         if cfg.eval.limit > 0 {
             args.extend(["--limit".into(), cfg.eval.limit.to_string()]);
         }
-        p.tabletrace_quiet_stdout("eval", &args)?;
+        p.tabletrace("eval", &args, true)?;
         p.finish(&key, &settings)?;
     }
 
@@ -561,26 +566,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let mut args = vec!["report".to_string()];
     args.extend(runs.iter().map(|(n, _)| dir.join(n).display().to_string()));
     args.extend(["--out".into(), dir.display().to_string()]);
-    p.tabletrace("report", &args)?;
+    p.tabletrace("report", &args, false)?;
     eprintln!("== done in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
-}
-
-impl Pipeline {
-    /// As [`Pipeline::tabletrace`], with the child's stdout (JSON results) kept off the terminal.
-    fn tabletrace_quiet_stdout(&self, stage: &str, args: &[String]) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.exe);
-        if self.quiet {
-            cmd.arg("--quiet");
-        }
-        cmd.args(args).stdout(std::process::Stdio::null());
-        let status = cmd.status().with_context(|| format!("stage {stage}: cannot start {}", self.exe.display()))?;
-        if !status.success() {
-            bail!(
-                "stage {stage} failed ({status}): tabletrace {}\nfix the cause and run again: finished stages are kept",
-                args.join(" ")
-            );
-        }
-        Ok(())
-    }
 }

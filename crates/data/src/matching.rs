@@ -301,6 +301,26 @@ pub fn token_f1(prediction: &str, gold: &Answer) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
+/// The answer on the last `Final answer:` line (case-insensitive; Markdown
+/// emphasis, a repeated label and a trailing period removed), if there is
+/// one. Trace validation and evaluation both read answers with it.
+pub fn extract_final_answer(text: &str) -> Option<String> {
+    text.lines().rev().find_map(|line| {
+        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
+        let mut found = false;
+        // Small models repeat the label ("Final answer: Final answer: x").
+        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
+            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
+            found = true;
+        }
+        if !found {
+            return None;
+        }
+        let v = l.trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
 /// All scores of one prediction against one gold answer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Scores {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tabletrace_data::matching::score;
+use tabletrace_data::matching::{extract_final_answer, score};
 use tabletrace_data::{Answer, Reporter};
 use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel};
 
@@ -204,18 +204,10 @@ impl EvalReport {
 /// The answer in a model's output: the last `Final answer:` line, else the
 /// last non-empty line. The flag says whether a final line was found.
 pub fn extract_answer(output: &str) -> (String, bool) {
-    for line in output.lines().rev() {
-        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
-        let mut found = false;
-        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
-            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
-            found = true;
-        }
-        if found {
-            return (l.trim_end_matches(['*', ' ', '.']).trim().to_string(), true);
-        }
+    match extract_final_answer(output) {
+        Some(a) => (a, true),
+        None => (output.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_string(), false),
     }
-    (output.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_string(), false)
 }
 
 /// Generates and scores an answer for every item (greedy, batched).

@@ -8,7 +8,7 @@
 //! (PEFT's Kaiming init) and `B` at zero, so a new adapter changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -369,11 +369,6 @@ impl Adapter for Lora {
         *out.last_mut().expect("rank > 0") = y.dim(1)?;
         Ok(Some(y.reshape(out)?))
     }
-}
-
-/// Where an adapter directory keeps its files.
-pub fn adapter_files(dir: &Path) -> [PathBuf; 2] {
-    [dir.join("adapter_model.safetensors"), dir.join("adapter_config.json")]
 }
 
 #[cfg(test)]

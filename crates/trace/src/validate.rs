@@ -1,27 +1,9 @@
 //! Validation of traces: the final answer, whether it matches gold, and how
 //! faithful the cited values are to the tables.
 
+pub use tabletrace_data::matching::extract_final_answer;
 use tabletrace_data::matching::{exact_match, normalize, normalize_text, Norm};
 use tabletrace_data::Answer;
-
-/// The answer on the last `Final answer:` line (case-insensitive; Markdown
-/// emphasis and a trailing period removed), if there is one.
-pub fn extract_final_answer(text: &str) -> Option<String> {
-    text.lines().rev().find_map(|line| {
-        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
-        let mut found = false;
-        // Small models repeat the label ("Final answer: Final answer: x").
-        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
-            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
-            found = true;
-        }
-        if !found {
-            return None;
-        }
-        let v = l.trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
-        (!v.is_empty()).then(|| v.to_string())
-    })
-}
 
 /// Whether a final answer matches a gold answer: value-set exact match, or,
 /// for an empty gold result, an answer saying there is none.

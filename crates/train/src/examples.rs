@@ -104,6 +104,25 @@ impl Example {
     }
 }
 
+/// The sequences of some examples as one batch lays them out: chosen (or
+/// SFT) sequences first, then the rejected ones in the same order — the
+/// layout [`preference_loss`](crate::objective::preference_loss) expects.
+pub fn batch_sequences<'e>(rows: &[&'e Example]) -> Vec<&'e Sequence> {
+    let mut seqs = Vec::with_capacity(rows.len() * 2);
+    for e in rows {
+        match e {
+            Example::Preference { chosen, .. } => seqs.push(chosen),
+            Example::Completion { seq, .. } => seqs.push(seq),
+        }
+    }
+    for e in rows {
+        if let Example::Preference { rejected, .. } = e {
+            seqs.push(rejected);
+        }
+    }
+    seqs
+}
+
 /// What the SFT target of a preference row is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SftTarget {

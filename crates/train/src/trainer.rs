@@ -30,7 +30,7 @@ use tabletrace_model::{LoadedModel, Lora};
 
 use crate::config::{LossParams, TrainConfig};
 use crate::error::{io, Error, Result};
-use crate::examples::{read_rows, tokenize, Example, SftTarget, TokenizeReport};
+use crate::examples::{batch_sequences, read_rows, tokenize, Example, SftTarget, TokenizeReport};
 use crate::objective::{preference_loss, sft_loss, Batch, MetricSums};
 use crate::optim::{clip, global_norm, learning_rate, AdamW};
 use crate::plot;
@@ -170,23 +170,6 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// The sequences of a micro-batch: chosen ones first, then rejected (preference), or the SFT sequences.
-    fn sequences<'e>(&self, rows: &[&'e Example]) -> Vec<&'e crate::examples::Sequence> {
-        let mut seqs = Vec::with_capacity(rows.len() * 2);
-        for e in rows {
-            match e {
-                Example::Preference { chosen, .. } => seqs.push(chosen),
-                Example::Completion { seq, .. } => seqs.push(seq),
-            }
-        }
-        for e in rows {
-            if let Example::Preference { rejected, .. } = e {
-                seqs.push(rejected);
-            }
-        }
-        seqs
-    }
-
     /// The loss of scored sequences, normalised by the step totals.
     fn loss_of(&self, scored: &crate::objective::Scored, totals: (usize, usize)) -> Result<(Tensor, MetricSums)> {
         if self.cfg.method.is_preference() {
@@ -205,7 +188,7 @@ impl<'a> Trainer<'a> {
         vars: Option<&[Tensor]>,
     ) -> Result<(Vec<Option<Tensor>>, MetricSums)> {
         let model = &self.loaded.model;
-        let seqs = self.sequences(rows);
+        let seqs = batch_sequences(rows);
         let batch = Batch::new(&seqs, self.loaded.tokenizer.pad_id(), model.device())?;
         let chunk = self.cfg.logprob_chunk;
         let tokens: usize = rows.iter().map(|e| e.tokens()).sum();

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use tabletrace_model::{Adapter, Lora, LoraConfig, Proj};
-use tabletrace_train::examples::{parse_row, tokenize, Example, Row, SftTarget};
+use tabletrace_train::examples::{batch_sequences, parse_row, tokenize, Example, Row, SftTarget};
 use tabletrace_train::objective::{preference_loss, score, sft_loss};
 use tabletrace_train::{LossConfig, LossType, Method};
 
@@ -149,17 +149,7 @@ fn cpo_losses_metrics_and_gradients_match_trl() {
     let trl = candle_core::safetensors::load(data("trl_grads.safetensors"), &Device::Cpu).unwrap();
     let lora = fixture_lora(&meta);
     let (ex, _) = tokenize(&rows(&meta, "rows"), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
-    let mut seqs = Vec::new();
-    for e in &ex {
-        if let Example::Preference { chosen, .. } = e {
-            seqs.push(chosen);
-        }
-    }
-    for e in &ex {
-        if let Example::Preference { rejected, .. } = e {
-            seqs.push(rejected);
-        }
-    }
+    let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
     let chosen_tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -204,8 +194,7 @@ fn sft_loss_and_gradients_match_trl() {
         })
         .collect();
     let (ex, _) = tokenize(&sft_rows, &m.tokenizer, 512, false, SftTarget::Trace).unwrap();
-    let seqs: Vec<_> =
-        ex.iter().map(|e| if let Example::Completion { seq, .. } = e { seq } else { unreachable!() }).collect();
+    let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
     let tokens: usize = seqs.iter().map(|s| s.scored()).sum();
     let adapter: &dyn Adapter = &lora;
     let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 256).unwrap();
@@ -224,17 +213,7 @@ fn activation_checkpointing_gives_the_same_gradients_with_dropout() {
     let lora = fixture_lora_with_dropout(&meta, 0.1);
     lora.set_dropout_seed(Some(5));
     let (ex, _) = tokenize(&rows(&meta, "rows"), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
-    let mut seqs = Vec::new();
-    for e in &ex {
-        if let Example::Preference { chosen, .. } = e {
-            seqs.push(chosen);
-        }
-    }
-    for e in &ex {
-        if let Example::Preference { rejected, .. } = e {
-            seqs.push(rejected);
-        }
-    }
+    let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
     let tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
     let params = LossConfig::default().resolve(Method::Cpo);
     let vocab = m.model.config().vocab_size;
