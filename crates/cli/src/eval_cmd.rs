@@ -51,7 +51,8 @@ pub struct EvalArgs {
     /// Only the questions whose ids are listed in this file (one per line).
     #[arg(long)]
     pub ids: Option<PathBuf>,
-    /// Evaluate the first N questions only.
+    /// Evaluate N questions only, spread evenly over the selection (every k-th
+    /// in data order), so a subset keeps the mix of two- and three-table questions.
     #[arg(long)]
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value_t = PromptFormat::Trace)]
@@ -100,7 +101,7 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, usize)> {
         ds.questions.retain(|q| ids.contains(q.id.0.as_str()));
     }
     if let Some(n) = a.limit {
-        ds.questions.truncate(n);
+        ds.questions = spread_sample(std::mem::take(&mut ds.questions), n);
     }
     anyhow::ensure!(!ds.questions.is_empty(), "{} has no questions to evaluate", a.data.display());
     let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
@@ -211,4 +212,27 @@ pub fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
     print!("{md}");
     eprintln!("wrote {}", out.join("report.md").display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `n` items spread evenly over `items` (indices ⌊i·len/n⌋), in order; all when `n ≥ len`.
+fn spread_sample<T>(items: Vec<T>, n: usize) -> Vec<T> {
+    let len = items.len();
+    if n >= len {
+        return items;
+    }
+    let keep: std::collections::HashSet<usize> = (0..n).map(|i| i * len / n).collect();
+    items.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, x)| x).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_sample;
+
+    #[test]
+    fn spread_sample_takes_every_kth_and_keeps_order() {
+        assert_eq!(spread_sample((0..10).collect(), 5), vec![0, 2, 4, 6, 8]);
+        assert_eq!(spread_sample((0..10).collect(), 3), vec![0, 3, 6]);
+        assert_eq!(spread_sample((0..4).collect(), 9), vec![0, 1, 2, 3]);
+        assert_eq!(spread_sample((0..4).collect::<Vec<i32>>(), 0), Vec::<i32>::new());
+    }
 }

@@ -114,7 +114,7 @@ impl Default for TrainStage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalStage {
-    /// Held-out questions evaluated at most (0: all). Default 0.
+    /// Held-out questions evaluated at most, spread evenly over them (0: all). Default 0.
     pub limit: usize,
     /// New tokens per answer. Default 128.
     pub max_tokens: usize,
