@@ -189,7 +189,7 @@ pub fn score_pairs(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut per_pair = Vec::new();
     for batch in pairs.chunks(a.batch_size.max(1)) {
         let seqs: Vec<_> = batch.iter().map(|p| p.1).chain(batch.iter().map(|p| p.2)).collect();
-        let scored = score(&m.model, adapter, &seqs, m.tokenizer.pad_id(), 256)?;
+        let scored = score(&m.model, adapter, &seqs, true, m.tokenizer.pad_id(), 256)?;
         let (_, s) = preference_loss(&scored, &params, pairs.len(), chosen_tokens, m.model.config().vocab_size)?;
         let sums_v: Vec<f32> = scored.logp_sums.to_vec1()?;
         let n = batch.len();

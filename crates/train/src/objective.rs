@@ -1,8 +1,13 @@
 //! Sequence log-probabilities and the losses: the CPO family exactly as
 //! TRL's `CPOTrainer` computes them, and SFT on completion tokens.
 //!
-//! Chosen and rejected share one forward pass (right-padded to one length,
-//! as TRL concatenates them). Token log-probs come from the final hidden
+//! Chosen and rejected share one forward pass. TRL concatenates them into
+//! one right-padded batch, so the prompt is computed twice; here a pair is
+//! laid out as one row `[prompt | chosen + padding | rejected + padding]`
+//! whose mask lets each completion see the prompt and itself only, with the
+//! positions of TRL's layout ([`Batch::shared_prompt`]). Every score and
+//! metric is that of TRL's layout (tested); the prompt costs one forward and
+//! one backward instead of two. Token log-probs come from the final hidden
 //! states through [`ops::token_logprobs`], chunked, so no `(tokens, vocab)`
 //! tensor stays alive for the backward.
 //!
@@ -50,6 +55,9 @@ pub struct Batch {
     segments: Tensor,
     counts: Vec<usize>,
     padded_len: usize,
+    /// Per sequence, the flat positions whose logits TRL's `logits/*`
+    /// metric sums for it (its whole padded row in TRL's layout).
+    logit_positions: Vec<Vec<usize>>,
 }
 
 impl Batch {
@@ -93,7 +101,121 @@ impl Batch {
             segments: Tensor::from_vec(seg, (s, total), device)?,
             counts,
             padded_len: t,
+            logit_positions: (0..s).map(|r| (r * t..(r + 1) * t).collect()).collect(),
         })
+    }
+
+    /// Lays out preference pairs (`seqs` = chosen sequences, then the
+    /// rejected ones in the same order, as
+    /// [`batch_sequences`](crate::examples::batch_sequences) gives them) with
+    /// each pair's prompt computed once: row `i` holds
+    /// `[prompt | chosen + padding | rejected + padding]`.
+    ///
+    /// Positions and visibility are those of TRL's right-padded layout with
+    /// `T` = the longest sequence: prompt tokens at `0..P` see the prompt
+    /// causally; a completion token (or a padding slot after it) at
+    /// position `p` sees the prompt and its own completion's real tokens up
+    /// to `p`, never the other completion. Slots past a row's end (rows
+    /// differ in length when prompts do) see the first token only and are
+    /// never read. So every hidden state TRL computes is computed here once,
+    /// the shared prompt's once for both completions, and scores, gradients
+    /// and metrics are TRL's.
+    ///
+    /// `None` when a pair's chosen and rejected do not start with the same
+    /// prompt tokens (or the prompt is empty): use [`Batch::new`] then.
+    pub fn shared_prompt(seqs: &[&Sequence], pad_id: u32, device: &candle_core::Device) -> Result<Option<Batch>> {
+        let n = seqs.len() / 2;
+        if n == 0 || seqs.len() != 2 * n {
+            return Ok(None);
+        }
+        let (chosen, rejected) = seqs.split_at(n);
+        for (c, r) in chosen.iter().zip(rejected) {
+            let p = c.completion_start;
+            if p == 0 || r.completion_start != p || c.ids.len() < p || r.ids.len() < p || c.ids[..p] != r.ids[..p] {
+                return Ok(None);
+            }
+        }
+        let t = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(0);
+        let row_len = |p: usize| p + 2 * (t - p);
+        let l = chosen.iter().map(|c| row_len(c.completion_start)).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(n * l);
+        let mut positions = Vec::with_capacity(n * l);
+        let mut mask = vec![f32::NEG_INFINITY; n * l * l];
+        let mut chosen_rows = Vec::new();
+        let mut rejected_rows = Vec::new();
+        let (mut chosen_targets, mut rejected_targets) = (Vec::new(), Vec::new());
+        let mut logit_positions = vec![Vec::new(); 2 * n];
+        for (i, (c, r)) in chosen.iter().zip(rejected).enumerate() {
+            let p = c.completion_start;
+            let w = t - p; // slots per completion, padding included
+            let (nc, nr) = (c.ids.len() - p, r.ids.len() - p);
+            ids.extend_from_slice(&c.ids[..p]);
+            ids.extend(c.ids[p..].iter().copied().chain(std::iter::repeat_n(pad_id, w - nc)));
+            ids.extend(r.ids[p..].iter().copied().chain(std::iter::repeat_n(pad_id, w - nr)));
+            ids.extend(std::iter::repeat_n(pad_id, l - row_len(p)));
+            positions.extend(0..p as u32);
+            positions.extend((p..t).map(|x| x as u32));
+            positions.extend((p..t).map(|x| x as u32));
+            positions.extend(std::iter::repeat_n(0, l - row_len(p)));
+            let m = &mut mask[i * l * l..(i + 1) * l * l];
+            for q in 0..p {
+                m[q * l..q * l + q + 1].fill(0.0);
+            }
+            for (start, real) in [(p, nc), (p + w, nr)] {
+                for k in 0..w {
+                    let q = start + k;
+                    m[q * l..q * l + p].fill(0.0);
+                    m[q * l + start..q * l + start + (k + 1).min(real)].fill(0.0);
+                }
+            }
+            for q in row_len(p)..l {
+                m[q * l] = 0.0;
+            }
+            // The hidden state that predicts completion token k (k ≥ p ≥ 1).
+            let at = |k: usize, start: usize| (i * l + if k - 1 < p { k - 1 } else { start + k - 1 - p }) as u32;
+            for k in p..c.ids.len() {
+                chosen_rows.push(at(k, p));
+                chosen_targets.push(c.ids[k]);
+            }
+            for k in p..r.ids.len() {
+                rejected_rows.push(at(k, p + w));
+                rejected_targets.push(r.ids[k]);
+            }
+            logit_positions[i] = (i * l..i * l + p + w).collect();
+            logit_positions[n + i] = (i * l..i * l + p).chain(i * l + p + w..i * l + p + 2 * w).collect();
+        }
+        let counts: Vec<usize> = seqs.iter().map(|q| q.scored()).collect();
+        let total: usize = counts.iter().sum();
+        let mut seg = vec![0f32; 2 * n * total];
+        let mut at = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            seg[r * total + at..r * total + at + c].fill(1.0);
+            at += c;
+        }
+        chosen_rows.extend(rejected_rows);
+        chosen_targets.extend(rejected_targets);
+        Ok(Some(Batch {
+            ids: Tensor::from_vec(ids, (n, l), device)?,
+            positions: Tensor::from_vec(positions, (n, l), device)?,
+            mask: Tensor::from_vec(mask, (n, l, l), device)?,
+            rows: Tensor::from_vec(chosen_rows, total, device)?,
+            targets: chosen_targets,
+            segments: Tensor::from_vec(seg, (2 * n, total), device)?,
+            counts,
+            padded_len: t,
+            logit_positions,
+        }))
+    }
+
+    /// The layout for `seqs`: pairs with a shared prompt when `preference`
+    /// and the prompts allow it, else one right-padded row per sequence.
+    pub fn layout(seqs: &[&Sequence], preference: bool, pad_id: u32, device: &candle_core::Device) -> Result<Batch> {
+        if preference {
+            if let Some(b) = Batch::shared_prompt(seqs, pad_id, device)? {
+                return Ok(b);
+            }
+        }
+        Batch::new(seqs, pad_id, device)
     }
 
     /// Scores the batch from the model's final hidden states `(S, T, H)`.
@@ -106,22 +228,25 @@ impl Batch {
         let picked = flat.index_select(&self.rows, 0)?; // (N, H)
         let logp = ops::token_logprobs(&picked, &weight, bias.as_ref(), &self.targets, chunk)?; // (N,)
         let logp_sums = self.segments.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?; // (S,)
-        let logit_sums =
-            ops::logit_sums(&flat, &weight, bias.as_ref())?.reshape((s, t))?.sum(1)?.to_dtype(DType::F64)?.to_vec1()?;
+        let per_position: Vec<f64> = ops::logit_sums(&flat, &weight, bias.as_ref())?.to_dtype(DType::F64)?.to_vec1()?;
+        let logit_sums = self.logit_positions.iter().map(|ps| ps.iter().map(|&i| per_position[i]).sum()).collect();
         Ok(Scored { logp_sums, counts: self.counts.clone(), logit_sums, padded_len: self.padded_len })
     }
 }
 
-/// Scores `seqs` in one right-padded batch: token `t + 1` of each
-/// completion under the model's prediction at position `t` (see [`Batch`]).
+/// Scores `seqs` in one forward pass: token `t + 1` of each completion
+/// under the model's prediction at position `t`. With `preference`, `seqs`
+/// are chosen then rejected sequences and prompts are shared where they
+/// can be (see [`Batch::layout`]).
 pub fn score(
     model: &Model,
     adapter: Option<&dyn Adapter>,
     seqs: &[&Sequence],
+    preference: bool,
     pad_id: u32,
     chunk: usize,
 ) -> Result<Scored> {
-    let batch = Batch::new(seqs, pad_id, model.device())?;
+    let batch = Batch::layout(seqs, preference, pad_id, model.device())?;
     let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), adapter)?; // (S, T, H)
     batch.score_hidden(model, &hidden, chunk)
 }

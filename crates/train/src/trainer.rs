@@ -189,7 +189,8 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Vec<Option<Tensor>>, MetricSums)> {
         let model = &self.loaded.model;
         let seqs = batch_sequences(rows);
-        let batch = Batch::new(&seqs, self.loaded.tokenizer.pad_id(), model.device())?;
+        let batch =
+            Batch::layout(&seqs, self.cfg.method.is_preference(), self.loaded.tokenizer.pad_id(), model.device())?;
         let chunk = self.cfg.logprob_chunk;
         let tokens: usize = rows.iter().map(|e| e.tokens()).sum();
         let (grads, mut sums) = match vars {

@@ -163,7 +163,7 @@ fn cpo_losses_metrics_and_gradients_match_trl() {
         let params = loss_cfg.resolve(Method::Cpo);
         // One forward per case (a chunk size that does not divide the rows, to exercise chunking).
         let adapter: &dyn Adapter = &lora;
-        let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 37).unwrap();
+        let scored = score(&m.model, Some(adapter), &seqs, true, m.tokenizer.pad_id(), 37).unwrap();
         let (loss, sums) = preference_loss(&scored, &params, 2, chosen_tokens, m.model.config().vocab_size).unwrap();
         close(&format!("{name}: loss"), sums.loss, case["loss"].as_f64().unwrap());
         for (k, v) in sums.to_metrics(true, params.cpo_alpha) {
@@ -197,7 +197,7 @@ fn sft_loss_and_gradients_match_trl() {
     let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
     let tokens: usize = seqs.iter().map(|s| s.scored()).sum();
     let adapter: &dyn Adapter = &lora;
-    let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 256).unwrap();
+    let scored = score(&m.model, Some(adapter), &seqs, false, m.tokenizer.pad_id(), 256).unwrap();
     let (loss, sums) = sft_loss(&scored, tokens).unwrap();
     close("sft: loss", sums.loss, meta["sft"]["loss"].as_f64().unwrap());
     let grads = loss.backward().unwrap();
@@ -220,12 +220,12 @@ fn activation_checkpointing_gives_the_same_gradients_with_dropout() {
     let vars: Vec<Tensor> = lora.named_vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let adapter: &dyn Adapter = &lora;
     let plain = {
-        let scored = score(&m.model, Some(adapter), &seqs, m.tokenizer.pad_id(), 64).unwrap();
+        let scored = score(&m.model, Some(adapter), &seqs, true, m.tokenizer.pad_id(), 64).unwrap();
         let (loss, _) = preference_loss(&scored, &params, 2, tokens, vocab).unwrap();
         let store = loss.backward().unwrap();
         vars.iter().map(|v| store.get(v).unwrap().clone()).collect::<Vec<_>>()
     };
-    let batch = Batch::new(&seqs, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
+    let batch = Batch::layout(&seqs, true, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
     let (ckpt, _) = m
         .model
         .backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &lora, &vars, |h| {
@@ -238,4 +238,74 @@ fn activation_checkpointing_gives_the_same_gradients_with_dropout() {
         let c = cosine(a, b);
         assert!(c >= 0.99999, "{name}: cosine {c} between plain and checkpointed gradients");
     }
+}
+
+#[test]
+fn shared_prompt_layout_gives_the_scores_metrics_and_gradients_of_the_padded_layout() {
+    use tabletrace_train::objective::Batch;
+    let meta = fixture();
+    let m = smollm2();
+    let lora = fixture_lora(&meta);
+    let params = LossConfig::default().resolve(Method::Cpo);
+    let vocab = m.model.config().vocab_size;
+    let vars: Vec<Tensor> = lora.named_vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let adapter: &dyn Adapter = &lora;
+    for (key, conversational) in [("rows", false), ("conversational_rows", true)] {
+        let (ex, _) = tokenize(&rows(&meta, key), &m.tokenizer, 512, true, SftTarget::Trace).unwrap();
+        let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
+        let shared = Batch::shared_prompt(&seqs, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
+        let shared = shared.unwrap_or_else(|| panic!("{key}: chosen and rejected share their prompt tokens"));
+        let padded = Batch::new(&seqs, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
+        assert!(shared.ids.dims()[0] == 2 && padded.ids.dims()[0] == 4, "{key}: one row per pair vs per sequence");
+        let tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
+        let mut results = Vec::new();
+        for batch in [&padded, &shared] {
+            let hidden = m.model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(adapter)).unwrap();
+            let scored = batch.score_hidden(&m.model, &hidden, 64).unwrap();
+            let logps: Vec<f32> = scored.logp_sums.to_vec1().unwrap();
+            let (loss, sums) = preference_loss(&scored, &params, 2, tokens, vocab).unwrap();
+            let store = loss.backward().unwrap();
+            let grads: Vec<Tensor> = vars.iter().map(|v| store.get(v).unwrap().clone()).collect();
+            results.push((logps, sums.to_metrics(true, params.cpo_alpha), grads));
+        }
+        let (want, got) = (&results[0], &results[1]);
+        for (a, b) in want.0.iter().zip(&got.0) {
+            close(&format!("{key} (conversational {conversational}): sequence logp"), *b as f64, *a as f64);
+        }
+        for ((k, a), (_, b)) in want.1.iter().zip(&got.1) {
+            close(&format!("{key}: {k}"), *b, *a);
+        }
+        for ((name, _), (a, b)) in lora.named_vars().iter().zip(want.2.iter().zip(&got.2)) {
+            let c = cosine(a, b);
+            assert!(c >= 0.99999, "{key}: {name}: cosine {c} between padded and shared-prompt gradients");
+        }
+    }
+}
+
+#[test]
+fn pairs_whose_prompts_differ_fall_back_to_the_padded_layout() {
+    use tabletrace_train::examples::Sequence;
+    use tabletrace_train::objective::Batch;
+    let chosen = Sequence { ids: vec![1, 2, 3, 4], completion_start: 2 };
+    let same = Sequence { ids: vec![1, 2, 9], completion_start: 2 };
+    let other = Sequence { ids: vec![1, 7, 9], completion_start: 2 };
+    let ok = Batch::shared_prompt(&[&chosen, &same], 0, &Device::Cpu).unwrap().expect("same prompt");
+    // [prompt 1 2 | chosen 3 4 | rejected 9 pad]: positions follow TRL's layout.
+    assert_eq!(ok.ids.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3, 4, 9, 0]]);
+    assert_eq!(ok.positions.to_vec2::<u32>().unwrap(), vec![vec![0, 1, 2, 3, 2, 3]]);
+    let seen: Vec<Vec<bool>> = ok
+        .mask
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .map(|r| r.iter().map(|x| *x == 0.0).collect())
+        .collect();
+    assert_eq!(seen[3], vec![true, true, true, true, false, false], "chosen sees the prompt and itself");
+    assert_eq!(seen[4], vec![true, true, false, false, true, false], "rejected never sees chosen");
+    assert_eq!(seen[5], vec![true, true, false, false, true, false], "padding sees the real tokens before it");
+    assert!(Batch::shared_prompt(&[&chosen, &other], 0, &Device::Cpu).unwrap().is_none());
+    let no_prompt = Sequence { ids: vec![1, 2], completion_start: 0 };
+    assert!(Batch::shared_prompt(&[&no_prompt, &no_prompt], 0, &Device::Cpu).unwrap().is_none());
 }
