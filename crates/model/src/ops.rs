@@ -1,6 +1,6 @@
 //! Operations with two paths: candle's fused kernels when no gradient is
-//! tracked (inference), and compositions of differentiable ops (or a
-//! hand-written backward) when one is. candle's fused `rms_norm`,
+//! tracked (inference), and, when one is, the fused kernel with a
+//! hand-written backward or a composition of differentiable ops. candle's fused `rms_norm`,
 //! `softmax_last_dim` and `rope` return no gradient at all, so calling them
 //! on a tracked tensor would silently stop training.
 
@@ -9,10 +9,37 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 
 /// RMSNorm over the last dimension, scaled by `weight`.
+///
+/// With a frozen weight (LoRA training) the forward is candle's fused
+/// kernel and the input's gradient is written by hand:
+/// `dx = r⁻¹ (w ⊙ g) − x · Σ(w ⊙ g ⊙ x) / (n r³)`, `r = √(mean(x²) + ε)`.
+/// A weight that is a variable takes the composed path.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.track_op() && !weight.track_op() {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
+    if weight.track_op() {
+        return rms_norm_composed(x, weight, eps);
     }
+    let xd = x.detach().contiguous()?;
+    let y = candle_nn::ops::rms_norm(&xd, weight, eps as f32)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let w = weight.clone();
+    attach(
+        x,
+        &y,
+        "rms-norm-grad",
+        Box::new(move |g: &Tensor| {
+            let n = xd.dim(D::Minus1)? as f64;
+            let inv = ((xd.sqr()?.sum_keepdim(D::Minus1)? / n)? + eps)?.sqrt()?.recip()?;
+            let gw = g.broadcast_mul(&w)?;
+            let coef = ((gw.mul(&xd)?.sum_keepdim(D::Minus1)? * inv.powf(3.0)?)? / n)?;
+            gw.broadcast_mul(&inv)? - xd.broadcast_mul(&coef)?
+        }),
+    )
+}
+
+/// RMSNorm composed of differentiable ops (gradients for `x` and `weight`).
+fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dim = x.dim(D::Minus1)?;
     let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
     x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(weight)
@@ -28,10 +55,28 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding, half-rotation layout: `x` is `(B, H, T, D)`, `cos` and
 /// `sin` are `(B, T, D/2)`.
+///
+/// The forward is candle's fused kernel; the gradient of a rotation is the
+/// rotation back: `dx = rope(g, cos, −sin)`, by the same kernel.
 pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    if cos.track_op() || sin.track_op() {
+        return rope_half_composed(x, cos, sin);
     }
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (cos, sin_back) = (cos.clone(), sin.neg()?);
+    attach(
+        x,
+        &y,
+        "rope-grad",
+        Box::new(move |g: &Tensor| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &sin_back)),
+    )
+}
+
+/// The half-rotation rotary embedding composed of differentiable ops.
+fn rope_half_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?); // (B, 1, T, D/2)
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -327,6 +372,17 @@ mod tests {
         let cos = randn(&[2, 4, 4], 3);
         let sin = randn(&[2, 4, 4], 4);
         assert!(max_diff(&rope_half(&x, &cos, &sin).unwrap(), &rope_half(xv.as_tensor(), &cos, &sin).unwrap()) < 1e-6);
+        // The hand-written backwards give the composed versions' gradients.
+        let probe = randn(&[2, 3, 4, 8], 6);
+        let grad_of = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let pairs = [
+            (rms_norm(xv.as_tensor(), &w, 1e-5).unwrap(), rms_norm_composed(xv.as_tensor(), &w, 1e-5).unwrap()),
+            (rope_half(xv.as_tensor(), &cos, &sin).unwrap(), rope_half_composed(xv.as_tensor(), &cos, &sin).unwrap()),
+        ];
+        for (fused, composed) in pairs {
+            let (a, b) = (grad_of(fused), grad_of(composed));
+            assert!(max_diff(a.get(xv.as_tensor()).unwrap(), b.get(xv.as_tensor()).unwrap()) < 1e-5);
+        }
         let wl = randn(&[5, 8], 5);
         let direct = x.broadcast_matmul(&wl.t().unwrap()).unwrap();
         assert!(max_diff(&frozen_linear(xv.as_tensor(), &wl.t().unwrap()).unwrap(), &direct) < 1e-5);
