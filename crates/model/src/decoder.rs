@@ -19,13 +19,13 @@
 //! receive a gradient.
 
 use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Device, Module, Storage, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use crate::checkpoint::{Checkpoint, RopeLayout};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::{self, BlockFormat, QuantWeight};
+use crate::kernels::{self, with_cpu_f32, BlockFormat, QuantWeight};
 use crate::ops;
 
 /// A projection's weight: float (trainable path) or quantised (inference).
@@ -213,21 +213,6 @@ fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
     match dtype {
         GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
         GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-        _ => None,
-    }
-}
-
-/// The f32 values of a contiguous CPU tensor, without a copy.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.is_contiguous() || t.dtype() != DType::F32 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>().ok()?;
-            Some(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]))
-        }
         _ => None,
     }
 }

@@ -57,6 +57,83 @@ fn by_weight_rows(m: usize, n: usize, row: impl Fn(usize, &mut [f32]) + Sync) ->
     out
 }
 
+/// Runs `f` on the f32 elements of a contiguous CPU tensor (no copy);
+/// `None` for other devices, dtypes or layouts.
+pub(crate) fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.is_contiguous() || t.dtype() != candle_core::DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>().ok()?;
+            Some(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]))
+        }
+        _ => None,
+    }
+}
+
+/// Attention probabilities in one pass per row: `softmax(scale · scores + mask)`.
+///
+/// `scores` holds `batches` blocks of `rows` rows of length `s`; row `r` of
+/// block `b` adds mask row `b · t + r mod t` (`mask` is `(batches, t, s)`:
+/// the grouped query heads stacked as `G·T` rows share the mask).
+pub fn masked_softmax(
+    scores: &[f32],
+    mask: Option<&[f32]>,
+    batches: usize,
+    t: usize,
+    s: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let rows = scores.len() / s.max(1) / batches.max(1);
+    let mut out = vec![0f32; scores.len()];
+    out.par_chunks_mut(s * 64).enumerate().for_each(|(c, chunk)| {
+        for (i, o) in chunk.chunks_mut(s).enumerate() {
+            let r = c * 64 + i;
+            let x = &scores[r * s..(r + 1) * s];
+            let m = mask.map(|m| {
+                let (b, q) = (r / rows, (r % rows) % t);
+                &m[(b * t + q) * s..(b * t + q + 1) * s]
+            });
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..s {
+                let v = x[j] * scale + m.map_or(0.0, |m| m[j]);
+                o[j] = v;
+                max = max.max(v);
+            }
+            for v in o.iter_mut() {
+                *v = (*v - max).exp();
+            }
+            // Summed and divided as candle's softmax does, so that inference
+            // gives the very same probabilities as before this kernel.
+            let mut sum = 0f32;
+            // SAFETY: `o` holds `s` initialised f32 values.
+            unsafe { <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(o.as_ptr(), &mut sum, s) };
+            for v in o.iter_mut() {
+                *v /= sum;
+            }
+        }
+    });
+    out
+}
+
+/// The softmax backward per row of length `s`: `P ⊙ (dP − Σ_j P_j dP_j)`.
+pub fn softmax_backward(p: &[f32], dp: &[f32], s: usize) -> Vec<f32> {
+    let mut out = vec![0f32; p.len()];
+    out.par_chunks_mut(s * 64).enumerate().for_each(|(c, chunk)| {
+        for (i, o) in chunk.chunks_mut(s).enumerate() {
+            let r = c * 64 + i;
+            let (p, dp) = (&p[r * s..(r + 1) * s], &dp[r * s..(r + 1) * s]);
+            let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+            for j in 0..s {
+                o[j] = p[j] * (dp[j] - dot);
+            }
+        }
+    });
+    out
+}
+
 /// `x (m, k) @ w (n, k)^T` for row-major f32 slices.
 pub fn f32_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);

@@ -252,25 +252,14 @@ pub fn token_logprobs(
 /// - `k`, `v`: `(B, KV, S, D)`;
 /// - `mask`: additive `(B, T, S)`, the same for every head.
 ///
-/// Computed without a graph (candle's fused softmax), keeping only the
-/// probabilities for a hand-written backward: `dV = Pᵀ dO`,
-/// `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))`, `dQ = dS K · scale`,
+/// Computed without a graph (scale, mask and softmax in one pass per row),
+/// keeping only the probabilities for a hand-written backward: `dV = Pᵀ dO`,
+/// `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))` (one pass per row), `dQ = dS K · scale`,
 /// `dK = dSᵀ Q · scale`. The composed version keeps about five
 /// score-sized tensors per layer and runs as many elementwise passes.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (b, kv, gt, _) = q.dims4()?;
-    let s = k.dim(2)?;
     let (qd, kd, vd) = (q.detach(), k.detach().contiguous()?, v.detach().contiguous()?);
-    let scores = (qd.matmul(&kd.t()?)? * scale)?; // (B, KV, G·T, S)
-    let scores = match mask {
-        Some(m) => {
-            let t = m.dim(1)?;
-            let g = gt / t;
-            scores.reshape((b, kv, g, t, s))?.broadcast_add(&m.reshape((b, 1, 1, t, s))?)?.reshape((b, kv, gt, s))?
-        }
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
     let out = probs.matmul(&vd)?; // (B, KV, G·T, D)
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -283,9 +272,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
             if g[which].is_none() {
                 let d_out = d_out.contiguous()?;
                 let dv = probs.t()?.matmul(&d_out)?; // (B, KV, S, D)
-                let dp = d_out.matmul(&vd.t()?)?; // (B, KV, G·T, S)
-                let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
-                let ds = (probs.clone() * dp.broadcast_sub(&row)?)?;
+                let ds = softmax_backward(&probs, &d_out.matmul(&vd.t()?)?)?; // (B, KV, G·T, S)
                 let dq = (ds.matmul(&kd)? * scale)?;
                 let dk = (ds.t()?.matmul(&qd)? * scale)?;
                 *g = [Some(dq), Some(dk), Some(dv)];
@@ -301,6 +288,49 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     let y = attach(q, &out, "attention-q", op(0))?;
     let y = (y + attach(k, &zeros, "attention-k", op(1))?)?;
     y + attach(v, &zeros, "attention-v", op(2))?
+}
+
+/// `softmax(scale · scores + mask)` for `scores` `(B, KV, G·T, S)` and an
+/// additive `mask` `(B, T, S)` shared by the `G` stacked query heads: one
+/// pass per row on CPU f32 ([`kernels::masked_softmax`]), composed ops
+/// elsewhere. No gradient (the attention's backward is written by hand).
+fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, kv, gt, s) = scores.dims4()?;
+    let t = mask.map_or(Ok(gt), |m| m.dim(1))?;
+    let mask = mask.map(|m| m.contiguous()).transpose()?;
+    let fused = crate::kernels::with_cpu_f32(scores, |sc| match &mask {
+        Some(m) => {
+            crate::kernels::with_cpu_f32(m, |m| crate::kernels::masked_softmax(sc, Some(m), b, t, s, scale as f32))
+        }
+        None => Some(crate::kernels::masked_softmax(sc, None, b, t, s, scale as f32)),
+    });
+    if let Some(Some(p)) = fused {
+        return Tensor::from_vec(p, (b, kv, gt, s), scores.device());
+    }
+    let scores = (scores * scale)?;
+    let scores = match &mask {
+        Some(m) => {
+            let g = gt / t;
+            scores.reshape((b, kv, g, t, s))?.broadcast_add(&m.reshape((b, 1, 1, t, s))?)?.reshape((b, kv, gt, s))?
+        }
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// The softmax backward `P ⊙ (dP − rowsum(P ⊙ dP))` over the last dimension:
+/// one pass per row on CPU f32, composed ops elsewhere.
+fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    let s = p.dim(D::Minus1)?;
+    let dp = dp.contiguous()?;
+    let fused = crate::kernels::with_cpu_f32(p, |pv| {
+        crate::kernels::with_cpu_f32(&dp, |dv| crate::kernels::softmax_backward(pv, dv, s))
+    });
+    if let Some(Some(ds)) = fused {
+        return Tensor::from_vec(ds, p.dims(), p.device());
+    }
+    let row = (&dp * p)?.sum_keepdim(D::Minus1)?;
+    p * dp.broadcast_sub(&row)?
 }
 
 /// Per row of `hidden` `(N, H)`, the sum over the vocabulary of
@@ -418,6 +448,12 @@ mod tests {
         };
         let qv = Var::from_tensor(&q).unwrap();
         assert!(max_diff(&attention(qv.as_tensor(), &k, &v, Some(&mask), 0.5).unwrap(), &composed(&q, &k, &v)) < 1e-5);
+        // Without a mask: the plain softmax of the scores.
+        let unmasked = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap(), D::Minus1)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        assert!(max_diff(&attention(&q, &k, &v, None, 0.5).unwrap(), &unmasked) < 1e-5);
         check_grad(&q, |x| attention(x, &k, &v, Some(&mask), 0.5).unwrap());
         check_grad(&k, |x| attention(&q, x, &v, Some(&mask), 0.5).unwrap());
         check_grad(&v, |x| attention(&q, &k, x, Some(&mask), 0.5).unwrap());
