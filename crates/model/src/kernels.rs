@@ -87,48 +87,51 @@ pub fn masked_softmax(
     scale: f32,
 ) -> Vec<f32> {
     let rows = scores.len() / s.max(1) / batches.max(1);
-    let mut out = vec![0f32; scores.len()];
-    out.par_chunks_mut(s * 64).enumerate().for_each(|(c, chunk)| {
-        for (i, o) in chunk.chunks_mut(s).enumerate() {
-            let r = c * 64 + i;
-            let x = &scores[r * s..(r + 1) * s];
-            let m = mask.map(|m| {
-                let (b, q) = (r / rows, (r % rows) % t);
-                &m[(b * t + q) * s..(b * t + q + 1) * s]
-            });
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..s {
-                let v = x[j] * scale + m.map_or(0.0, |m| m[j]);
-                o[j] = v;
-                max = max.max(v);
-            }
-            for v in o.iter_mut() {
-                *v = (*v - max).exp();
-            }
-            // Summed and divided as candle's softmax does, so that inference
-            // gives the very same probabilities as before this kernel.
-            let mut sum = 0f32;
-            // SAFETY: `o` holds `s` initialised f32 values.
-            unsafe { <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(o.as_ptr(), &mut sum, s) };
-            for v in o.iter_mut() {
-                *v /= sum;
-            }
+    by_rows(scores.len(), s, |r, o| {
+        let x = &scores[r * s..(r + 1) * s];
+        let m = mask.map(|m| {
+            let (b, q) = (r / rows, (r % rows) % t);
+            &m[(b * t + q) * s..(b * t + q + 1) * s]
+        });
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..s {
+            let v = x[j] * scale + m.map_or(0.0, |m| m[j]);
+            o[j] = v;
+            max = max.max(v);
         }
-    });
-    out
+        for v in o.iter_mut() {
+            *v = (*v - max).exp();
+        }
+        // Summed and divided as candle's softmax does, so that inference
+        // gives the very same probabilities as before this kernel.
+        let mut sum = 0f32;
+        // SAFETY: `o` holds `s` initialised f32 values.
+        unsafe { <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(o.as_ptr(), &mut sum, s) };
+        for v in o.iter_mut() {
+            *v /= sum;
+        }
+    })
 }
 
 /// The softmax backward per row of length `s`: `P ⊙ (dP − Σ_j P_j dP_j)`.
 pub fn softmax_backward(p: &[f32], dp: &[f32], s: usize) -> Vec<f32> {
-    let mut out = vec![0f32; p.len()];
-    out.par_chunks_mut(s * 64).enumerate().for_each(|(c, chunk)| {
+    by_rows(p.len(), s, |r, o| {
+        let (p, dp) = (&p[r * s..(r + 1) * s], &dp[r * s..(r + 1) * s]);
+        let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+        for j in 0..s {
+            o[j] = p[j] * (dp[j] - dot);
+        }
+    })
+}
+
+/// A `len`-element output of rows of length `s`, row `r` written by
+/// `row(r, out_r)`, 64 rows per parallel task.
+fn by_rows(len: usize, s: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    const ROWS_PER_TASK: usize = 64;
+    let mut out = vec![0f32; len];
+    out.par_chunks_mut(s * ROWS_PER_TASK).enumerate().for_each(|(c, chunk)| {
         for (i, o) in chunk.chunks_mut(s).enumerate() {
-            let r = c * 64 + i;
-            let (p, dp) = (&p[r * s..(r + 1) * s], &dp[r * s..(r + 1) * s]);
-            let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-            for j in 0..s {
-                o[j] = p[j] * (dp[j] - dot);
-            }
+            row(c * ROWS_PER_TASK + i, o);
         }
     });
     out

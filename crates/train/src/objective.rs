@@ -85,12 +85,6 @@ impl Batch {
             counts.push(q.scored());
         }
         let total: usize = counts.iter().sum();
-        let mut seg = vec![0f32; s * total];
-        let mut at = 0;
-        for (r, &c) in counts.iter().enumerate() {
-            seg[r * total + at..r * total + at + c].fill(1.0);
-            at += c;
-        }
         let positions: Vec<u32> = (0..s).flat_map(|_| 0..t as u32).collect();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (s, t), device)?,
@@ -98,7 +92,7 @@ impl Batch {
             mask: Tensor::from_vec(mask, (s, t, t), device)?,
             rows: Tensor::from_vec(rows, total, device)?,
             targets,
-            segments: Tensor::from_vec(seg, (s, total), device)?,
+            segments: segments(&counts, device)?,
             counts,
             padded_len: t,
             logit_positions: (0..s).map(|r| (r * t..(r + 1) * t).collect()).collect(),
@@ -186,12 +180,6 @@ impl Batch {
         }
         let counts: Vec<usize> = seqs.iter().map(|q| q.scored()).collect();
         let total: usize = counts.iter().sum();
-        let mut seg = vec![0f32; 2 * n * total];
-        let mut at = 0;
-        for (r, &c) in counts.iter().enumerate() {
-            seg[r * total + at..r * total + at + c].fill(1.0);
-            at += c;
-        }
         chosen_rows.extend(rejected_rows);
         chosen_targets.extend(rejected_targets);
         Ok(Some(Batch {
@@ -200,7 +188,7 @@ impl Batch {
             mask: Tensor::from_vec(mask, (n, l, l), device)?,
             rows: Tensor::from_vec(chosen_rows, total, device)?,
             targets: chosen_targets,
-            segments: Tensor::from_vec(seg, (2 * n, total), device)?,
+            segments: segments(&counts, device)?,
             counts,
             padded_len: t,
             logit_positions,
@@ -232,6 +220,19 @@ impl Batch {
         let logit_sums = self.logit_positions.iter().map(|ps| ps.iter().map(|&i| per_position[i]).sum()).collect();
         Ok(Scored { logp_sums, counts: self.counts.clone(), logit_sums, padded_len: self.padded_len })
     }
+}
+
+/// `(S, N)` 0/1 matrix: sequence `r` owns the next `counts[r]` of the `N`
+/// scored tokens, in order.
+fn segments(counts: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    let total: usize = counts.iter().sum();
+    let mut seg = vec![0f32; counts.len() * total];
+    let mut at = 0;
+    for (r, &c) in counts.iter().enumerate() {
+        seg[r * total + at..r * total + at + c].fill(1.0);
+        at += c;
+    }
+    Ok(Tensor::from_vec(seg, (counts.len(), total), device)?)
 }
 
 /// Scores `seqs` in one forward pass: token `t + 1` of each completion
