@@ -60,7 +60,7 @@ pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
 
     // Decode: a short prompt, then `new_tokens` per row; the prefill of the
     // short prompt is timed separately and subtracted.
-    let short: Vec<u32> = ids[..16].to_vec();
+    let short: Vec<u32> = ids[..ids.len().min(16)].to_vec();
     let mut decode = serde_json::Map::new();
     for &b in &a.batch {
         let rows = vec![short.clone(); b];

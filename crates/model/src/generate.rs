@@ -175,12 +175,27 @@ pub fn generate(
 }
 
 /// Turns generated ids into text (to watch for stop strings).
-pub type Decode<'a> = dyn Fn(&[u32]) -> Result<String> + 'a;
+pub type Decode<'a> = dyn Fn(&[u32]) -> Result<String> + Sync + 'a;
 
 /// The token loop behind [`generate`], for callers without a tokenizer:
 /// `eos` ends a row (unless `opts.ignore_eos`), `pad` fills left padding,
 /// and `decode`, when given, is used to watch for `opts.stop` strings.
 pub fn generate_tokens(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    eos: &[u32],
+    pad: u32,
+    decode: Option<&Decode<'_>>,
+) -> Result<Vec<(Vec<u32>, FinishReason)>> {
+    // The token loop runs on a worker of the rayon pool that the CPU kernels
+    // split their work over: each of the hundreds of parallel products per
+    // token is then started from inside the pool instead of being sent to it
+    // from outside and waited for (a wake-up and a sleep per product).
+    rayon::scope(|_| token_loop(model, prompts, opts, eos, pad, decode))
+}
+
+fn token_loop(
     model: &Model,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,

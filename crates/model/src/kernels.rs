@@ -38,20 +38,41 @@ fn has_avx2_fma() -> bool {
 /// Runs `row(j, out_j)` for every weight row `j < n`, where `out_j` is the
 /// `m` results of row `j`, in parallel, and returns the `(m, n)` product.
 fn by_weight_rows(m: usize, n: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let per_task = rows_per_task(n);
-    let mut tmp = vec![0f32; n * m]; // (n, m)
-    tmp.par_chunks_mut(per_task * m).enumerate().for_each(|(c, chunk)| {
+    by_weight_chunks(m, n, |j0, chunk| {
         for (r, out) in chunk.chunks_mut(m).enumerate() {
-            row(c * per_task + r, out);
+            row(j0 + r, out);
+        }
+    })
+}
+
+/// Runs `chunk(j0, out)` over runs of consecutive weight rows in parallel,
+/// where `out` holds the `m` results of each row `j0..` (row-major), and
+/// returns the `(m, n)` product.
+fn by_weight_chunks(m: usize, n: usize, chunk: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let per_task = rows_per_task(n);
+    if m == 1 {
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(per_task).enumerate().for_each(|(c, out)| chunk(c * per_task, out));
+        return out;
+    }
+    // Each task turns its `(rows, m)` results into `(m, rows)` while they are
+    // in cache; the runs are then copied into place.
+    let mut parts = vec![0f32; n * m]; // task c: (m, rows_c)
+    parts.par_chunks_mut(per_task * m).enumerate().for_each(|(c, part)| {
+        let rows = part.len() / m;
+        let mut by_row = vec![0f32; part.len()]; // (rows, m)
+        chunk(c * per_task, &mut by_row);
+        for i in 0..m {
+            for r in 0..rows {
+                part[i * rows + r] = by_row[r * m + i];
+            }
         }
     });
-    if m == 1 {
-        return tmp;
-    }
     let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = tmp[j * m + i];
+    for (c, part) in parts.chunks(per_task * m).enumerate() {
+        let (j0, rows) = (c * per_task, part.len() / m);
+        for (i, run) in part.chunks(rows).enumerate() {
+            out[i * n + j0..i * n + j0 + rows].copy_from_slice(run);
         }
     }
     out
@@ -173,47 +194,128 @@ pub fn f32_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
     })
 }
 
-/// Activations quantised to 8 bits per 32-block: `q = round(x / d)`, `d =
-/// max|x| / 127`, and `s = d * sum(q)` (for Q4_1's offsets).
+/// Activations quantised to 8 bits per 32-block as ggml's reference
+/// quantiser does (halves round away from zero): `q = round(x / d)`, `d = max|x| / 127`, laid out
+/// for the kernels of one weight format.
 struct Q8Rows {
-    q: Vec<i8>,  // (m, k)
-    d: Vec<f32>, // (m, k / 32)
-    s: Vec<f32>, // (m, k / 32)
+    /// `(m, k)`. For Q4_1 each pair of blocks is stored as
+    /// `[lo₀ lo₁ hi₀ hi₁]` (16 values each: `lo` = values 0..16 of a block,
+    /// `hi` = 16..32), the order of the weights' low and high nibbles.
+    q: Vec<i8>,
+    /// `(m, blocks)`: the block scales.
+    d: Vec<f32>,
+    /// `(m, 4 · blocks)`: each scale four times, one per i32 lane that a
+    /// 32-byte dot product leaves for a block's 16 bytes.
+    d4: Vec<f32>,
+    /// `(m, blocks)`: `d · Σq`, for Q4_1's minimum.
+    s: Vec<f32>,
+    k: usize,
+    blocks: usize,
 }
 
-fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
+fn quantize_rows(x: &[f32], m: usize, k: usize, format: BlockFormat) -> Q8Rows {
     let blocks = k / 32;
     let mut q = vec![0i8; m * k];
     let mut d = vec![0f32; m * blocks];
     let mut s = vec![0f32; m * blocks];
-    for b in 0..m * blocks {
-        let xs = &x[b * 32..(b + 1) * 32];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (and so SSE4.1's rounding instruction).
+        unsafe { quantize_blocks_avx2(x, &mut q, &mut d, &mut s) };
+    } else {
+        quantize_blocks(x, &mut q, &mut d, &mut s);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(x, &mut q, &mut d, &mut s);
+    if format == BlockFormat::Q4_1 {
+        // [lo₀ hi₀ lo₁ hi₁] → [lo₀ lo₁ hi₀ hi₁] for each pair of blocks.
+        for row in q.chunks_mut(k) {
+            for pair in row.chunks_exact_mut(64) {
+                let (first, second) = pair.split_at_mut(32);
+                first[16..32].swap_with_slice(&mut second[..16]);
+            }
+        }
+    }
+    let d4 = d.iter().flat_map(|&v| [v; 4]).collect();
+    Q8Rows { q, d, d4, s, k, blocks }
+}
+
+/// Quantises each 32-block of `x` into `q`, with its scale in `d` and `d · Σq` in `s`.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (b, (xs, qs)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
-        for (o, v) in q[b * 32..(b + 1) * 32].iter_mut().zip(xs) {
+        for (o, v) in qs.iter_mut().zip(xs) {
             *o = (v * inv).round() as i8;
             sum += *o as i32;
         }
         d[b] = scale;
         s[b] = scale * sum as f32;
     }
-    Q8Rows { q, d, s }
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+/// [`quantize_blocks`] with AVX2: the same values (multiplied by the same
+/// inverse scale, halves rounded away from zero), without a call to `roundf`
+/// per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    // packs interleave the 128-bit lanes; this puts the 4-byte runs back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..x.len() / 32 {
+        let p = x.as_ptr().add(b * 32);
+        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+        let a = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+        let a = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+        let a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+        let amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        // round(y) = trunc(y ± (0.5 − ulp/2)): exact for every f32, ties away from zero.
+        let round = |v: __m256| {
+            let y = _mm256_mul_ps(v, inv);
+            let half = _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(0.49999997));
+            _mm256_cvttps_epi32(_mm256_add_ps(y, half))
+        };
+        let i = [round(v[0]), round(v[1]), round(v[2]), round(v[3])];
+        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let t = _mm_add_epi32(_mm256_extracti128_si256(total, 1), _mm256_castsi256_si128(total));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        _mm256_storeu_si256(q.as_mut_ptr().add(b * 32) as *mut __m256i, _mm256_permutevar8x32_epi32(packed, order));
+        d[b] = scale;
+        s[b] = scale * sum as f32;
+    }
 }
 
 /// A GGUF-quantised weight `(n, k)` in one of the block formats these
-/// kernels multiply.
+/// kernels multiply, repacked on load: the f16 scales (and Q4_1's minima)
+/// apart from the quantised values, so that a kernel reads each as a
+/// contiguous stream. Same bytes as the GGUF blocks.
 #[derive(Debug, Clone)]
 pub struct QuantWeight {
     format: BlockFormat,
-    data: std::sync::Arc<Vec<u8>>,
+    blocks: std::sync::Arc<Blocks>,
     n: usize,
     k: usize,
+}
+
+#[derive(Debug)]
+struct Blocks {
+    /// `(n, k / 32)`: f16 bits of each block's scale `d`.
+    scales: Vec<u16>,
+    /// `(n, k / 32)`: f16 bits of each Q4_1 block's minimum `m`; empty for Q8_0.
+    mins: Vec<u16>,
+    /// `(n, k / 32 · quant_bytes)`: Q4_1, 16 bytes of nibbles per block (low
+    /// nibble of byte `j` = value `j`, high = value `j + 16`); Q8_0, 32 signed bytes.
+    quants: Vec<u8>,
 }
 
 /// The block formats with kernels here.
@@ -226,24 +328,87 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// Bytes of one GGUF block.
     fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
         }
     }
+
+    /// Bytes of a block's quantised values.
+    fn quant_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 16,
+            BlockFormat::Q8_0 => 32,
+        }
+    }
+}
+
+/// The instruction set the quantised kernels run with, found at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+                return Isa::Vnni;
+            }
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run, for tests.
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                all.push(Isa::Avx2);
+            }
+            if Isa::detect() == Isa::Vnni {
+                all.push(Isa::Vnni);
+            }
+        }
+        all
+    }
 }
 
 impl QuantWeight {
-    /// Wraps raw GGUF blocks of an `(n, k)` weight. `None` when the sizes do
-    /// not fit the format.
+    /// Repacks raw GGUF blocks of an `(n, k)` weight. `None` when the sizes
+    /// do not fit the format.
     pub fn new(format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
-        (k % 32 == 0 && data.len() == n * (k / 32) * format.block_bytes()).then(|| QuantWeight {
-            format,
-            data: std::sync::Arc::new(data),
-            n,
-            k,
-        })
+        let bb = format.block_bytes();
+        if k % 32 != 0 || data.len() != n * (k / 32) * bb {
+            return None;
+        }
+        let count = n * (k / 32);
+        let mut blocks = Blocks {
+            scales: Vec::with_capacity(count),
+            mins: Vec::with_capacity(if format == BlockFormat::Q4_1 { count } else { 0 }),
+            quants: Vec::with_capacity(count * format.quant_bytes()),
+        };
+        for blk in data.chunks_exact(bb) {
+            blocks.scales.push(u16::from_le_bytes([blk[0], blk[1]]));
+            match format {
+                BlockFormat::Q4_1 => {
+                    blocks.mins.push(u16::from_le_bytes([blk[2], blk[3]]));
+                    blocks.quants.extend_from_slice(&blk[4..]);
+                }
+                BlockFormat::Q8_0 => blocks.quants.extend_from_slice(&blk[2..]),
+            }
+        }
+        Some(QuantWeight { format, blocks: std::sync::Arc::new(blocks), n, k })
     }
 
     /// Output features.
@@ -263,90 +428,281 @@ impl QuantWeight {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
             return None;
         }
-        let data: Vec<u8> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        QuantWeight::new(first.format, data, parts.iter().map(|p| p.n).sum(), first.k)
+        let blocks = Blocks {
+            scales: parts.iter().flat_map(|p| p.blocks.scales.iter().copied()).collect(),
+            mins: parts.iter().flat_map(|p| p.blocks.mins.iter().copied()).collect(),
+            quants: parts.iter().flat_map(|p| p.blocks.quants.iter().copied()).collect(),
+        };
+        Some(QuantWeight {
+            format: first.format,
+            blocks: std::sync::Arc::new(blocks),
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+        })
     }
 
     /// `x (m, k) @ w^T`, with `x` quantised to 8 bits per block.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let xq = quantize_rows(x, m, k);
-        let blocks = k / 32;
-        let bb = self.format.block_bytes();
-        let row_bytes = blocks * bb;
-        let simd = has_avx2_fma();
-        let format = self.format;
-        by_weight_rows(m, n, |j, out| {
-            let wj = &self.data[j * row_bytes..(j + 1) * row_bytes];
-            let mut first = 0;
+        self.matmul_with(Isa::detect(), x, m)
+    }
+
+    fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        let xq = quantize_rows(x, m, self.k, self.format);
+        let (w, format) = (&*self.blocks, self.format);
+        by_weight_chunks(m, self.n, |j0, out| match isa {
+            Isa::Portable => portable::rows(format, w, j0, out, &xq, m),
+            // SAFETY: `detect` found AVX2, FMA and F16C; `Blocks` and `Q8Rows` hold whole rows of whole blocks.
             #[cfg(target_arch = "x86_64")]
-            if simd && format == BlockFormat::Q4_1 {
-                // Four activation rows per pass: each weight block is unpacked once.
-                while first + 4 <= m {
-                    let (q, d, s) = (&xq.q[first * k..], &xq.d[first * blocks..], &xq.s[first * blocks..]);
-                    // SAFETY: the CPU has AVX2, FMA and F16C; the slices hold four rows of `blocks` blocks.
-                    let r = unsafe { avx::dot_q4_1_x4(wj, q, d, s, blocks) };
-                    out[first..first + 4].copy_from_slice(&r);
-                    first += 4;
-                }
-            }
-            for (i, o) in out.iter_mut().enumerate().skip(first) {
-                let q = &xq.q[i * k..(i + 1) * k];
-                let d = &xq.d[i * blocks..(i + 1) * blocks];
-                let s = &xq.s[i * blocks..(i + 1) * blocks];
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: the CPU has AVX2, FMA and F16C; slices hold `blocks` whole blocks.
-                    *o = unsafe {
-                        match format {
-                            BlockFormat::Q4_1 => avx::dot_q4_1(wj, q, d, s, blocks),
-                            BlockFormat::Q8_0 => avx::dot_q8_0(wj, q, d, blocks),
-                        }
-                    };
-                    continue;
-                }
-                let _ = simd;
-                *o = dot_scalar(format, wj, q, d, s, blocks);
-            }
+            Isa::Avx2 => unsafe { quant_avx2::rows(format, w, j0, out, &xq, m) },
+            // SAFETY: as above, and AVX-512 VNNI and VL.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => unsafe { quant_vnni::rows(format, w, j0, out, &xq, m) },
         })
     }
 }
 
-fn dot_scalar(format: BlockFormat, w: &[u8], q: &[i8], d: &[f32], s: &[f32], blocks: usize) -> f32 {
-    let mut sum = 0f32;
-    for b in 0..blocks {
-        let qy = &q[b * 32..(b + 1) * 32];
-        match format {
-            BlockFormat::Q4_1 => {
-                let blk = &w[b * 20..(b + 1) * 20];
-                let (dw, mw) = (f16_at(blk, 0), f16_at(blk, 2));
-                let mut acc = 0i32;
-                for j in 0..16 {
-                    acc += (blk[4 + j] & 0x0F) as i32 * qy[j] as i32 + (blk[4 + j] >> 4) as i32 * qy[j + 16] as i32;
+/// The portable kernels: the sums the SIMD kernels compute, loop by loop.
+mod portable {
+    use super::{BlockFormat, Blocks, Q8Rows};
+
+    fn f16(bits: u16) -> f32 {
+        half::f16::from_bits(bits).to_f32()
+    }
+
+    /// Weight rows `j0..` (as many as `out` holds, `m` results each) times every activation row.
+    pub(super) fn rows(format: BlockFormat, w: &Blocks, j0: usize, out: &mut [f32], x: &Q8Rows, m: usize) {
+        let (k, blocks) = (x.k, x.blocks);
+        let qb = format.quant_bytes();
+        for (r, out) in out.chunks_mut(m).enumerate() {
+            let j = j0 + r;
+            let qw = &w.quants[j * blocks * qb..(j + 1) * blocks * qb];
+            for (i, o) in out.iter_mut().enumerate() {
+                let qx = &x.q[i * k..(i + 1) * k];
+                let mut sum = 0f32;
+                for b in 0..blocks {
+                    let acc: i32 = match format {
+                        BlockFormat::Q4_1 => {
+                            // Where the block's values 0..16 and 16..32 sit in `qx` (see `Q8Rows::q`).
+                            let (lo, hi) = if b % 2 == 0 && b + 1 < blocks {
+                                (b * 32, b * 32 + 32)
+                            } else if b % 2 == 1 {
+                                (b * 32 - 16, b * 32 + 16)
+                            } else {
+                                (b * 32, b * 32 + 16)
+                            };
+                            (0..16)
+                                .map(|t| {
+                                    let byte = qw[b * 16 + t];
+                                    (byte & 0x0F) as i32 * qx[lo + t] as i32 + (byte >> 4) as i32 * qx[hi + t] as i32
+                                })
+                                .sum()
+                        }
+                        BlockFormat::Q8_0 => (0..32).map(|t| qw[b * 32 + t] as i8 as i32 * qx[b * 32 + t] as i32).sum(),
+                    };
+                    sum += f16(w.scales[j * blocks + b]) * x.d[i * blocks + b] * acc as f32;
+                    if format == BlockFormat::Q4_1 {
+                        sum += f16(w.mins[j * blocks + b]) * x.s[i * blocks + b];
+                    }
                 }
-                sum += dw * d[b] * acc as f32 + mw * s[b];
-            }
-            BlockFormat::Q8_0 => {
-                let blk = &w[b * 34..(b + 1) * 34];
-                let dw = f16_at(blk, 0);
-                let acc: i32 = (0..32).map(|j| blk[2 + j] as i8 as i32 * qy[j] as i32).sum();
-                sum += dw * d[b] * acc as f32;
+                *o = sum;
             }
         }
     }
-    sum
 }
+
+/// The x86 kernels for Q4_1 and Q8_0, written once and instantiated per
+/// instruction set by the 8-bit dot product they use: `$dot(acc, u, s)`
+/// adds to each i32 lane of `acc` the four products of unsigned bytes of `u`
+/// with signed bytes of `s` in that lane.
+#[cfg(target_arch = "x86_64")]
+macro_rules! quant_kernels {
+    ($name:ident, $features:literal, $dot:item) => {
+        mod $name {
+            use super::{BlockFormat, Blocks, Q8Rows};
+            use std::arch::x86_64::*;
+
+            $dot
+
+            /// Weight rows `j0..` (as many as `out` holds, `m` results each)
+            /// times every activation row: eight, four, then one activation
+            /// rows per pass over a weight row, so that each weight block is
+            /// loaded and unpacked once for up to eight rows.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows(
+                format: BlockFormat,
+                w: &Blocks,
+                j0: usize,
+                out: &mut [f32],
+                x: &Q8Rows,
+                m: usize,
+            ) {
+                for (r, out) in out.chunks_mut(m).enumerate() {
+                    let j = j0 + r;
+                    let mut i = 0;
+                    while i + 8 <= m {
+                        out[i..i + 8].copy_from_slice(&row::<8>(format, w, j, x, i));
+                        i += 8;
+                    }
+                    while i + 4 <= m {
+                        out[i..i + 4].copy_from_slice(&row::<4>(format, w, j, x, i));
+                        i += 4;
+                    }
+                    while i < m {
+                        out[i] = row::<1>(format, w, j, x, i)[0];
+                        i += 1;
+                    }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn row<const R: usize>(format: BlockFormat, w: &Blocks, j: usize, x: &Q8Rows, first: usize) -> [f32; R] {
+                match format {
+                    BlockFormat::Q4_1 => q4_1::<R>(w, j, x, first),
+                    BlockFormat::Q8_0 => q8_0::<R>(w, j, x, first),
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn f16(bits: u16) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            }
+
+            /// Q4_1 weight row `j` against activation rows `first..first + R`,
+            /// two blocks per step: 32 bytes of nibbles give the low values of
+            /// both blocks and the high values of both, dotted with the
+            /// activations in the same order; lanes 0..4 of the i32 sums
+            /// belong to the first block and 4..8 to the second, scaled by
+            /// `[d₀ d₀ d₀ d₀ d₁ d₁ d₁ d₁]`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4_1<const R: usize>(w: &Blocks, j: usize, x: &Q8Rows, first: usize) -> [f32; R] {
+                let (k, blocks) = (x.k, x.blocks);
+                let sc = w.scales.as_ptr().add(j * blocks);
+                let mn = w.mins.as_ptr().add(j * blocks);
+                let qw = w.quants.as_ptr().add(j * blocks * 16);
+                let nibble = _mm256_set1_epi8(0x0F);
+                let spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut b = 0;
+                while b + 2 <= blocks {
+                    let packed = _mm256_loadu_si256(qw.add(b * 16) as *const __m256i);
+                    let lo = _mm256_and_si256(packed, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+                    let pair = _mm_cvtsi32_si128((sc.add(b) as *const i32).read_unaligned());
+                    let dw = _mm256_cvtph_ps(_mm_shuffle_epi8(pair, spread));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let row = first + r;
+                        let y = x.q.as_ptr().add(row * k + b * 32);
+                        let ylo = _mm256_loadu_si256(y as *const __m256i);
+                        let yhi = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                        let dot = dot(dot(_mm256_setzero_si256(), lo, ylo), hi, yhi);
+                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d4.as_ptr().add(row * blocks * 4 + b * 4)));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
+                    }
+                    b += 2;
+                }
+                let mut out = [0f32; R];
+                for (r, o) in out.iter_mut().enumerate() {
+                    let row = first + r;
+                    let mut sum = hsum(acc[r]);
+                    if b < blocks {
+                        // A last, unpaired block, stored in natural order.
+                        let y = x.q.as_ptr().add(row * k + b * 32);
+                        let mut dot = 0i32;
+                        for t in 0..16 {
+                            let byte = *qw.add(b * 16 + t);
+                            dot += (byte & 0x0F) as i32 * *y.add(t) as i32 + (byte >> 4) as i32 * *y.add(16 + t) as i32;
+                        }
+                        sum += f16(*sc.add(b)) * x.d[row * blocks + b] * dot as f32;
+                    }
+                    // The minima: Σ_b m_b · s_b, eight blocks per step.
+                    let s = x.s.as_ptr().add(row * blocks);
+                    let mut offsets = _mm256_setzero_ps();
+                    let mut c = 0;
+                    while c + 8 <= blocks {
+                        let mins = _mm256_cvtph_ps(_mm_loadu_si128(mn.add(c) as *const __m128i));
+                        offsets = _mm256_fmadd_ps(mins, _mm256_loadu_ps(s.add(c)), offsets);
+                        c += 8;
+                    }
+                    sum += hsum(offsets);
+                    while c < blocks {
+                        sum += f16(*mn.add(c)) * *s.add(c);
+                        c += 1;
+                    }
+                    *o = sum;
+                }
+                out
+            }
+
+            /// Q8_0 weight row `j` against activation rows `first..first + R`,
+            /// a block per step (the dot takes an unsigned operand: `|w|`
+            /// times `y` with `w`'s sign).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q8_0<const R: usize>(w: &Blocks, j: usize, x: &Q8Rows, first: usize) -> [f32; R] {
+                let (k, blocks) = (x.k, x.blocks);
+                let sc = w.scales.as_ptr().add(j * blocks);
+                let qw = w.quants.as_ptr().add(j * blocks * 32);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    let wv = _mm256_loadu_si256(qw.add(b * 32) as *const __m256i);
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    let dw = f16(*sc.add(b));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let row = first + r;
+                        let y = _mm256_loadu_si256(x.q.as_ptr().add(row * k + b * 32) as *const __m256i);
+                        let dot = dot(_mm256_setzero_si256(), aw, _mm256_sign_epi8(y, wv));
+                        let scale = _mm256_set1_ps(dw * *x.d.as_ptr().add(row * blocks + b));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
+                    }
+                }
+                let mut out = [0f32; R];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = hsum(a);
+                }
+                out
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+quant_kernels!(
+    quant_avx2,
+    "avx2,fma,f16c",
+    /// `maddubs` to i16 pairs (no overflow: |u| ≤ 128, |s| ≤ 127), then `madd` to i32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    }
+);
+
+#[cfg(target_arch = "x86_64")]
+quant_kernels!(
+    quant_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    /// One `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
+    }
+);
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
-
-    /// An f16 at `p` as f32, with the F16C instruction.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(x: __m256) -> f32 {
@@ -397,91 +753,6 @@ mod avx {
             *o = hsum(a);
         }
         out
-    }
-
-    /// Sum of `u8 * i8` products of 32 lanes, as 8 f32 lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256 {
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-    }
-
-    /// One Q4_1 block (20 bytes at `blk`) against 32 activations: the
-    /// integer dot product as 8 f32 lanes, and the block's scale and minimum.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_block(blk: *const u8, qy: *const i8) -> (__m256, f32, f32) {
-        // Nibbles: bytes 0..16 hold weights 0..16 (low) and 16..32 (high).
-        let packed = _mm_loadu_si128(blk.add(4) as *const __m128i);
-        let both = _mm256_insertf128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
-        let qw = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-        let y = _mm256_loadu_si256(qy as *const __m256i);
-        (mul_sum_us8(qw, y), f16(blk), f16(blk.add(2)))
-    }
-
-    /// Q4_1 weight blocks (20 bytes) against 8-bit activations. Two blocks
-    /// per step into two accumulators, so that consecutive FMAs do not wait
-    /// on each other.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1(w: &[u8], q: &[i8], d: &[f32], s: &[f32], blocks: usize) -> f32 {
-        let (wp, qp, dp, sp) = (w.as_ptr(), q.as_ptr(), d.as_ptr(), s.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        let mut b = 0;
-        while b + 2 <= blocks {
-            let (xy0, d0, m0) = q4_1_block(wp.add(b * 20), qp.add(b * 32));
-            let (xy1, d1, m1) = q4_1_block(wp.add((b + 1) * 20), qp.add((b + 1) * 32));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *dp.add(b)), xy0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *dp.add(b + 1)), xy1, acc1);
-            offsets += m0 * *sp.add(b) + m1 * *sp.add(b + 1);
-            b += 2;
-        }
-        if b < blocks {
-            let (xy, d0, m0) = q4_1_block(wp.add(b * 20), qp.add(b * 32));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *dp.add(b)), xy, acc0);
-            offsets += m0 * *sp.add(b);
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + offsets
-    }
-
-    /// Q4_1 weight blocks against four consecutive activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_x4(w: &[u8], q: &[i8], d: &[f32], s: &[f32], blocks: usize) -> [f32; 4] {
-        let (wp, qp, dp, sp) = (w.as_ptr(), q.as_ptr(), d.as_ptr(), s.as_ptr());
-        let k = blocks * 32;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut offsets = [0f32; 4];
-        for b in 0..blocks {
-            let blk = wp.add(b * 20);
-            let packed = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let both = _mm256_insertf128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
-            let qw = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-            let (dw, mw) = (f16(blk), f16(blk.add(2)));
-            for r in 0..4 {
-                let y = _mm256_loadu_si256(qp.add(r * k + b * 32) as *const __m256i);
-                let i = r * blocks + b;
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *dp.add(i)), mul_sum_us8(qw, y), acc[r]);
-                offsets[r] += mw * *sp.add(i);
-            }
-        }
-        [hsum(acc[0]) + offsets[0], hsum(acc[1]) + offsets[1], hsum(acc[2]) + offsets[2], hsum(acc[3]) + offsets[3]]
-    }
-
-    /// Q8_0 weight blocks (34 bytes) against 8-bit activations.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0(w: &[u8], q: &[i8], d: &[f32], blocks: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (b, &db) in d.iter().enumerate().take(blocks) {
-            let blk = w.as_ptr().add(b * 34);
-            let dw = f16(blk);
-            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let qy = _mm256_loadu_si256(q.as_ptr().add(b * 32) as *const __m256i);
-            // maddubs needs an unsigned operand: |w| times y with w's sign.
-            let ax = _mm256_sign_epi8(qw, qw);
-            let sy = _mm256_sign_epi8(qy, qw);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * db), mul_sum_us8(ax, sy), acc);
-        }
-        hsum(acc)
     }
 }
 
@@ -553,31 +824,77 @@ mod tests {
     }
 
     #[test]
-    fn quantized_kernels_match_the_dequantized_product() {
-        let (m, n, k) = (6, 21, 128);
-        let x = values(m * k, 3);
-        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (bytes, deq) = quantize(format, &values(n * k, 4));
-            let qw = QuantWeight::new(format, bytes.clone(), n, k).unwrap();
-            let got = qw.matmul(&x, m);
-            let want = naive(&x, m, &deq, n, k);
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (g, w) in got.iter().zip(&want) {
-                // Activations are rounded to 8 bits: a relative error of ~1%.
-                assert!((g - w).abs() < 0.02 * scale, "{format:?}: {g} vs {w}");
+    fn quantized_kernels_match_the_dequantized_product_on_every_instruction_set() {
+        // 13 rows take the 8-, 4- and 1-row paths; k = 96 leaves an unpaired Q4_1 block,
+        // k = 512 a multiple of eight blocks (the vector loop over Q4_1's minima).
+        for (m, n, k) in [(13, 21, 96), (1, 7, 512), (5, 3, 32), (12, 40, 576), (8, 9, 1536)] {
+            let x = values(m * k, 3);
+            for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+                let (bytes, deq) = quantize(format, &values(n * k, 4));
+                let qw = QuantWeight::new(format, bytes, n, k).unwrap();
+                let want = naive(&x, m, &deq, n, k);
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let portable = qw.matmul_with(Isa::Portable, &x, m);
+                for (g, w) in portable.iter().zip(&want) {
+                    // Activations are rounded to 8 bits: a relative error of ~1%.
+                    assert!((g - w).abs() < 0.02 * scale, "{format:?} {m}x{n}x{k}: {g} vs {w}");
+                }
+                // Exactly the product of the rounded activations with the weights.
+                let xq = quantize_rows(&x, m, k, BlockFormat::Q8_0);
+                let rounded: Vec<f32> = xq.q.iter().enumerate().map(|(i, &q)| q as f32 * xq.d[i / 32]).collect();
+                let exact = naive(&rounded, m, &deq, n, k);
+                for (g, w) in portable.iter().zip(&exact) {
+                    assert!((g - w).abs() < 1e-4 * scale.max(1.0), "{format:?} {m}x{n}x{k}: {g} vs {w}");
+                }
+                // Every SIMD path gives the portable loop's sums (up to f32 summation order).
+                for isa in Isa::available() {
+                    let got = qw.matmul_with(isa, &x, m);
+                    for (g, p) in got.iter().zip(&portable) {
+                        assert!((g - p).abs() < 1e-4 * scale.max(1.0), "{isa:?} {format:?} {m}x{n}x{k}: {g} vs {p}");
+                    }
+                }
             }
-            // The portable loop and the SIMD path give the same sums.
-            let xq = quantize_rows(&x, m, k);
-            let portable = dot_scalar(
-                format,
-                &bytes[..(k / 32) * format.block_bytes()],
-                &xq.q[..k],
-                &xq.d[..k / 32],
-                &xq.s[..k / 32],
-                k / 32,
-            );
-            assert!((portable - got[0]).abs() < 1e-3 * scale.max(1.0), "{format:?}: {portable} vs {}", got[0]);
         }
         assert!(QuantWeight::new(BlockFormat::Q8_0, vec![0; 10], 1, 32).is_none());
+    }
+
+    #[test]
+    fn simd_quantisation_gives_the_portable_values() {
+        let mut x = values(32 * 7, 8);
+        x[40] = 0.0; // ties and zeros: a block of zeros has scale 0
+        x[64..96].iter_mut().for_each(|v| *v = 0.0);
+        // A block with scale 1: halves (which round away from zero) and their neighbours.
+        let ties = [127.0, 2.5, -2.5, 0.5, -0.5, 126.5, -126.5, 0.49999997, -1.5, 1.5000001, 2.4999998];
+        x[96..96 + ties.len()].copy_from_slice(&ties);
+        let blocks = x.len() / 32;
+        let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0f32; blocks]);
+        quantize_blocks(&x, &mut q, &mut d, &mut s);
+        assert!(q[64..96].iter().all(|&v| v == 0) && d[2] == 0.0);
+        assert_eq!(d[3], 1.0);
+        assert_eq!(&q[96..96 + ties.len()], &[127, 3, -3, 1, -1, 127, -127, 0, -2, 2, 2]);
+        assert!(q.iter().any(|&v| v == 127 || v == -127));
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            let (mut q2, mut d2, mut s2) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0f32; blocks]);
+            // SAFETY: the CPU has AVX2.
+            unsafe { quantize_blocks_avx2(&x, &mut q2, &mut d2, &mut s2) };
+            assert_eq!((q, d, s), (q2, d2, s2));
+        }
+    }
+
+    #[test]
+    fn concatenated_weights_give_the_stacked_products() {
+        let (m, k) = (3, 64);
+        let x = values(m * k, 5);
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (a, b) = (quantize(format, &values(4 * k, 6)).0, quantize(format, &values(5 * k, 7)).0);
+            let (qa, qb) = (QuantWeight::new(format, a, 4, k).unwrap(), QuantWeight::new(format, b, 5, k).unwrap());
+            let both = QuantWeight::concat(&[&qa, &qb]).unwrap();
+            let (ya, yb, y) = (qa.matmul(&x, m), qb.matmul(&x, m), both.matmul(&x, m));
+            for i in 0..m {
+                assert_eq!(&y[i * 9..i * 9 + 4], &ya[i * 4..i * 4 + 4]);
+                assert_eq!(&y[i * 9 + 4..i * 9 + 9], &yb[i * 5..i * 5 + 5]);
+            }
+        }
     }
 }
