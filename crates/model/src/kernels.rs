@@ -158,11 +158,186 @@ fn by_rows(len: usize, s: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
     out
 }
 
+/// A `(B, H, S, D)` f32 CPU tensor whose rows of `D` values are contiguous
+/// but whose `(b, h)` blocks may lie apart, as in a view of a preallocated
+/// key/value cache.
+pub(crate) struct HeadRows<'a> {
+    data: &'a [f32],
+    start: usize,
+    stride_b: usize,
+    stride_h: usize,
+    stride_s: usize,
+}
+
+impl HeadRows<'_> {
+    /// Row `j` of head `h` of batch row `b`.
+    fn row(&self, b: usize, h: usize, j: usize, d: usize) -> &[f32] {
+        let at = self.start + b * self.stride_b + h * self.stride_h + j * self.stride_s;
+        &self.data[at..at + d]
+    }
+
+    /// The `s` rows of head `h` of batch row `b` as one `(s, d)` slice, when
+    /// they are back to back.
+    fn rows(&self, b: usize, h: usize, s: usize, d: usize) -> Option<&[f32]> {
+        let at = self.start + b * self.stride_b + h * self.stride_h;
+        (self.stride_s == d).then(|| &self.data[at..at + s * d])
+    }
+}
+
+/// Runs `f` on the rows of a rank-4 f32 CPU tensor with unit stride in its
+/// last dimension (no copy); `None` otherwise.
+pub(crate) fn with_cpu_head_rows<R>(t: &candle_core::Tensor, f: impl FnOnce(HeadRows<'_>) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let stride = layout.stride();
+    if t.dtype() != candle_core::DType::F32 || stride.len() != 4 || stride[3] != 1 {
+        return None;
+    }
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Some(f(HeadRows {
+            data: cpu.as_slice::<f32>().ok()?,
+            start: layout.start_offset(),
+            stride_b: stride[0],
+            stride_h: stride[1],
+            stride_s: stride[2],
+        })),
+        _ => None,
+    }
+}
+
+/// Shapes of one [`few_query_attention`] call.
+pub(crate) struct AttentionDims {
+    /// Batch rows, key/value heads, stacked query rows per head (`G·T`),
+    /// query positions `T`, key slots `S`, head size `D`.
+    pub b: usize,
+    pub kv: usize,
+    pub gt: usize,
+    pub t: usize,
+    pub s: usize,
+    pub d: usize,
+}
+
+/// `softmax(scale · q kᵀ + mask) v` per `(b, head)` for a few query rows, as
+/// decoding has: `q` `(B, KV, G·T, D)` contiguous, `k`/`v` `(B, KV, S, D)`
+/// read in place, `mask` `(B, T, S)` (query row `r` uses mask row `r mod T`).
+/// Returns `(B, KV, G·T, D)`.
+pub(crate) fn few_query_attention(
+    q: &[f32],
+    k: &HeadRows<'_>,
+    v: &HeadRows<'_>,
+    mask: Option<&[f32]>,
+    dims: &AttentionDims,
+    scale: f32,
+) -> Vec<f32> {
+    let AttentionDims { b, kv, gt, d, .. } = *dims;
+    debug_assert_eq!(q.len(), b * kv * gt * d);
+    let simd = has_avx2_fma();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(gt * d).enumerate().for_each(|(block, out)| {
+        let q = &q[block * gt * d..(block + 1) * gt * d];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { attention_block_avx2(q, k, v, mask, dims, scale, block, out) };
+            return;
+        }
+        let _ = simd;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
+        attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None);
+    });
+    out
+}
+
+/// One `(b, head)` block of [`few_query_attention`]: `q` and `out` are its
+/// `G·T` rows; `dot` is the dot product of two rows of `D` values, `dot8`
+/// that of one row with eight consecutive rows, where it has a kernel.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_block(
+    q: &[f32],
+    k: &HeadRows<'_>,
+    v: &HeadRows<'_>,
+    mask: Option<&[f32]>,
+    dims: &AttentionDims,
+    scale: f32,
+    block: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    dot8: impl Fn(&[f32], &[f32]) -> Option<[f32; 8]>,
+) {
+    let AttentionDims { kv, gt, t, s, d, .. } = *dims;
+    let (bi, h) = (block / kv, block % kv);
+    let mut p = vec![0f32; s];
+    for r in 0..gt {
+        let qr = &q[r * d..(r + 1) * d];
+        let m = mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s]);
+        let mut j = 0;
+        if let Some(keys) = k.rows(bi, h, s, d) {
+            while j + 8 <= s {
+                let Some(dots) = dot8(qr, &keys[j * d..(j + 8) * d]) else { break };
+                p[j..j + 8].copy_from_slice(&dots);
+                j += 8;
+            }
+        }
+        for (j, pj) in p.iter_mut().enumerate().skip(j) {
+            *pj = dot(qr, k.row(bi, h, j, d));
+        }
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = *pj * scale + m.map_or(0.0, |m| m[j]);
+            max = max.max(*pj);
+        }
+        let mut sum = 0f32;
+        for pj in p.iter_mut() {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        let o = &mut out[r * d..(r + 1) * d];
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                for (o, x) in o.iter_mut().zip(v.row(bi, h, j, d)) {
+                    *o += pj * x;
+                }
+            }
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// [`attention_block`] compiled for AVX2 and FMA (the dot products and the
+/// weighted sums of value rows vectorise).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_block_avx2(
+    q: &[f32],
+    k: &HeadRows<'_>,
+    v: &HeadRows<'_>,
+    mask: Option<&[f32]>,
+    dims: &AttentionDims,
+    scale: f32,
+    block: usize,
+    out: &mut [f32],
+) {
+    let d = dims.d;
+    let dot = |a: &[f32], b: &[f32]| {
+        if d.is_multiple_of(8) {
+            // SAFETY: this function runs with AVX2 and FMA; both rows hold `d` values.
+            unsafe { avx::dot_f32(a, b) }
+        } else {
+            a.iter().zip(b).map(|(a, b)| a * b).sum()
+        }
+    };
+    // SAFETY: as above; the rows hold 8 · `d` values, d % 8 == 0.
+    let dot8 = |a: &[f32], rows: &[f32]| d.is_multiple_of(8).then(|| unsafe { avx::dot_f32_rows::<8>(a, rows, d) });
+    attention_block(q, k, v, mask, dims, scale, block, out, dot, dot8)
+}
+
 /// `x (m, k) @ w (n, k)^T` for row-major f32 slices.
 pub fn f32_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
-    let simd = has_avx2_fma() && k % 8 == 0;
+    let simd = has_avx2_fma() && k.is_multiple_of(8);
     by_weight_rows(m, n, |j, out| {
         let wj = &w[j * k..(j + 1) * k];
         let mut i = 0;
@@ -198,9 +373,11 @@ pub fn f32_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
 /// quantiser does (halves round away from zero): `q = round(x / d)`, `d = max|x| / 127`, laid out
 /// for the kernels of one weight format.
 struct Q8Rows {
-    /// `(m, k)`. For Q4_1 each pair of blocks is stored as
-    /// `[lo₀ lo₁ hi₀ hi₁]` (16 values each: `lo` = values 0..16 of a block,
-    /// `hi` = 16..32), the order of the weights' low and high nibbles.
+    /// `(m, k)`. For Q4_1 the halves of blocks are reordered to match the
+    /// weights' low and high nibbles (`lo` = values 0..16 of a block, `hi` =
+    /// 16..32): each group of four blocks as `[lo₀ lo₁ lo₂ lo₃ hi₀ hi₁ hi₂
+    /// hi₃]`, then a remaining pair as `[lo₀ lo₁ hi₀ hi₁]`, then a last
+    /// block as is; [`q4_1_halves`] says where each half is.
     q: Vec<i8>,
     /// `(m, blocks)`: the block scales.
     d: Vec<f32>,
@@ -209,6 +386,9 @@ struct Q8Rows {
     d4: Vec<f32>,
     /// `(m, blocks)`: `d · Σq`, for Q4_1's minimum.
     s: Vec<f32>,
+    /// `(m, 4 · blocks)`: each `s / 4` four times, to add Q4_1's minimum
+    /// term lane by lane alongside the scaled dot products.
+    s4: Vec<f32>,
     k: usize,
     blocks: usize,
 }
@@ -228,16 +408,33 @@ fn quantize_rows(x: &[f32], m: usize, k: usize, format: BlockFormat) -> Q8Rows {
     #[cfg(not(target_arch = "x86_64"))]
     quantize_blocks(x, &mut q, &mut d, &mut s);
     if format == BlockFormat::Q4_1 {
-        // [lo₀ hi₀ lo₁ hi₁] → [lo₀ lo₁ hi₀ hi₁] for each pair of blocks.
-        for row in q.chunks_mut(k) {
-            for pair in row.chunks_exact_mut(64) {
-                let (first, second) = pair.split_at_mut(32);
-                first[16..32].swap_with_slice(&mut second[..16]);
+        let natural = q.clone();
+        for (row, src) in q.chunks_mut(k).zip(natural.chunks(k)) {
+            for b in 0..blocks {
+                let (lo, hi) = q4_1_halves(b, blocks);
+                row[lo..lo + 16].copy_from_slice(&src[b * 32..b * 32 + 16]);
+                row[hi..hi + 16].copy_from_slice(&src[b * 32 + 16..b * 32 + 32]);
             }
         }
     }
     let d4 = d.iter().flat_map(|&v| [v; 4]).collect();
-    Q8Rows { q, d, d4, s, k, blocks }
+    let s4 = s.iter().flat_map(|&v| [v / 4.0; 4]).collect();
+    Q8Rows { q, d, d4, s, s4, k, blocks }
+}
+
+/// Where block `b` of a row of `blocks` Q4_1-ordered activations keeps its
+/// values 0..16 and 16..32 (offsets in the row; see [`Q8Rows::q`]).
+fn q4_1_halves(b: usize, blocks: usize) -> (usize, usize) {
+    let quads = blocks / 4 * 4;
+    if b < quads {
+        let (group, i) = (b / 4 * 128, b % 4 * 16);
+        (group + i, group + 64 + i)
+    } else if b < blocks / 2 * 2 {
+        let (pair, i) = (b / 2 * 64, b % 2 * 16);
+        (pair + i, pair + 32 + i)
+    } else {
+        (b * 32, b * 32 + 16)
+    }
 }
 
 /// Quantises each 32-block of `x` into `q`, with its scale in `d` and `d · Σq` in `s`.
@@ -359,7 +556,12 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
-            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
                 return Isa::Vnni;
             }
             return Isa::Avx2;
@@ -389,7 +591,7 @@ impl QuantWeight {
     /// do not fit the format.
     pub fn new(format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
         let bb = format.block_bytes();
-        if k % 32 != 0 || data.len() != n * (k / 32) * bb {
+        if !k.is_multiple_of(32) || data.len() != n * (k / 32) * bb {
             return None;
         }
         let count = n * (k / 32);
@@ -454,7 +656,7 @@ impl QuantWeight {
             // SAFETY: `detect` found AVX2, FMA and F16C; `Blocks` and `Q8Rows` hold whole rows of whole blocks.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { quant_avx2::rows(format, w, j0, out, &xq, m) },
-            // SAFETY: as above, and AVX-512 VNNI and VL.
+            // SAFETY: as above, and AVX-512 F, BW, DQ, VL and VNNI.
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni => unsafe { quant_vnni::rows(format, w, j0, out, &xq, m) },
         })
@@ -463,7 +665,7 @@ impl QuantWeight {
 
 /// The portable kernels: the sums the SIMD kernels compute, loop by loop.
 mod portable {
-    use super::{BlockFormat, Blocks, Q8Rows};
+    use super::{q4_1_halves, BlockFormat, Blocks, Q8Rows};
 
     fn f16(bits: u16) -> f32 {
         half::f16::from_bits(bits).to_f32()
@@ -482,14 +684,7 @@ mod portable {
                 for b in 0..blocks {
                     let acc: i32 = match format {
                         BlockFormat::Q4_1 => {
-                            // Where the block's values 0..16 and 16..32 sit in `qx` (see `Q8Rows::q`).
-                            let (lo, hi) = if b % 2 == 0 && b + 1 < blocks {
-                                (b * 32, b * 32 + 32)
-                            } else if b % 2 == 1 {
-                                (b * 32 - 16, b * 32 + 16)
-                            } else {
-                                (b * 32, b * 32 + 16)
-                            };
+                            let (lo, hi) = q4_1_halves(b, blocks);
                             (0..16)
                                 .map(|t| {
                                     let byte = qw[b * 16 + t];
@@ -516,12 +711,16 @@ mod portable {
 /// with signed bytes of `s` in that lane.
 #[cfg(target_arch = "x86_64")]
 macro_rules! quant_kernels {
-    ($name:ident, $features:literal, $dot:item) => {
+    ($name:ident, $features:literal, $dot:item, $q4_1_quads:item, $q8_0_pairs:item) => {
         mod $name {
-            use super::{BlockFormat, Blocks, Q8Rows};
+            use super::{q4_1_halves, BlockFormat, Blocks, Q8Rows};
             use std::arch::x86_64::*;
 
             $dot
+
+            $q4_1_quads
+
+            $q8_0_pairs
 
             /// Weight rows `j0..` (as many as `out` holds, `m` results each)
             /// times every activation row: eight, four, then one activation
@@ -571,6 +770,27 @@ macro_rules! quant_kernels {
                 _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
             }
 
+            /// The lane sums of `R` vectors; for eight, one transposing
+            /// reduction instead of eight.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn hsums<const R: usize>(v: [__m256; R]) -> [f32; R] {
+                let mut out = [0f32; R];
+                if R == 8 {
+                    let h = |a: __m256, b: __m256| _mm256_hadd_ps(a, b);
+                    // (0+1 halves, 2+3, 4+5, 6+7) then per 128-bit lane: [s0 s1 s2 s3 | s0 s1 s2 s3]', likewise 4..8.
+                    let (a, b) = (h(h(v[0], v[1]), h(v[2], v[3])), h(h(v[4], v[5]), h(v[6], v[7])));
+                    let lo = _mm256_permute2f128_ps(a, b, 0x20);
+                    let hi = _mm256_permute2f128_ps(a, b, 0x31);
+                    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi));
+                } else {
+                    for (o, v) in out.iter_mut().zip(v) {
+                        *o = hsum(v);
+                    }
+                }
+                out
+            }
+
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn f16(bits: u16) -> f32 {
@@ -593,53 +813,43 @@ macro_rules! quant_kernels {
                 let nibble = _mm256_set1_epi8(0x0F);
                 let spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
                 let mut acc = [_mm256_setzero_ps(); R];
-                let mut b = 0;
+                let mut b = q4_1_quads::<R>(w, j, x, first, &mut acc);
                 while b + 2 <= blocks {
                     let packed = _mm256_loadu_si256(qw.add(b * 16) as *const __m256i);
                     let lo = _mm256_and_si256(packed, nibble);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
                     let pair = _mm_cvtsi32_si128((sc.add(b) as *const i32).read_unaligned());
                     let dw = _mm256_cvtph_ps(_mm_shuffle_epi8(pair, spread));
+                    let pair = _mm_cvtsi32_si128((mn.add(b) as *const i32).read_unaligned());
+                    let mw = _mm256_cvtph_ps(_mm_shuffle_epi8(pair, spread));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let row = first + r;
-                        let y = x.q.as_ptr().add(row * k + b * 32);
-                        let ylo = _mm256_loadu_si256(y as *const __m256i);
-                        let yhi = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                        let (lo_at, hi_at) = q4_1_halves(b, blocks);
+                        let y = x.q.as_ptr().add(row * k);
+                        let ylo = _mm256_loadu_si256(y.add(lo_at) as *const __m256i);
+                        let yhi = _mm256_loadu_si256(y.add(hi_at) as *const __m256i);
                         let dot = dot(dot(_mm256_setzero_si256(), lo, ylo), hi, yhi);
-                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d4.as_ptr().add(row * blocks * 4 + b * 4)));
+                        let at = row * blocks * 4 + b * 4;
+                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d4.as_ptr().add(at)));
                         *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
+                        *acc = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x.s4.as_ptr().add(at)), *acc);
                     }
                     b += 2;
                 }
-                let mut out = [0f32; R];
-                for (r, o) in out.iter_mut().enumerate() {
-                    let row = first + r;
-                    let mut sum = hsum(acc[r]);
-                    if b < blocks {
-                        // A last, unpaired block, stored in natural order.
+                let mut out = hsums(acc);
+                if b < blocks {
+                    // A last, unpaired block, stored in natural order.
+                    for (r, o) in out.iter_mut().enumerate() {
+                        let row = first + r;
                         let y = x.q.as_ptr().add(row * k + b * 32);
                         let mut dot = 0i32;
                         for t in 0..16 {
                             let byte = *qw.add(b * 16 + t);
                             dot += (byte & 0x0F) as i32 * *y.add(t) as i32 + (byte >> 4) as i32 * *y.add(16 + t) as i32;
                         }
-                        sum += f16(*sc.add(b)) * x.d[row * blocks + b] * dot as f32;
+                        let i = row * blocks + b;
+                        *o += f16(*sc.add(b)) * x.d[i] * dot as f32 + f16(*mn.add(b)) * x.s[i];
                     }
-                    // The minima: Σ_b m_b · s_b, eight blocks per step.
-                    let s = x.s.as_ptr().add(row * blocks);
-                    let mut offsets = _mm256_setzero_ps();
-                    let mut c = 0;
-                    while c + 8 <= blocks {
-                        let mins = _mm256_cvtph_ps(_mm_loadu_si128(mn.add(c) as *const __m128i));
-                        offsets = _mm256_fmadd_ps(mins, _mm256_loadu_ps(s.add(c)), offsets);
-                        c += 8;
-                    }
-                    sum += hsum(offsets);
-                    while c < blocks {
-                        sum += f16(*mn.add(c)) * *s.add(c);
-                        c += 1;
-                    }
-                    *o = sum;
                 }
                 out
             }
@@ -654,7 +864,7 @@ macro_rules! quant_kernels {
                 let sc = w.scales.as_ptr().add(j * blocks);
                 let qw = w.quants.as_ptr().add(j * blocks * 32);
                 let mut acc = [_mm256_setzero_ps(); R];
-                for b in 0..blocks {
+                for b in q8_0_pairs::<R>(w, j, x, first, &mut acc)..blocks {
                     let wv = _mm256_loadu_si256(qw.add(b * 32) as *const __m256i);
                     let aw = _mm256_sign_epi8(wv, wv);
                     let dw = f16(*sc.add(b));
@@ -666,11 +876,7 @@ macro_rules! quant_kernels {
                         *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
                     }
                 }
-                let mut out = [0f32; R];
-                for (o, a) in out.iter_mut().zip(acc) {
-                    *o = hsum(a);
-                }
-                out
+                hsums(acc)
             }
         }
     };
@@ -685,18 +891,119 @@ quant_kernels!(
     #[inline]
     unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    },
+    /// No 512-bit steps: every block goes through the 256-bit loop.
+    #[inline(always)]
+    fn q4_1_quads<const R: usize>(_: &Blocks, _: usize, _: &Q8Rows, _: usize, _: &mut [__m256; R]) -> usize {
+        0
+    },
+    /// As above.
+    #[inline(always)]
+    fn q8_0_pairs<const R: usize>(_: &Blocks, _: usize, _: &Q8Rows, _: usize, _: &mut [__m256; R]) -> usize {
+        0
     }
 );
 
 #[cfg(target_arch = "x86_64")]
 quant_kernels!(
     quant_vnni,
-    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni",
     /// One `vpdpbusd`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     #[inline]
     unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, u, s)
+    },
+    /// Q4_1 blocks four at a time in 512-bit registers (64 bytes of nibbles;
+    /// the activations' groups of four, see `Q8Rows::q`): lanes 4i..4i+4 of
+    /// the sums belong to block i. Returns the blocks done; the sums are
+    /// folded into `acc`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn q4_1_quads<const R: usize>(
+        w: &Blocks,
+        j: usize,
+        x: &Q8Rows,
+        first: usize,
+        acc: &mut [__m256; R],
+    ) -> usize {
+        let (k, blocks) = (x.k, x.blocks);
+        let quads = blocks / 4 * 4;
+        let sc = w.scales.as_ptr().add(j * blocks);
+        let mn = w.mins.as_ptr().add(j * blocks);
+        let qw = w.quants.as_ptr().add(j * blocks * 16);
+        let nibble = _mm512_set1_epi8(0x0F);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut wide = [_mm512_setzero_ps(); R];
+        let mut b = 0;
+        while b < quads {
+            let packed = _mm512_loadu_si512(qw.add(b * 16) as *const _);
+            let lo = _mm512_and_si512(packed, nibble);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            let four = _mm_cvtph_ps(_mm_loadl_epi64(sc.add(b) as *const __m128i));
+            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+            let four = _mm_cvtph_ps(_mm_loadl_epi64(mn.add(b) as *const __m128i));
+            let mw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+            for (r, wide) in wide.iter_mut().enumerate() {
+                let row = first + r;
+                let y = x.q.as_ptr().add(row * k + b * 32);
+                let ylo = _mm512_loadu_si512(y as *const _);
+                let yhi = _mm512_loadu_si512(y.add(64) as *const _);
+                let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ylo), hi, yhi);
+                let at = row * blocks * 4 + b * 4;
+                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d4.as_ptr().add(at)));
+                *wide = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *wide);
+                *wide = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x.s4.as_ptr().add(at)), *wide);
+            }
+            b += 4;
+        }
+        for (a, v) in acc.iter_mut().zip(wide) {
+            let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            *a = _mm256_add_ps(*a, halves);
+        }
+        quads
+    },
+    /// Q8_0 blocks two at a time in 512-bit registers: `|w|` times `y` with
+    /// `w`'s sign (negated under a mask, 512-bit has no `vpsignb`); lanes
+    /// 0..8 of the sums belong to the first block, 8..16 to the second.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn q8_0_pairs<const R: usize>(
+        w: &Blocks,
+        j: usize,
+        x: &Q8Rows,
+        first: usize,
+        acc: &mut [__m256; R],
+    ) -> usize {
+        let (k, blocks) = (x.k, x.blocks);
+        let pairs = blocks / 2 * 2;
+        let sc = w.scales.as_ptr().add(j * blocks);
+        let qw = w.quants.as_ptr().add(j * blocks * 32);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut wide = [_mm512_setzero_ps(); R];
+        let mut b = 0;
+        while b < pairs {
+            let wv = _mm512_loadu_si512(qw.add(b * 32) as *const _);
+            let negative = _mm512_movepi8_mask(wv);
+            let aw = _mm512_abs_epi8(wv);
+            let two = _mm_cvtph_ps(_mm_cvtsi32_si128((sc.add(b) as *const i32).read_unaligned()));
+            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
+            for (r, wide) in wide.iter_mut().enumerate() {
+                let row = first + r;
+                let y = _mm512_loadu_si512(x.q.as_ptr().add(row * k + b * 32) as *const _);
+                let sy = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sy);
+                let dy = _mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(row * blocks + b) as *const f64));
+                let scale = _mm512_mul_ps(dw, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dy)));
+                *wide = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *wide);
+            }
+            b += 2;
+        }
+        for (a, v) in acc.iter_mut().zip(wide) {
+            let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            *a = _mm256_add_ps(*a, halves);
+        }
+        pairs
     }
 );
 
@@ -748,9 +1055,25 @@ mod avx {
             }
             c += 8;
         }
+        hsums(acc)
+    }
+
+    /// The lane sums of `R` vectors; for eight, one transposing reduction
+    /// instead of eight.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn hsums<const R: usize>(v: [__m256; R]) -> [f32; R] {
         let mut out = [0f32; R];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum(a);
+        if R == 8 {
+            let h = |a: __m256, b: __m256| _mm256_hadd_ps(a, b);
+            // Per 128-bit lane: [s0 s1 s2 s3] partial sums, likewise s4..s8.
+            let (a, b) = (h(h(v[0], v[1]), h(v[2], v[3])), h(h(v[4], v[5]), h(v[6], v[7])));
+            let (lo, hi) = (_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi));
+        } else {
+            for (o, v) in out.iter_mut().zip(v) {
+                *o = hsum(v);
+            }
         }
         out
     }
@@ -782,12 +1105,14 @@ mod tests {
 
     #[test]
     fn f32_rows_matches_a_naive_product() {
-        let (m, n, k) = (9, 37, 96);
-        let (x, w) = (values(m * k, 1), values(n * k, 2));
-        let got = f32_rows(&x, m, &w, n, k);
-        let want = naive(&x, m, &w, n, k);
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+        // 8-, 4- and 1-row passes; k for the SIMD (96) and portable (12) loops.
+        for (m, n, k) in [(13, 37, 96), (3, 4, 12)] {
+            let (x, w) = (values(m * k, 1), values(n * k, 2));
+            let got = f32_rows(&x, m, &w, n, k);
+            let want = naive(&x, m, &w, n, k);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{m}x{n}x{k}: {g} vs {w}");
+            }
         }
     }
 

@@ -258,6 +258,11 @@ pub fn token_logprobs(
 /// `dK = dSᵀ Q · scale`. The composed version keeps about five
 /// score-sized tensors per layer and runs as many elementwise passes.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        if let Some(out) = few_query_attention(q, k, v, mask, scale)? {
+            return Ok(out);
+        }
+    }
     let (qd, kd, vd) = (q.detach(), k.detach().contiguous()?, v.detach().contiguous()?);
     let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
     let out = probs.matmul(&vd)?; // (B, KV, G·T, D)
@@ -288,6 +293,44 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     let y = attach(q, &out, "attention-q", op(0))?;
     let y = (y + attach(k, &zeros, "attention-k", op(1))?)?;
     y + attach(v, &zeros, "attention-v", op(2))?
+}
+
+/// Query rows per head up to which inference takes [`few_query_attention`].
+const FEW_QUERY_ROWS: usize = 32;
+
+/// Attention without a graph for decoding-sized queries on CPU f32
+/// ([`kernels::few_query_attention`]): keys and values are read where they
+/// are (a view of the KV cache needs no copy) and the scores never become a
+/// tensor. `None` when the inputs do not fit (then the general path runs).
+fn few_query_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (b, kv, gt, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    if gt > FEW_QUERY_ROWS || v.dim(2)? != s {
+        return Ok(None);
+    }
+    let t = mask.map_or(Ok(gt), |m| m.dim(1))?;
+    let mask = mask.map(|m| m.contiguous()).transpose()?;
+    let dims = crate::kernels::AttentionDims { b, kv, gt, t, s, d };
+    let out = crate::kernels::with_cpu_f32(q, |qv| {
+        crate::kernels::with_cpu_head_rows(k, |kr| {
+            crate::kernels::with_cpu_head_rows(v, |vr| match &mask {
+                Some(m) => crate::kernels::with_cpu_f32(m, |mv| {
+                    crate::kernels::few_query_attention(qv, &kr, &vr, Some(mv), &dims, scale as f32)
+                }),
+                None => Some(crate::kernels::few_query_attention(qv, &kr, &vr, None, &dims, scale as f32)),
+            })
+        })
+    });
+    match out {
+        Some(Some(Some(Some(o)))) => Ok(Some(Tensor::from_vec(o, (b, kv, gt, d), q.device())?)),
+        _ => Ok(None),
+    }
 }
 
 /// `softmax(scale · scores + mask)` for `scores` `(B, KV, G·T, S)` and an
@@ -474,6 +517,33 @@ mod tests {
             .unwrap();
         for x in [qv.as_tensor(), kv_.as_tensor(), vv.as_tensor()] {
             assert!(max_diff(ours.get(x).unwrap(), reference.get(x).unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn decoding_attention_reads_a_cache_view_and_matches_the_composed_version() {
+        // Keys/values as views of a larger cache (rows contiguous, heads apart),
+        // a padded-row mask, one and several query positions, SIMD (D = 16) and
+        // portable (D = 4) dot products.
+        for (b, kv, g, t, s, d) in [(2, 3, 3, 1, 11, 16), (2, 2, 2, 3, 5, 4), (1, 2, 2, 4, 19, 8)] {
+            let q = randn(&[b, kv, g * t, d], 41);
+            let k = randn(&[b, kv, s + 4, d], 42).narrow(2, 0, s).unwrap();
+            let v = randn(&[b, kv, s + 4, d], 43).narrow(2, 0, s).unwrap();
+            assert!(!k.is_contiguous());
+            let valid: Vec<Vec<bool>> = (0..b).map(|r| (0..s).map(|j| j >= r).collect()).collect();
+            let mask = crate::padded_causal_mask(&valid, t, s - t, &Device::Cpu).unwrap();
+            let sc = (q.matmul(&k.t().unwrap()).unwrap() * 0.25).unwrap();
+            let sc = sc
+                .reshape((b, kv, g, t, s))
+                .unwrap()
+                .broadcast_add(&mask.reshape((b, 1, 1, t, s)).unwrap())
+                .unwrap()
+                .reshape((b, kv, g * t, s))
+                .unwrap();
+            let want = candle_nn::ops::softmax(&sc, D::Minus1).unwrap().matmul(&v.contiguous().unwrap()).unwrap();
+            let got = few_query_attention(&q, &k, &v, Some(&mask), 0.25).unwrap().expect("takes the fast path");
+            assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+            assert!(max_diff(&attention(&q, &k, &v, Some(&mask), 0.25).unwrap(), &want) < 1e-5);
         }
     }
 
