@@ -80,7 +80,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    match run(cli) {
+    // The command runs on a worker of the rayon pool over which the CPU
+    // kernels (ours and candle's matmul) split their work, so that each of
+    // the hundreds of parallel operations per token or training step starts
+    // inside the pool instead of being sent to it from outside and waited for
+    // (a wake-up and a sleep each). Workers get a main thread's stack.
+    let result = match rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build_global() {
+        Ok(()) => rayon::scope(|_| run(cli)),
+        Err(_) => run(cli),
+    };
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
