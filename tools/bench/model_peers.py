@@ -37,8 +37,8 @@ def bench_transformers(path, threads, n_prompt, n_new):
         for b in (1, 8):
             rows = short.repeat(b, 1)
             gen = lambda n: model.generate(rows, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            t1 = _timed(lambda: gen(1))
-            tn = _timed(lambda: gen(n_new))
+            t1 = min(_timed(lambda: gen(1)) for _ in range(3))
+            tn = min(_timed(lambda: gen(n_new)) for _ in range(3))
             out[f"decode_b{b}_tok_s"] = b * (n_new - 1) / max(tn - t1, 1e-9)
     out["peak_rss_mib"] = peak_rss_mib()
     return out
@@ -65,8 +65,8 @@ def bench_llama(path, threads, n_prompt, n_new):
             t = llm.sample(temp=0.0)
             llm.eval([t])
 
-    t1 = _timed(lambda: decode(1))
-    tn = _timed(lambda: decode(n_new))
+    t1 = min(_timed(lambda: decode(1)) for _ in range(3))
+    tn = min(_timed(lambda: decode(n_new)) for _ in range(3))
     out["decode_b1_tok_s"] = (n_new - 1) / max(tn - t1, 1e-9)
     out["peak_rss_mib"] = peak_rss_mib()
     return out
