@@ -242,7 +242,7 @@ pub(crate) fn few_query_attention(
         }
         let _ = simd;
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
-        attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None);
+        attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None, weighted_rows);
     });
     out
 }
@@ -263,6 +263,7 @@ fn attention_block(
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
     dot8: impl Fn(&[f32], &[f32]) -> Option<[f32; 8]>,
+    weighted: impl Fn(&[f32], &HeadRows<'_>, Head, &mut [f32]),
 ) {
     let AttentionDims { kv, gt, t, s, d, .. } = *dims;
     let (bi, h) = (block / kv, block % kv);
@@ -292,15 +293,30 @@ fn attention_block(
             sum += *pj;
         }
         let o = &mut out[r * d..(r + 1) * d];
-        for (j, &pj) in p.iter().enumerate() {
-            if pj != 0.0 {
-                for (o, x) in o.iter_mut().zip(v.row(bi, h, j, d)) {
-                    *o += pj * x;
-                }
-            }
-        }
+        weighted(&p, v, Head { b: bi, h, d }, o);
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// One head of one batch row of [`HeadRows`], with its row size.
+#[derive(Clone, Copy)]
+struct Head {
+    b: usize,
+    h: usize,
+    d: usize,
+}
+
+/// `out += Σ_j p_j · v_j` over the rows of one head, skipping the rows that
+/// softmax gave no weight.
+#[inline(always)]
+fn weighted_rows(p: &[f32], v: &HeadRows<'_>, head: Head, out: &mut [f32]) {
+    for (j, &pj) in p.iter().enumerate() {
+        if pj != 0.0 {
+            for (o, x) in out.iter_mut().zip(v.row(head.b, head.h, j, head.d)) {
+                *o += pj * x;
+            }
+        }
     }
 }
 
@@ -330,7 +346,15 @@ unsafe fn attention_block_avx2(
     };
     // SAFETY: as above; the rows hold 8 · `d` values, d % 8 == 0.
     let dot8 = |a: &[f32], rows: &[f32]| d.is_multiple_of(8).then(|| unsafe { avx::dot_f32_rows::<8>(a, rows, d) });
-    attention_block(q, k, v, mask, dims, scale, block, out, dot, dot8)
+    let weighted = |p: &[f32], v: &HeadRows<'_>, head: Head, out: &mut [f32]| {
+        if d.is_multiple_of(64) {
+            // SAFETY: as above; every row holds `d` values, d % 64 == 0.
+            unsafe { avx::weighted_rows_64(p, v, head, out) }
+        } else {
+            weighted_rows(p, v, head, out)
+        }
+    };
+    attention_block(q, k, v, mask, dims, scale, block, out, dot, dot8, weighted)
 }
 
 /// `x (m, k) @ w (n, k)^T` for row-major f32 slices.
@@ -1038,6 +1062,30 @@ mod avx {
             i += 8;
         }
         hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
+    /// `out += Σ_j p_j · row(j)` for rows of a multiple of 64 values: 64
+    /// lanes of `out` stay in registers while the rows stream by.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_rows_64(p: &[f32], v: &super::HeadRows<'_>, head: super::Head, out: &mut [f32]) {
+        for c in (0..out.len()).step_by(64) {
+            let po = out.as_mut_ptr().add(c);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(po.add(8 * u));
+            }
+            for (j, &pj) in p.iter().enumerate() {
+                if pj != 0.0 {
+                    let (w, pr) = (_mm256_set1_ps(pj), v.row(head.b, head.h, j, head.d).as_ptr().add(c));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(pr.add(8 * u)), *a);
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(po.add(8 * u), *a);
+            }
+        }
     }
 
     /// Dot products of one f32 row with `R` consecutive rows of `x`

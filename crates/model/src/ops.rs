@@ -525,7 +525,8 @@ mod tests {
         // Keys/values as views of a larger cache (rows contiguous, heads apart),
         // a padded-row mask, one and several query positions, SIMD (D = 16) and
         // portable (D = 4) dot products.
-        for (b, kv, g, t, s, d) in [(2, 3, 3, 1, 11, 16), (2, 2, 2, 3, 5, 4), (1, 2, 2, 4, 19, 8)] {
+        for (b, kv, g, t, s, d) in [(2, 3, 3, 1, 11, 16), (2, 2, 2, 3, 5, 4), (1, 2, 2, 4, 19, 8), (1, 2, 3, 1, 9, 128)]
+        {
             let q = randn(&[b, kv, g * t, d], 41);
             let k = randn(&[b, kv, s + 4, d], 42).narrow(2, 0, s).unwrap();
             let v = randn(&[b, kv, s + 4, d], 43).narrow(2, 0, s).unwrap();
