@@ -1154,7 +1154,7 @@ mod tests {
     #[test]
     fn f32_rows_matches_a_naive_product() {
         // 8-, 4- and 1-row passes; k for the SIMD (96) and portable (12) loops.
-        for (m, n, k) in [(13, 37, 96), (3, 4, 12)] {
+        for (m, n, k) in [(13, 37, 96), (13, 5, 40), (3, 4, 12)] {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
             let got = f32_rows(&x, m, &w, n, k);
             let want = naive(&x, m, &w, n, k);
