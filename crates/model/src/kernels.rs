@@ -737,6 +737,7 @@ mod portable {
 macro_rules! quant_kernels {
     ($name:ident, $features:literal, $dot:item, $q4_1_quads:item, $q8_0_pairs:item) => {
         mod $name {
+            use super::avx::hsums;
             use super::{q4_1_halves, BlockFormat, Blocks, Q8Rows};
             use std::arch::x86_64::*;
 
@@ -784,35 +785,6 @@ macro_rules! quant_kernels {
                     BlockFormat::Q4_1 => q4_1::<R>(w, j, x, first),
                     BlockFormat::Q8_0 => q8_0::<R>(w, j, x, first),
                 }
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-            }
-
-            /// The lane sums of `R` vectors; for eight, one transposing
-            /// reduction instead of eight.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn hsums<const R: usize>(v: [__m256; R]) -> [f32; R] {
-                let mut out = [0f32; R];
-                if R == 8 {
-                    let h = |a: __m256, b: __m256| _mm256_hadd_ps(a, b);
-                    // (0+1 halves, 2+3, 4+5, 6+7) then per 128-bit lane: [s0 s1 s2 s3 | s0 s1 s2 s3]', likewise 4..8.
-                    let (a, b) = (h(h(v[0], v[1]), h(v[2], v[3])), h(h(v[4], v[5]), h(v[6], v[7])));
-                    let lo = _mm256_permute2f128_ps(a, b, 0x20);
-                    let hi = _mm256_permute2f128_ps(a, b, 0x31);
-                    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi));
-                } else {
-                    for (o, v) in out.iter_mut().zip(v) {
-                        *o = hsum(v);
-                    }
-                }
-                out
             }
 
             #[target_feature(enable = $features)]
@@ -981,10 +953,7 @@ quant_kernels!(
             }
             b += 4;
         }
-        for (a, v) in acc.iter_mut().zip(wide) {
-            let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-            *a = _mm256_add_ps(*a, halves);
-        }
+        super::avx::add_halves(acc, wide);
         quads
     },
     /// Q8_0 blocks two at a time in 512-bit registers: `|w|` times `y` with
@@ -1023,10 +992,7 @@ quant_kernels!(
             }
             b += 2;
         }
-        for (a, v) in acc.iter_mut().zip(wide) {
-            let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-            *a = _mm256_add_ps(*a, halves);
-        }
+        super::avx::add_halves(acc, wide);
         pairs
     }
 );
@@ -1104,6 +1070,16 @@ mod avx {
             c += 8;
         }
         hsums(acc)
+    }
+
+    /// Adds both 256-bit halves of each of `wide` to `acc`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
+    #[inline]
+    pub unsafe fn add_halves<const R: usize>(acc: &mut [__m256; R], wide: [__m512; R]) {
+        for (a, v) in acc.iter_mut().zip(wide) {
+            let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            *a = _mm256_add_ps(*a, halves);
+        }
     }
 
     /// The lane sums of `R` vectors; for eight, one transposing reduction
