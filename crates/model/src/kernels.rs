@@ -1054,14 +1054,33 @@ mod avx {
         }
     }
 
+    /// How far ahead of its dot products [`dot_f32_rows`] asks for weight
+    /// values (8 KB): with `R` activation rows of 1,536 values (48 KB, all
+    /// of L1) the hardware prefetcher alone streamed the weights at 11 GB/s
+    /// instead of 27 (`R = 8`: 44 → 71 GFLOP/s at one thread; no change at
+    /// `k = 576`).
+    const PREFETCH_F32: usize = 2048;
+
     /// Dot products of one f32 row with `R` consecutive rows of `x`
     /// (`R * k` values), `k` a multiple of 8: the weight vector is loaded
-    /// once for `R` FMAs.
+    /// once for `R` FMAs. The weight row is read as part of a stream over
+    /// consecutive rows: values past its end are prefetched.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32_rows<const R: usize>(w: &[f32], x: &[f32], k: usize) -> [f32; R] {
         let (pw, px) = (w.as_ptr(), x.as_ptr());
         let mut acc = [_mm256_setzero_ps(); R];
         let mut c = 0;
+        while c + 16 <= k {
+            // A prefetch never faults: the address may lie past the weights.
+            _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(c + PREFETCH_F32) as *const i8);
+            for h in [c, c + 8] {
+                let wv = _mm256_loadu_ps(pw.add(h));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(r * k + h)), *acc);
+                }
+            }
+            c += 16;
+        }
         while c + 8 <= k {
             let wv = _mm256_loadu_ps(pw.add(c));
             for (r, acc) in acc.iter_mut().enumerate() {
