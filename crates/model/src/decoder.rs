@@ -117,6 +117,14 @@ pub trait Adapter {
     /// The term added to projection `proj` of layer `layer` for input `x`
     /// `(.., in)`, shaped `(.., out)`; `None` where the adapter has nothing.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>>;
+
+    /// Whether later deltas record a graph for the adapter's variables;
+    /// returns the previous setting. An adapter that cannot stop tracking
+    /// keeps tracking (the default).
+    fn track(&self, on: bool) -> bool {
+        let _ = on;
+        true
+    }
 }
 
 /// The adapter of one layer, if any.
@@ -310,6 +318,16 @@ impl Linear {
         }
     }
 
+    /// Zeros shaped like [`Linear::forward`]'s output, with its gradient for
+    /// `x` ([`ops::frozen_linear_gradient_only`]); the real product for a
+    /// weight that is not plain float.
+    fn gradient_only(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Float(w) => Ok(ops::frozen_linear_gradient_only(x, &w.t()?)?),
+            _ => self.forward(x),
+        }
+    }
+
     /// Applies the projection to `x` of shape `(.., in)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -418,6 +436,16 @@ impl Attention {
     }
 }
 
+/// What a forward pass is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// The output's value (and its graph).
+    Value,
+    /// Only the gradients of its inputs and the adapter under a given
+    /// upstream gradient (a checkpointed layer's recomputation).
+    Gradient,
+}
+
 struct Mlp {
     /// gate and up projections.
     gate_up: Projections,
@@ -426,10 +454,21 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<LayerAdapter>) -> Result<Tensor> {
+        self.forward_for(x, adapter, Need::Value)
+    }
+
+    /// With [`Need::Gradient`], the down projection's frozen product is not
+    /// computed (see [`Linear::gradient_only`]): the output has the right
+    /// gradients but not the right value.
+    fn forward_for(&self, x: &Tensor, adapter: Option<LayerAdapter>, need: Need) -> Result<Tensor> {
         let gate_up = self.gate_up.forward(x, &[Proj::Gate, Proj::Up], adapter)?;
         let (gate, up) = (&gate_up[0], &gate_up[1]);
         let act = (gate.silu()? * up)?;
-        LayerAdapter::add(adapter, Proj::Down, &act, self.down_proj.forward(&act)?)
+        let down = match need {
+            Need::Value => self.down_proj.forward(&act)?,
+            Need::Gradient => self.down_proj.gradient_only(&act)?,
+        };
+        LayerAdapter::add(adapter, Proj::Down, &act, down)
     }
 }
 
@@ -716,7 +755,9 @@ impl Model {
     /// `head` turns the final hidden states into a loss, and the backward
     /// recomputes one layer at a time from its kept input. Peak memory is
     /// one layer's graph instead of all of them, for about a third more
-    /// compute.
+    /// compute (less the down projections: a recomputed layer's output
+    /// value is never read, only its gradients, so that last product is
+    /// not recomputed).
     ///
     /// Returns the gradients of `vars` (the adapter's variables, `None` for
     /// one that got none) and what `head` returned beside the loss.
@@ -733,21 +774,26 @@ impl Model {
         let rope = self.rope.at(positions)?;
         let mask = mask.to_dtype(self.dtype)?;
         let eps = self.config.rms_norm_eps;
-        let layer_fwd = |i: usize, x: &Tensor| -> Result<Tensor> {
+        let layer_fwd = |i: usize, x: &Tensor, need: Need| -> Result<Tensor> {
             let layer = &self.layers[i];
             let la = Some(LayerAdapter { adapter, layer: i });
             let a = ops::rms_norm(x, &layer.input_layernorm, eps)?;
             let h = (x + layer.self_attn.forward(&a, &rope, Some(&mask), None, la)?)?;
             let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
-            Ok((&h + layer.mlp.forward(&m, la)?)?)
+            Ok((&h + layer.mlp.forward_for(&m, la, need)?)?)
         };
+        // The first pass keeps each layer's input only, so it records no
+        // graph (no pass-through copies, no saved probabilities).
+        let was_tracking = adapter.track(false);
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
-        for i in 0..self.layers.len() {
-            let out = layer_fwd(i, &h)?.detach();
-            inputs.push(h);
-            h = out;
-        }
+        let first_pass = (0..self.layers.len()).try_for_each(|i| -> Result<()> {
+            let out = layer_fwd(i, &h, Need::Value)?.detach();
+            inputs.push(std::mem::replace(&mut h, out));
+            Ok(())
+        });
+        adapter.track(was_tracking);
+        first_pass?;
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
             for (slot, v) in grads.iter_mut().zip(vars) {
@@ -769,7 +815,9 @@ impl Model {
         for i in (0..self.layers.len()).rev() {
             let Some(dh) = upstream.take() else { break };
             let x = candle_core::Var::from_tensor(&inputs[i])?;
-            let y = layer_fwd(i, x.as_tensor())?;
+            // Only `y`'s gradients are used (`y · dh` is never read), so
+            // the down projection's product is skipped.
+            let y = layer_fwd(i, x.as_tensor(), Need::Gradient)?;
             let store = (y * dh)?.sum_all()?.backward()?;
             collect(&store)?;
             upstream = store.get(x.as_tensor()).cloned();

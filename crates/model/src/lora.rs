@@ -345,6 +345,10 @@ fn parse_peft_name(name: &str) -> Option<(usize, Proj, char)> {
 }
 
 impl Adapter for Lora {
+    fn track(&self, on: bool) -> bool {
+        self.tracking.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let Some(pair) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);

@@ -114,6 +114,24 @@ pub fn frozen_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     attach(x, &y, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
 }
 
+/// The graph of [`frozen_linear`] without its value: zeros shaped like
+/// `x @ rhs`, whose backward is the product's (`dx = dy @ rhsᵀ`).
+///
+/// For a recomputation that only wants gradients: when nothing downstream
+/// reads the product's value (the last projection of a layer, added to the
+/// residual stream), its Jacobian does not depend on that value, so the
+/// product itself need not be computed.
+pub fn frozen_linear_gradient_only(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if rhs.track_op() || !x.track_op() {
+        return frozen_linear(x, rhs);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank > 0") = rhs.dim(1)?;
+    let zeros = Tensor::zeros(dims, x.dtype(), x.device())?;
+    let rhs_t = rhs.t()?;
+    attach(x, &zeros, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
+}
+
 /// `x @ rhs` with `x` flattened to 2-D and reshaped back.
 fn plain_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     match x.rank() {
@@ -592,5 +610,22 @@ mod tests {
         let grads =
             frozen_linear(x.as_tensor(), &wv.as_tensor().t().unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(grads.get(wv.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn gradient_only_linear_has_the_products_gradient_and_no_value() {
+        let wt = randn(&[6, 8], 14).t().unwrap();
+        let x = Var::from_tensor(&randn(&[2, 3, 8], 15)).unwrap();
+        let dy = randn(&[2, 3, 6], 16);
+        let grad_of = |y: Tensor| {
+            let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            grads.get(x.as_tensor()).unwrap().clone()
+        };
+        let y = frozen_linear_gradient_only(x.as_tensor(), &wt).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 6]);
+        assert_eq!(y.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let (want, got) = (grad_of(frozen_linear(x.as_tensor(), &wt).unwrap()), grad_of(y));
+        assert!(max_diff(&want, &got) < 1e-6);
+        assert!(want.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
     }
 }
