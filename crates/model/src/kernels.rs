@@ -1370,7 +1370,11 @@ mod avx512 {
         let mut j = 0;
         while j < s {
             let k = lanes(s - j);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, p.as_ptr().add(j)), _mm512_maskz_loadu_ps(k, dp.as_ptr().add(j)), acc);
+            acc = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(k, p.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(k, dp.as_ptr().add(j)),
+                acc,
+            );
             j += 16;
         }
         let dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
