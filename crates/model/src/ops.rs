@@ -275,42 +275,215 @@ pub fn token_logprobs(
 /// `dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ))` (one pass per row), `dQ = dS K · scale`,
 /// `dK = dSᵀ Q · scale`. The composed version keeps about five
 /// score-sized tensors per layer and runs as many elementwise passes.
+/// Where the mask hides whole key ranges from blocks of queries (causal
+/// masks, preference rows), only each block's visible span is computed
+/// ([`SpanPlan`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     if !(q.track_op() || k.track_op() || v.track_op()) {
         if let Some(out) = few_query_attention(q, k, v, mask, scale)? {
             return Ok(out);
         }
     }
+    let plan = match mask {
+        Some(m) => SpanPlan::of(m, q.dim(2)?)?,
+        None => None,
+    };
+    attention_with(q, k, v, mask, scale, plan.as_ref())
+}
+
+/// The gradients `[dq, dk, dv]` of an attention for its output's gradient.
+type AttentionBackward = Box<dyn Fn(&Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
+
+/// [`attention`] over the whole score matrix (`plan` = `None`) or over each
+/// query block's key span.
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    plan: Option<&SpanPlan>,
+) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach().contiguous()?, v.detach().contiguous()?);
-    let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
-    let out = probs.matmul(&vd)?; // (B, KV, G·T, D)
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(out);
-    }
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let (out, backward) = match (plan, mask) {
+        (Some(plan), Some(mask)) => plan.attention(&qd, &kd, &vd, mask, scale, tracked)?,
+        _ => dense_attention(&qd, &kd, &vd, mask, scale, tracked)?,
+    };
+    let Some(backward) = backward else { return Ok(out) };
     // One backward computes all three gradients; each input's op takes its own.
     let slots: Arc<std::sync::Mutex<[Option<Tensor>; 3]>> = Arc::new(std::sync::Mutex::new([None, None, None]));
-    let grads_for =
-        move |which: usize, slots: &std::sync::Mutex<[Option<Tensor>; 3]>, d_out: &Tensor| -> Result<Tensor> {
+    let backward = Arc::new(backward);
+    let op = |which: usize| -> Backward {
+        let (backward, slots) = (backward.clone(), slots.clone());
+        Box::new(move |d_out: &Tensor| {
             let mut g = slots.lock().expect("the attention-gradient lock is never poisoned");
             if g[which].is_none() {
-                let d_out = d_out.contiguous()?;
-                let dv = probs.t()?.matmul(&d_out)?; // (B, KV, S, D)
-                let ds = softmax_backward(&probs, &d_out.matmul(&vd.t()?)?)?; // (B, KV, G·T, S)
-                let dq = (ds.matmul(&kd)? * scale)?;
-                let dk = (ds.t()?.matmul(&qd)? * scale)?;
-                *g = [Some(dq), Some(dk), Some(dv)];
+                *g = backward(&d_out.contiguous()?)?.map(Some);
             }
             Ok(g[which].take().expect("filled above"))
-        };
-    let grads_for = Arc::new(grads_for);
-    let op = |which: usize| -> Backward {
-        let (f, slots) = (grads_for.clone(), slots.clone());
-        Box::new(move |d_out: &Tensor| f(which, &slots, d_out))
+        })
     };
     let zeros = out.zeros_like()?;
     let y = attach(q, &out, "attention-q", op(0))?;
     let y = (y + attach(k, &zeros, "attention-k", op(1))?)?;
-    y + attach(v, &zeros, "attention-v", op(2))?
+    y + attach(v, &zeros, "attention-v", op(2))
+}
+
+/// The whole `(G·T, S)` score matrix per head at once, probabilities kept
+/// for the backward when `tracked`.
+fn dense_attention(
+    qd: &Tensor,
+    kd: &Tensor,
+    vd: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    tracked: bool,
+) -> Result<(Tensor, Option<AttentionBackward>)> {
+    let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
+    let out = probs.matmul(vd)?; // (B, KV, G·T, D)
+    if !tracked {
+        return Ok((out, None));
+    }
+    let (qd, kd, vd) = (qd.clone(), kd.clone(), vd.clone());
+    let backward: AttentionBackward = Box::new(move |d_out: &Tensor| {
+        let dv = probs.t()?.matmul(d_out)?; // (B, KV, S, D)
+        let ds = (softmax_backward(&probs, &d_out.matmul(&vd.t()?)?)? * scale)?; // (B, KV, G·T, S)
+        Ok([ds.matmul(&kd)?, ds.t()?.matmul(&qd)?, dv])
+    });
+    Ok((out, Some(backward)))
+}
+
+/// Query positions per block of a [`SpanPlan`].
+const SPAN_BLOCK: usize = 64;
+
+/// For masks that hide most keys from many queries (causal masks, and the
+/// `[prompt | chosen | rejected]` rows of preference training), the
+/// attention of each block of [`SPAN_BLOCK`] query positions over the keys
+/// `0..hi` it can see at all, instead of over all `S` keys: about half the
+/// products and softmax work of a causal mask. The mask still applies
+/// inside each span, so the result is the dense one's (the skipped scores
+/// have probability exactly 0).
+struct SpanPlan {
+    /// Per batch row, the blocks `(t0, t1, hi)`: query positions `t0..t1`
+    /// see no key at or after `hi`.
+    blocks: Vec<Vec<(usize, usize, usize)>>,
+}
+
+impl SpanPlan {
+    /// The plan for an additive mask `(B, T, S)` and `rows` = `G·T` stacked
+    /// query rows; `None` where spans would save less than a quarter of the
+    /// dense work, or the mask does not fit.
+    fn of(mask: &Tensor, rows: usize) -> Result<Option<SpanPlan>> {
+        let (b, t, s) = mask.dims3()?;
+        if t < 2 * SPAN_BLOCK || !rows.is_multiple_of(t) {
+            return Ok(None);
+        }
+        let m = mask.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut blocks = Vec::with_capacity(b);
+        let mut area = 0;
+        for bi in 0..b {
+            let mut row_blocks = Vec::new();
+            for t0 in (0..t).step_by(SPAN_BLOCK) {
+                let t1 = (t0 + SPAN_BLOCK).min(t);
+                let hi = (t0..t1)
+                    .map(|q| {
+                        let row = &m[(bi * t + q) * s..(bi * t + q + 1) * s];
+                        row.iter().rposition(|&x| x != f32::NEG_INFINITY).map_or(1, |j| j + 1)
+                    })
+                    .max()
+                    .unwrap_or(s);
+                area += (t1 - t0) * hi;
+                row_blocks.push((t0, t1, hi));
+            }
+            blocks.push(row_blocks);
+        }
+        Ok((4 * area <= 3 * b * t * s).then_some(SpanPlan { blocks }))
+    }
+
+    /// The attention of `qd` `(B, KV, G·T, D)` over `kd`, `vd` `(B, KV, S, D)`
+    /// block by block (see [`attention`] for the shapes).
+    fn attention(
+        &self,
+        qd: &Tensor,
+        kd: &Tensor,
+        vd: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        tracked: bool,
+    ) -> Result<(Tensor, Option<AttentionBackward>)> {
+        let (b, kv, gt, d) = qd.dims4()?;
+        let (t, s) = (mask.dim(1)?, mask.dim(2)?);
+        let g = gt / t;
+        // Rows as (position, head) so that a block of positions is one run
+        // of rows for every head sharing a key/value head.
+        let by_position = move |x: &Tensor| -> Result<Tensor> {
+            x.reshape((b, kv, g, t, d))?.transpose(2, 3)?.contiguous()?.reshape((b, kv, t * g, d))
+        };
+        let by_head = move |x: &Tensor| -> Result<Tensor> {
+            x.reshape((b, kv, t, g, d))?.transpose(2, 3)?.contiguous()?.reshape((b, kv, g * t, d))
+        };
+        let qr = by_position(qd)?;
+        let mut probs = Vec::new(); // per batch row, per block
+        let mut outs = Vec::with_capacity(b);
+        for (bi, blocks) in self.blocks.iter().enumerate() {
+            let mut parts = Vec::with_capacity(blocks.len());
+            let mut row_probs = Vec::with_capacity(blocks.len());
+            for &(t0, t1, hi) in blocks {
+                let n = t1 - t0;
+                let qb = qr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?; // (1, KV, n·G, D)
+                let kb = kd.narrow(0, bi, 1)?.narrow(2, 0, hi)?; // (1, KV, hi, D)
+                let vb = vd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
+                let mb = mask
+                    .narrow(0, bi, 1)?
+                    .narrow(1, t0, n)?
+                    .narrow(2, 0, hi)?
+                    .unsqueeze(2)?
+                    .broadcast_as((1, n, g, hi))?
+                    .reshape((1, n * g, hi))?; // row r: position t0 + r / G
+                let p = masked_softmax(&qb.matmul(&kb.t()?)?, Some(&mb), scale)?; // (1, KV, n·G, hi)
+                parts.push(p.matmul(&vb)?);
+                if tracked {
+                    row_probs.push(p);
+                }
+            }
+            outs.push(Tensor::cat(&parts, 2)?);
+            probs.push(row_probs);
+        }
+        let out = by_head(&Tensor::cat(&outs, 0)?)?;
+        if !tracked {
+            return Ok((out, None));
+        }
+        let (kd, vd, blocks) = (kd.clone(), vd.clone(), self.blocks.clone());
+        let backward: AttentionBackward = Box::new(move |d_out: &Tensor| {
+            let dr = by_position(d_out)?;
+            let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+            for (bi, row_blocks) in blocks.iter().enumerate() {
+                let mut dq_parts = Vec::with_capacity(row_blocks.len());
+                let (mut dk, mut dv) = (Tensor::zeros((1, kv, s, d), qr.dtype(), qr.device())?, None::<Tensor>);
+                for (&(t0, t1, hi), p) in row_blocks.iter().zip(&probs[bi]) {
+                    let n = t1 - t0;
+                    let qb = qr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?;
+                    let kb = kd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
+                    let vb = vd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
+                    let db = dr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?.contiguous()?;
+                    let dvb = p.t()?.matmul(&db)?.pad_with_zeros(2, 0, s - hi)?;
+                    dv = Some(match dv {
+                        Some(acc) => (acc + dvb)?,
+                        None => dvb,
+                    });
+                    let ds = (softmax_backward(p, &db.matmul(&vb.t()?)?)? * scale)?; // (1, KV, n·G, hi)
+                    dq_parts.push(ds.matmul(&kb)?);
+                    dk = (dk + ds.t()?.matmul(&qb.contiguous()?)?.pad_with_zeros(2, 0, s - hi)?)?;
+                }
+                dqs.push(Tensor::cat(&dq_parts, 2)?);
+                dks.push(dk);
+                dvs.push(dv.expect("a row has at least one block"));
+            }
+            Ok([by_head(&Tensor::cat(&dqs, 0)?)?, Tensor::cat(&dks, 0)?, Tensor::cat(&dvs, 0)?])
+        });
+        Ok((out, Some(backward)))
+    }
 }
 
 /// Query rows per head up to which inference takes [`few_query_attention`].
@@ -610,6 +783,58 @@ mod tests {
         let grads =
             frozen_linear(x.as_tensor(), &wv.as_tensor().t().unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(grads.get(wv.as_tensor()).is_some());
+    }
+
+    /// `(B, T, T)` masks: row 0 causal, row 1 laid out as a preference pair
+    /// `[prompt 100 | chosen 50 | rejected 50]` (each completion sees the
+    /// prompt and itself), its last 10 slots padding that sees slot 0 only.
+    fn pair_masks(t: usize) -> Tensor {
+        let mut m = vec![f32::NEG_INFINITY; 2 * t * t];
+        for q in 0..t {
+            m[q * t..q * t + q + 1].fill(0.0);
+            let row = &mut m[(t + q) * t..(t + q + 1) * t];
+            match q {
+                _ if q >= t - 10 => row[0] = 0.0,
+                _ if q < 100 => row[..=q].fill(0.0),
+                _ if q < 150 => {
+                    row[..100].fill(0.0);
+                    row[100..=q].fill(0.0);
+                }
+                _ => {
+                    row[..100].fill(0.0);
+                    row[150..=q].fill(0.0);
+                }
+            }
+        }
+        Tensor::from_vec(m, (2, t, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn span_limited_attention_gives_the_dense_values_and_gradients() {
+        let (b, kv, g, t, d) = (2, 2, 3, 200, 8);
+        let mask = pair_masks(t);
+        let plan = SpanPlan::of(&mask, g * t).unwrap().expect("these masks hide over a quarter of the scores");
+        assert_eq!(plan.blocks[1].iter().map(|b| b.2).collect::<Vec<_>>(), vec![64, 128, 190, 1]);
+        let zeros = Tensor::zeros((b, t, t), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(SpanPlan::of(&zeros, g * t).unwrap().is_none(), "nothing to skip");
+        let (q, k, v) = (randn(&[b, kv, g * t, d], 41), randn(&[b, kv, t, d], 42), randn(&[b, kv, t, d], 43));
+        let probe = randn(&[b, kv, g * t, d], 44);
+        let run = |plan: Option<&SpanPlan>| {
+            let vars = [&q, &k, &v].map(|x| Var::from_tensor(x).unwrap());
+            let [qv, kv_, vv] = vars.each_ref().map(|x| x.as_tensor());
+            let out = attention_with(qv, kv_, vv, Some(&mask), 0.3, plan).unwrap();
+            let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (out, [qv, kv_, vv].map(|x| grads.get(x).unwrap().clone()))
+        };
+        let (dense, dense_grads) = run(None);
+        let (spans, span_grads) = run(Some(&plan));
+        assert!(max_diff(&dense, &spans) < 1e-5);
+        for (a, b) in dense_grads.iter().zip(&span_grads) {
+            assert!(max_diff(a, b) < 1e-5, "gradients differ by {}", max_diff(a, b));
+        }
+        // Untracked, as in inference and the first checkpointed pass.
+        assert!(max_diff(&attention(&q, &k, &v, Some(&mask), 0.3).unwrap(), &dense) < 1e-5);
+        check_grad(&k, |x| attention(&q, x, &v, Some(&mask), 0.3).unwrap());
     }
 
     #[test]
