@@ -116,7 +116,7 @@ pub(crate) fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) ->
 /// block `b` adds mask row `b · t + r mod t` (`mask` is `(batches, t, s)`:
 /// the grouped query heads stacked as `G·T` rows share the mask). With
 /// AVX-512F the row is done 16 lanes at a time with a polynomial `exp`
-/// ([`avx512::softmax_row`], within 2 ulp of libm's); masked (`-inf`)
+/// (`avx512::softmax_row`, within 2 ulp of libm's); masked (`-inf`)
 /// slots give exactly 0 either way.
 pub fn masked_softmax(
     scores: &[f32],

@@ -277,7 +277,7 @@ pub fn token_logprobs(
 /// score-sized tensors per layer and runs as many elementwise passes.
 /// Where the mask hides whole key ranges from blocks of queries (causal
 /// masks, preference rows), only each block's visible span is computed
-/// ([`SpanPlan`]).
+/// (`SpanPlan`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     if !(q.track_op() || k.track_op() || v.track_op()) {
         if let Some(out) = few_query_attention(q, k, v, mask, scale)? {
