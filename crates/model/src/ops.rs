@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// RMSNorm over the last dimension, scaled by `weight`.
 ///
@@ -194,6 +194,93 @@ impl CustomOp2 for PassThrough {
     }
 }
 
+/// A value of three inputs computed outside the graph, attached to all
+/// three as one op with a hand-written backward (one graph node where
+/// three pass-throughs would need two additions and a zero tensor, forward
+/// and backward).
+struct Precomputed3 {
+    name: &'static str,
+    /// Taken by the forward, which runs once.
+    value: std::sync::Mutex<Option<Tensor>>,
+    backward: AttentionBackward,
+}
+
+impl Precomputed3 {
+    fn new(name: &'static str, value: Tensor, backward: AttentionBackward) -> Precomputed3 {
+        Precomputed3 { name, value: std::sync::Mutex::new(Some(value)), backward }
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let value = self.value.lock().expect("the precomputed-value lock is never poisoned").take();
+        let Some(value) = value else { candle_core::bail!("{}: the forward ran twice", self.name) };
+        value.contiguous()
+    }
+}
+
+impl CustomOp3 for Precomputed3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let exact = |v: &Tensor| -> Option<(CpuStorage, Shape)> {
+            let (storage, layout) = v.storage_and_layout();
+            let candle_core::Storage::Cpu(c) = &*storage else { return None };
+            let len = match c {
+                CpuStorage::F32(x) => x.len(),
+                CpuStorage::BF16(x) => x.len(),
+                CpuStorage::F16(x) => x.len(),
+                _ => return None,
+            };
+            (layout.start_offset() == 0 && len == v.elem_count()).then(|| (c.clone(), v.shape().clone()))
+        };
+        // A fresh result (the usual case) is cloned whole; a view is copied first.
+        match exact(&value).or_else(|| value.copy().ok().and_then(|c| exact(&c))) {
+            Some(out) => Ok(out),
+            None => candle_core::bail!("{}: the value is not a CPU float tensor", self.name),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(c) => Ok((c.try_clone(layout)?, value.shape().clone())),
+            _ => candle_core::bail!("{}: the value is not on the GPU", self.name),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [a, b, c] = (self.backward)(&grad.contiguous()?)?;
+        Ok((Some(a), Some(b), Some(c)))
+    }
+}
+
 /// Log-probabilities of `targets[i]` under `softmax(hidden[i] @ weight^T + bias)`,
 /// for `hidden` `(N, H)`, `weight` `(V, H)`: the language-model loss's core
 /// without a `(N, V)` logits tensor alive beyond one chunk of `chunk` rows.
@@ -310,24 +397,10 @@ fn attention_with(
         (Some(plan), Some(mask)) => plan.attention(&qd, &kd, &vd, mask, scale, tracked)?,
         _ => dense_attention(&qd, &kd, &vd, mask, scale, tracked)?,
     };
-    let Some(backward) = backward else { return Ok(out) };
-    // One backward computes all three gradients; each input's op takes its own.
-    let slots: Arc<std::sync::Mutex<[Option<Tensor>; 3]>> = Arc::new(std::sync::Mutex::new([None, None, None]));
-    let backward = Arc::new(backward);
-    let op = |which: usize| -> Backward {
-        let (backward, slots) = (backward.clone(), slots.clone());
-        Box::new(move |d_out: &Tensor| {
-            let mut g = slots.lock().expect("the attention-gradient lock is never poisoned");
-            if g[which].is_none() {
-                *g = backward(&d_out.contiguous()?)?.map(Some);
-            }
-            Ok(g[which].take().expect("filled above"))
-        })
-    };
-    let zeros = out.zeros_like()?;
-    let y = attach(q, &out, "attention-q", op(0))?;
-    let y = (y + attach(k, &zeros, "attention-k", op(1))?)?;
-    y + attach(v, &zeros, "attention-v", op(2))
+    match backward {
+        Some(backward) => q.apply_op3_arc(k, v, Arc::new(Box::new(Precomputed3::new("attention", out, backward)))),
+        None => Ok(out),
+    }
 }
 
 /// The whole `(G·T, S)` score matrix per head at once, probabilities kept
