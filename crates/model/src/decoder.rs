@@ -118,6 +118,24 @@ pub trait Adapter {
     /// `(.., in)`, shaped `(.., out)`; `None` where the adapter has nothing.
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>>;
 
+    /// The projection `base + delta(x)` as one differentiable op, where
+    /// `base` is the frozen product `x Wᵀ (+ bias)` computed without a graph
+    /// and `weight` is `W` `(out, in)`: the op's backward gives `x` the
+    /// frozen product's gradient `dy W` as well as the adapter's. `None`
+    /// where the adapter has no term for this projection or does not fuse;
+    /// the caller then attaches `base` to `x` and adds [`Adapter::delta`].
+    fn project(
+        &self,
+        layer: usize,
+        proj: Proj,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let _ = (layer, proj, x, base, weight);
+        Ok(None)
+    }
+
     /// Whether later deltas record a graph for the adapter's variables;
     /// returns the previous setting. An adapter that cannot stop tracking
     /// keeps tracking (the default).
@@ -135,6 +153,37 @@ struct LayerAdapter<'a> {
 }
 
 impl LayerAdapter<'_> {
+    /// `linear`'s projection of `x` plus the adapter's term, as one op where
+    /// the adapter fuses ([`Adapter::project`]); with [`Need::Gradient`] the
+    /// frozen product's value is not computed.
+    fn project(this: Option<Self>, proj: Proj, x: &Tensor, linear: &Linear, need: Need) -> Result<Tensor> {
+        let (Some(a), Some(w)) = (this, linear.float_weight()) else {
+            let y = match need {
+                Need::Value => linear.forward(x)?,
+                Need::Gradient => linear.gradient_only(x)?,
+            };
+            return LayerAdapter::add(this, proj, x, y);
+        };
+        let base = match need {
+            Need::Value => linear.forward(&x.detach())?,
+            Need::Gradient => {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank > 0") = w.dim(0)?;
+                Tensor::zeros(dims, x.dtype(), x.device())?
+            }
+        };
+        a.with_base(proj, x, base, w)
+    }
+
+    /// The adapter's fused op over a frozen product's `base` value, or `base`
+    /// attached to `x` with the product's backward where it does not fuse.
+    fn with_base(self, proj: Proj, x: &Tensor, base: Tensor, weight: &Tensor) -> Result<Tensor> {
+        match self.adapter.project(self.layer, proj, x, &base, weight)? {
+            Some(y) => Ok(y),
+            None => Ok(ops::frozen_linear_with_value(x, &base, &weight.t()?)?),
+        }
+    }
+
     fn add(this: Option<Self>, proj: Proj, x: &Tensor, y: Tensor) -> Result<Tensor> {
         match this {
             Some(a) => match a.adapter.delta(a.layer, proj, x)? {
@@ -194,23 +243,65 @@ impl Projections {
     }
 
     /// The projections of `x`, each plus the adapter's term for `kinds[i]`.
+    ///
+    /// With an adapter over float weights, the frozen products are computed
+    /// without a graph (still as one product when fused) and each part joins
+    /// the graph as one op with its adapter term ([`Adapter::project`]),
+    /// instead of a product, a split and an addition.
     fn forward(&self, x: &Tensor, kinds: &[Proj], adapter: Option<LayerAdapter>) -> Result<Vec<Tensor>> {
-        let base: Vec<Tensor> = match &self.fused {
-            Some(f) => {
-                let y = f.forward(x)?;
-                let mut at = 0;
-                self.sizes
-                    .iter()
-                    .map(|&n| {
-                        let part = y.narrow(D::Minus1, at, n);
-                        at += n;
-                        Ok(part?)
-                    })
-                    .collect::<Result<_>>()?
-            }
+        if let (Some(a), Some(weights)) = (adapter, self.float_weights()?) {
+            let xd = x.detach();
+            let base = self.split(match &self.fused {
+                Some(f) => vec![f.forward(&xd)?],
+                None => self.parts.iter().map(|p| p.forward(&xd)).collect::<Result<_>>()?,
+            })?;
+            return base
+                .into_iter()
+                .zip(weights.iter().zip(kinds))
+                .map(|(y, (w, &k))| a.with_base(k, x, y.contiguous()?, w))
+                .collect();
+        }
+        let base = self.split(match &self.fused {
+            Some(f) => vec![f.forward(x)?],
             None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
-        };
+        })?;
         base.into_iter().zip(kinds).map(|(y, &k)| LayerAdapter::add(adapter, k, x, y)).collect()
+    }
+
+    /// The parts' outputs from the fused output (one tensor), or as they are.
+    fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if self.fused.is_none() {
+            return Ok(outputs);
+        }
+        let y = &outputs[0];
+        let mut at = 0;
+        self.sizes
+            .iter()
+            .map(|&n| {
+                let part = y.narrow(D::Minus1, at, n);
+                at += n;
+                Ok(part?)
+            })
+            .collect()
+    }
+
+    /// Each part's float weight `(out, in)`; `None` for other storage.
+    fn float_weights(&self) -> Result<Option<Vec<Tensor>>> {
+        Ok(match &self.fused {
+            Some(f) => match f.float_weight() {
+                Some(w) => {
+                    let mut at = 0;
+                    let mut parts = Vec::with_capacity(self.sizes.len());
+                    for &n in &self.sizes {
+                        parts.push(w.narrow(0, at, n)?);
+                        at += n;
+                    }
+                    Some(parts)
+                }
+                None => None,
+            },
+            None => self.parts.iter().map(|p| p.float_weight().cloned()).collect(),
+        })
     }
 }
 
@@ -315,6 +406,14 @@ impl Linear {
                 Ok(())
             }
             _ => Err(Error::Request("an adapter merges into float weights only; load the model unquantised".into())),
+        }
+    }
+
+    /// The weight `(out, in)` when it is stored as floats.
+    fn float_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Float(w) => Some(w),
+            _ => None,
         }
     }
 
@@ -432,7 +531,7 @@ impl Attention {
         let q = q.reshape((b, kv, g * t, d))?;
         let out = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (B, KV, G*T, D)
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        LayerAdapter::add(adapter, Proj::O, &out, self.o_proj.forward(&out)?)
+        LayerAdapter::project(adapter, Proj::O, &out, &self.o_proj, Need::Value)
     }
 }
 
@@ -464,11 +563,7 @@ impl Mlp {
         let gate_up = self.gate_up.forward(x, &[Proj::Gate, Proj::Up], adapter)?;
         let (gate, up) = (&gate_up[0], &gate_up[1]);
         let act = (gate.silu()? * up)?;
-        let down = match need {
-            Need::Value => self.down_proj.forward(&act)?,
-            Need::Gradient => self.down_proj.gradient_only(&act)?,
-        };
-        LayerAdapter::add(adapter, Proj::Down, &act, down)
+        LayerAdapter::project(adapter, Proj::Down, &act, &self.down_proj, need)
     }
 }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::decoder::{Adapter, Model, Proj};
 use crate::error::{Error, Result};
 use crate::generate::Rng;
+use crate::ops;
 
 /// The adapter's shape and scale: PEFT's `LoraConfig`, the parts we use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,6 +348,73 @@ fn parse_peft_name(name: &str) -> Option<(usize, Proj, char)> {
 impl Adapter for Lora {
     fn track(&self, on: bool) -> bool {
         self.tracking.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// One op for the frozen product and the adapter's term: with `m` the
+    /// dropout mask, `h = (x ⊙ m) Aᵀ` and `dh = s · dy B`, the backward is
+    /// `dA = dhᵀ (x ⊙ m)`, `dB = s · dyᵀ h`, `dx = dy W + (dh A) ⊙ m`.
+    fn project(
+        &self,
+        layer: usize,
+        proj: Proj,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(pair) = self.pairs.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let mask = self.dropout_mask(layer, proj, x)?;
+        let xd = x.detach();
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("inputs have a feature dimension");
+        let rows = x.elem_count() / k.max(1);
+        let (a, b) = (pair.a.as_tensor().detach(), pair.b.as_tensor().detach());
+        // The adapter stays f32 over a bf16/f16 base (mixed precision on GPUs).
+        let xm = match &mask {
+            Some(m) => (&xd * m)?,
+            None => xd,
+        }
+        .reshape((rows, k))?
+        .to_dtype(a.dtype())?;
+        let h = xm.matmul(&a.t()?)?; // (rows, r)
+        let n = b.dim(0)?;
+        let delta = (h.matmul(&b.t()?)? * self.scale)?.to_dtype(base.dtype())?; // (rows, out)
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank > 0") = n;
+        let value = (base.reshape((rows, n))? + delta)?.reshape(out_dims)?;
+        let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
+        if !track && !x.track_op() {
+            return Ok(Some(value));
+        }
+        let need_dx = x.track_op();
+        let (scale, weight, x_dims) = (self.scale, weight.clone(), x.dims().to_vec());
+        let (a_in, b_in) = (pair.a.as_tensor().clone(), pair.b.as_tensor().clone());
+        let backward: ops::Backward3 = Box::new(move |dy: &Tensor| {
+            let dy = dy.reshape((rows, n))?;
+            let dyf = dy.to_dtype(a.dtype())?;
+            let dh = (dyf.matmul(&b)? * scale)?; // (rows, r)
+            let db = (dyf.t()?.matmul(&h)? * scale)?; // (out, r)
+            let da = dh.t()?.matmul(&xm)?; // (r, in)
+            let dx = if need_dx {
+                let lora = dh.matmul(&a)?;
+                let lora = match &mask {
+                    Some(m) => (lora * m.reshape((rows, k))?.to_dtype(a.dtype())?)?,
+                    None => lora,
+                };
+                Some((dy.matmul(&weight)? + lora.to_dtype(dy.dtype())?)?.reshape(x_dims.as_slice())?)
+            } else {
+                None
+            };
+            Ok([dx, Some(da), Some(db)])
+        });
+        if !track {
+            // A frozen adapter: `x`'s gradient only.
+            let backward: ops::Backward3 = Box::new(move |dy: &Tensor| Ok([backward(dy)?[0].take(), None, None]));
+            let zero = Tensor::zeros((), value.dtype(), value.device())?;
+            return Ok(Some(ops::attach3([x, &zero, &zero], value, "lora-projection", backward)?));
+        }
+        Ok(Some(ops::attach3([x, &a_in, &b_in], value, "lora-projection", backward)?))
     }
 
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -127,9 +127,18 @@ pub fn frozen_linear_gradient_only(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     }
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank > 0") = rhs.dim(1)?;
-    let zeros = Tensor::zeros(dims, x.dtype(), x.device())?;
+    frozen_linear_with_value(x, &Tensor::zeros(dims, x.dtype(), x.device())?, rhs)
+}
+
+/// `value` (the product `x @ rhs` for a frozen `rhs`, computed without a
+/// graph; any value when only gradients are wanted) attached to `x` with
+/// the product's backward.
+pub fn frozen_linear_with_value(x: &Tensor, value: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value.clone());
+    }
     let rhs_t = rhs.t()?;
-    attach(x, &zeros, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
+    attach(x, &value.contiguous()?, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
 }
 
 /// `x @ rhs` with `x` flattened to 2-D and reshaped back.
@@ -194,22 +203,28 @@ impl CustomOp2 for PassThrough {
     }
 }
 
-/// A value of three inputs computed outside the graph, attached to all
-/// three as one op with a hand-written backward (one graph node where
-/// three pass-throughs would need two additions and a zero tensor, forward
-/// and backward).
+/// Attaches `value`, computed from `inputs` without a graph, to all three
+/// as one op whose backward is `backward`: one graph node where three
+/// pass-throughs would need two additions and a zero tensor, forward and
+/// backward.
+pub fn attach3(inputs: [&Tensor; 3], value: Tensor, name: &'static str, backward: Backward3) -> Result<Tensor> {
+    let [a, b, c] = inputs;
+    a.apply_op3_arc(
+        b,
+        c,
+        Arc::new(Box::new(Precomputed3 { name, value: std::sync::Mutex::new(Some(value)), backward })),
+    )
+}
+
+/// The op of [`attach3`].
 struct Precomputed3 {
     name: &'static str,
     /// Taken by the forward, which runs once.
     value: std::sync::Mutex<Option<Tensor>>,
-    backward: AttentionBackward,
+    backward: Backward3,
 }
 
 impl Precomputed3 {
-    fn new(name: &'static str, value: Tensor, backward: AttentionBackward) -> Precomputed3 {
-        Precomputed3 { name, value: std::sync::Mutex::new(Some(value)), backward }
-    }
-
     fn take(&self) -> Result<Tensor> {
         let value = self.value.lock().expect("the precomputed-value lock is never poisoned").take();
         let Some(value) = value else { candle_core::bail!("{}: the forward ran twice", self.name) };
@@ -277,7 +292,7 @@ impl CustomOp3 for Precomputed3 {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [a, b, c] = (self.backward)(&grad.contiguous()?)?;
-        Ok((Some(a), Some(b), Some(c)))
+        Ok((a, b, c))
     }
 }
 
@@ -381,6 +396,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
 /// The gradients `[dq, dk, dv]` of an attention for its output's gradient.
 type AttentionBackward = Box<dyn Fn(&Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
 
+/// The gradients of an op's three inputs (`None`: not needed) for its
+/// output's gradient.
+pub type Backward3 = Box<dyn Fn(&Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync>;
+
 /// [`attention`] over the whole score matrix (`plan` = `None`) or over each
 /// query block's key span.
 fn attention_with(
@@ -398,7 +417,10 @@ fn attention_with(
         _ => dense_attention(&qd, &kd, &vd, mask, scale, tracked)?,
     };
     match backward {
-        Some(backward) => q.apply_op3_arc(k, v, Arc::new(Box::new(Precomputed3::new("attention", out, backward)))),
+        Some(backward) => {
+            let backward: Backward3 = Box::new(move |g: &Tensor| Ok(backward(g)?.map(Some)));
+            attach3([q, k, v], out, "attention", backward)
+        }
         None => Ok(out),
     }
 }
