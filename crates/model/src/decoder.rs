@@ -249,23 +249,47 @@ impl Projections {
     /// the graph as one op with its adapter term ([`Adapter::project`]),
     /// instead of a product, a split and an addition.
     fn forward(&self, x: &Tensor, kinds: &[Proj], adapter: Option<LayerAdapter>) -> Result<Vec<Tensor>> {
+        Ok(self.forward_kept(x, kinds, adapter, None)?.0)
+    }
+
+    /// [`Projections::forward`], also returning the frozen products (one
+    /// tensor when fused) where the adapter path computed them without a
+    /// graph, and taking them from `kept` instead of computing them when
+    /// given (a recomputation).
+    fn forward_kept(
+        &self,
+        x: &Tensor,
+        kinds: &[Proj],
+        adapter: Option<LayerAdapter>,
+        kept: Option<Vec<Tensor>>,
+    ) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
         if let (Some(a), Some(weights)) = (adapter, self.float_weights()?) {
-            let xd = x.detach();
-            let base = self.split(match &self.fused {
-                Some(f) => vec![f.forward(&xd)?],
-                None => self.parts.iter().map(|p| p.forward(&xd)).collect::<Result<_>>()?,
-            })?;
-            return base
+            let frozen = match kept {
+                Some(k) => k,
+                None => {
+                    let xd = x.detach();
+                    match &self.fused {
+                        Some(f) => vec![f.forward(&xd)?],
+                        None => self.parts.iter().map(|p| p.forward(&xd)).collect::<Result<_>>()?,
+                    }
+                }
+            };
+            let ys = self
+                .split(frozen.clone())?
                 .into_iter()
                 .zip(weights.iter().zip(kinds))
                 .map(|(y, (w, &k))| a.with_base(k, x, y.contiguous()?, w))
-                .collect();
+                .collect::<Result<_>>()?;
+            return Ok((ys, Some(frozen)));
         }
         let base = self.split(match &self.fused {
             Some(f) => vec![f.forward(x)?],
             None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
         })?;
-        base.into_iter().zip(kinds).map(|(y, &k)| LayerAdapter::add(adapter, k, x, y)).collect()
+        Ok((
+            base.into_iter().zip(kinds).map(|(y, &k)| LayerAdapter::add(adapter, k, x, y)).collect::<Result<_>>()?,
+            None,
+        ))
     }
 
     /// The parts' outputs from the fused output (one tensor), or as they are.
@@ -553,17 +577,26 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, adapter: Option<LayerAdapter>) -> Result<Tensor> {
-        self.forward_for(x, adapter, Need::Value)
+        Ok(self.forward_for(x, adapter, Need::Value, None)?.0)
     }
 
     /// With [`Need::Gradient`], the down projection's frozen product is not
     /// computed (see [`Linear::gradient_only`]): the output has the right
     /// gradients but not the right value.
-    fn forward_for(&self, x: &Tensor, adapter: Option<LayerAdapter>, need: Need) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x, &[Proj::Gate, Proj::Up], adapter)?;
+    ///
+    /// `kept`: the gate/up frozen products of an earlier pass on the same
+    /// input; the products this pass used are returned (adapter path only).
+    fn forward_for(
+        &self,
+        x: &Tensor,
+        adapter: Option<LayerAdapter>,
+        need: Need,
+        kept: Option<Vec<Tensor>>,
+    ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+        let (gate_up, frozen) = self.gate_up.forward_kept(x, &[Proj::Gate, Proj::Up], adapter, kept)?;
         let (gate, up) = (&gate_up[0], &gate_up[1]);
         let act = (gate.silu()? * up)?;
-        LayerAdapter::project(adapter, Proj::Down, &act, &self.down_proj, need)
+        Ok((LayerAdapter::project(adapter, Proj::Down, &act, &self.down_proj, need)?, frozen))
     }
 }
 
@@ -854,8 +887,14 @@ impl Model {
     /// value is never read, only its gradients, so that last product is
     /// not recomputed).
     ///
+    /// With `keep_mlp`, the first pass also keeps each layer's frozen
+    /// gate/up products (`2 × intermediate` values per token and layer,
+    /// six times a layer input for SmolLM2), and the recomputation reuses
+    /// them: the costliest half of a layer's products is not redone.
+    ///
     /// Returns the gradients of `vars` (the adapter's variables, `None` for
     /// one that got none) and what `head` returned beside the loss.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_checkpointed<T>(
         &self,
         ids: &Tensor,
@@ -863,28 +902,33 @@ impl Model {
         mask: &Tensor,
         adapter: &dyn Adapter,
         vars: &[Tensor],
+        keep_mlp: bool,
         head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
     ) -> Result<(Vec<Option<Tensor>>, T)> {
         let (b, t) = ids.dims2()?;
         let rope = self.rope.at(positions)?;
         let mask = mask.to_dtype(self.dtype)?;
         let eps = self.config.rms_norm_eps;
-        let layer_fwd = |i: usize, x: &Tensor, need: Need| -> Result<Tensor> {
+        type Kept = Option<Vec<Tensor>>;
+        let layer_fwd = |i: usize, x: &Tensor, need: Need, kept: Kept| -> Result<(Tensor, Kept)> {
             let layer = &self.layers[i];
             let la = Some(LayerAdapter { adapter, layer: i });
             let a = ops::rms_norm(x, &layer.input_layernorm, eps)?;
             let h = (x + layer.self_attn.forward(&a, &rope, Some(&mask), None, la)?)?;
             let m = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
-            Ok((&h + layer.mlp.forward_for(&m, la, need)?)?)
+            let (y, products) = layer.mlp.forward_for(&m, la, need, kept)?;
+            Ok(((&h + y)?, products))
         };
         // The first pass keeps each layer's input only, so it records no
         // graph (no pass-through copies, no saved probabilities).
         let was_tracking = adapter.track(false);
         let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut kept = Vec::with_capacity(self.layers.len());
         let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         let first_pass = (0..self.layers.len()).try_for_each(|i| -> Result<()> {
-            let out = layer_fwd(i, &h, Need::Value)?.detach();
-            inputs.push(std::mem::replace(&mut h, out));
+            let (out, products) = layer_fwd(i, &h, Need::Value, None)?;
+            inputs.push(std::mem::replace(&mut h, out.detach()));
+            kept.push(products.filter(|_| keep_mlp));
             Ok(())
         });
         adapter.track(was_tracking);
@@ -912,7 +956,7 @@ impl Model {
             let x = candle_core::Var::from_tensor(&inputs[i])?;
             // Only `y`'s gradients are used (`y · dh` is never read), so
             // the down projection's product is skipped.
-            let y = layer_fwd(i, x.as_tensor(), Need::Gradient)?;
+            let (y, _) = layer_fwd(i, x.as_tensor(), Need::Gradient, kept[i].take())?;
             let store = (y * dh)?.sum_all()?.backward()?;
             collect(&store)?;
             upstream = store.get(x.as_tensor()).cloned();

@@ -201,12 +201,18 @@ impl<'a> Trainer<'a> {
                 let (_, sums) = self.loss_of(&batch.score_hidden(model, &hidden?, chunk)?, totals)?;
                 (Vec::new(), sums)
             }
-            Some(vars) if self.cfg.activation_checkpointing => {
-                model.backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &self.lora, vars, |hidden| {
+            Some(vars) if self.cfg.activation_checkpointing => model.backward_checkpointed(
+                &batch.ids,
+                &batch.positions,
+                &batch.mask,
+                &self.lora,
+                vars,
+                self.cfg.keep_mlp_products,
+                |hidden| {
                     let scored = batch.score_hidden(model, hidden, chunk).map_err(to_model_error)?;
                     self.loss_of(&scored, totals).map_err(to_model_error)
-                })?
-            }
+                },
+            )?,
             Some(vars) => {
                 let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(&self.lora))?;
                 let (loss, sums) = self.loss_of(&batch.score_hidden(model, &hidden, chunk)?, totals)?;

@@ -226,17 +226,20 @@ fn activation_checkpointing_gives_the_same_gradients_with_dropout() {
         vars.iter().map(|v| store.get(v).unwrap().clone()).collect::<Vec<_>>()
     };
     let batch = Batch::layout(&seqs, true, m.tokenizer.pad_id(), &Device::Cpu).unwrap();
-    let (ckpt, _) = m
-        .model
-        .backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &lora, &vars, |h| {
-            let scored = batch.score_hidden(&m.model, h, 64).unwrap();
-            Ok(preference_loss(&scored, &params, 2, tokens, vocab).unwrap())
-        })
-        .unwrap();
-    for ((name, _), (a, b)) in lora.named_vars().iter().zip(plain.iter().zip(&ckpt)) {
-        let b = b.as_ref().unwrap_or_else(|| panic!("{name}: no gradient with checkpointing"));
-        let c = cosine(a, b);
-        assert!(c >= 0.99999, "{name}: cosine {c} between plain and checkpointed gradients");
+    // Recomputing every product, and reusing the first pass's gate/up products.
+    for keep_mlp in [false, true] {
+        let (ckpt, _) = m
+            .model
+            .backward_checkpointed(&batch.ids, &batch.positions, &batch.mask, &lora, &vars, keep_mlp, |h| {
+                let scored = batch.score_hidden(&m.model, h, 64).unwrap();
+                Ok(preference_loss(&scored, &params, 2, tokens, vocab).unwrap())
+            })
+            .unwrap();
+        for ((name, _), (a, b)) in lora.named_vars().iter().zip(plain.iter().zip(&ckpt)) {
+            let b = b.as_ref().unwrap_or_else(|| panic!("{name}: no gradient with checkpointing"));
+            let c = cosine(a, b);
+            assert!(c >= 0.99999, "{name}: cosine {c} between plain and checkpointed gradients (keep_mlp {keep_mlp})");
+        }
     }
 }
 
