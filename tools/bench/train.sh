@@ -3,7 +3,8 @@
 # seven projections, 4 pairs of 384 prompt + 128 completion tokens), ours
 # beside TRL's CPOTrainer on the same pairs and config, measured in one run at
 # the same thread counts: median step time after the first step, tokens/s and
-# peak RSS.
+# peak RSS; our step's achieved GFLOP/s against the 4096² f32 matmul rate of
+# candle (our products) and torch, measured in the same run.
 #   tools/bench/train.sh [THREADS...]   (default: 2)
 #   CKPT="true false" also runs ours without activation checkpointing (needs
 #   far more memory: every layer's attention graph is kept).
@@ -48,11 +49,43 @@ print(json.dumps({"impl": "tabletrace" + ("" if sys.argv[4] == "true" else " (no
 PY
   done | tee -a "$work/rows"
   OMP_NUM_THREADS=$t /usr/bin/time -f '%M' -o "$work/rss" "$py" tools/bench/train_peer.py trl "$dir" "$gguf" "$work/pairs.jsonl" "$t" "$steps" 2>/dev/null | tail -n1 | tee -a "$work/rows"
+  OMP_NUM_THREADS=$t "$py" tools/bench/train_peer.py peak "$t" 2>/dev/null | tail -n1 >> "$work/peaks"
+  RAYON_NUM_THREADS=$t target/release/tabletrace bench matmul >> "$work/peaks"
 done
-python3 - "$work/rows" <<'PY'
+python3 - "$work/rows" "$work/peaks" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"\n{'impl':<24} {'threads':>7} {'tokens/s':>9} {'peak MiB':>9}")
-for r in rows:
-    print(f"{r['impl']:<24} {r['threads']:>7} {r['tokens_per_s']:9.1f} {r['peak_rss_mib']:9.0f}")
+peaks = {}
+for p in map(json.loads, open(sys.argv[2])):
+    peaks.setdefault(p["threads"], {})[p.get("impl", "torch")] = p["matmul_gflops"]
+# FLOPs of our step for this config (SmolLM2-135M: 30 layers, hidden 576,
+# intermediate 1536, 9 heads / 3 kv heads of 64, vocab 49152; LoRA r 16 on
+# all seven projections): 4 pairs forwarded as 384 + 2 × 128 = 640 tokens
+# each (the prompt once). Body products per token and layer: the first pass
+# (all 7), the recomputation (q, k, v, o: gate/up are kept, down is
+# skipped) and the input-gradient backward (all 7); LoRA: ~4 passes of its
+# two rank-16 products; attention over the visible key spans (~55% of the
+# 640² scores; 2 products forward, 2 recomputed, 4 backward); the output
+# layer at the 129 scored positions of each sequence (forward, and twice
+# in the backward). TRL forwards 1,024 tokens per pair, all 7 projections,
+# and the output layer at every position.
+L, H, I, V, r = 30, 576, 1536, 49152, 16
+proj = {"q": (H, H), "k": (H, 192), "v": (H, 192), "o": (H, H), "gate": (H, I), "up": (H, I), "down": (I, H)}
+mm = lambda names: sum(2 * a * b for n, (a, b) in proj.items() if n in names)
+tokens, rows_ = 4 * 640, 4
+body = tokens * L * (mm(proj) + mm({"q", "k", "v", "o"}) + mm(proj))
+lora = tokens * L * 4 * sum(2 * r * (a + b) for a, b in proj.values())
+attn = rows_ * L * 8 * 9 * 0.55 * 2 * 640 * 640 * 64
+head = 3 * 2 * (8 * 129) * V * H
+ours_flops = body + lora + attn + head
+print(f"\n{'impl':<24} {'threads':>7} {'tokens/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}")
+for r_ in rows:
+    g = ""
+    if r_["impl"] == "tabletrace":
+        gf = ours_flops / (4096 / r_["tokens_per_s"]) / 1e9
+        g = f"{gf:8.0f} {gf / max(peaks[r_['threads']].values()):7.0%}"
+    print(f"{r_['impl']:<24} {r_['threads']:>7} {r_['tokens_per_s']:9.1f} {r_['peak_rss_mib']:9.0f} {g}")
+print(f"our step: {ours_flops / 1e9:.0f} GFLOP; 'of peak': against the faster 4096² f32 product below")
+for t, p in sorted(peaks.items()):
+    print(f"f32 matmul, {t} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(p.items())))
 PY

@@ -5,6 +5,7 @@ one micro-batch of 4 pairs, sigmoid loss), timing each optimizer step.
 
     make  PAIRS:  train_peer.py make GGUF_DIR GGUF OUT.jsonl   (4 pairs: 384 prompt + 128 completion tokens)
     run   TRL:    train_peer.py trl GGUF_DIR GGUF PAIRS.jsonl THREADS STEPS
+    peak:         train_peer.py peak THREADS   (torch f32 matmul GFLOP/s, 4096²)
 Prints one JSON line.
 """
 import json
@@ -80,8 +81,24 @@ def trl(d, f, pairs, threads, steps):
                       "tokens_per_s": tokens / step, "peak_rss_mib": rss}))
 
 
+def peak(threads):
+    import torch
+    torch.set_num_threads(threads)
+    n = 4096
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    print(json.dumps({"threads": threads, "matmul_gflops": 2 * n**3 / best / 1e9}))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "make":
+    if sys.argv[1] == "peak":
+        peak(int(sys.argv[2]))
+    elif sys.argv[1] == "make":
         make(*sys.argv[2:5])
     else:
         trl(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))

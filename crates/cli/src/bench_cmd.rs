@@ -1,6 +1,8 @@
 //! `tabletrace bench generate`: prefill and decode speed and peak memory of
 //! the model runtime, printed as one JSON line (the peers' scripts print the
 //! same fields, so tools/bench/model.sh can put them side by side).
+//! `tabletrace bench matmul`: candle's f32 matmul GFLOP/s (the trainer's
+//! products), beside which tools/bench/train.sh reports a step's FLOP rate.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -26,6 +28,31 @@ pub struct BenchGenerateArgs {
     /// Batch sizes to decode at.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchMatmulArgs {
+    /// Square matrix size.
+    #[arg(long, default_value_t = 4096)]
+    n: usize,
+}
+
+/// Best of five `n × n` f32 products after a warm-up, as one JSON line.
+pub fn matmul(a: BenchMatmulArgs) -> anyhow::Result<ExitCode> {
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (a.n, a.n), &dev)?;
+    let y = candle_core::Tensor::randn(0f32, 1.0, (a.n, a.n), &dev)?;
+    x.matmul(&y)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        x.matmul(&y)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let gflops = 2.0 * (a.n as f64).powi(3) / best / 1e9;
+    let line = serde_json::json!({ "impl": "candle", "threads": rayon::current_num_threads(), "n": a.n, "matmul_gflops": gflops });
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB.

@@ -89,6 +89,8 @@ enum AdapterCommand {
 enum BenchCommand {
     /// Prefill and decode tokens/s and peak memory of a model, as one JSON line.
     Generate(bench_cmd::BenchGenerateArgs),
+    /// f32 matrix product speed of candle's matmul (the trainer's products).
+    Matmul(bench_cmd::BenchMatmulArgs),
 }
 
 /// candle runs large elementwise ops on its own thread pool, whose idle
@@ -149,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Adapter { command: AdapterCommand::Merge(args) } => train_cmd::merge(args),
         Command::Report(args) => eval_cmd::report(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
+        Command::Bench { command: BenchCommand::Matmul(args) } => bench_cmd::matmul(args),
     }
 }
 
