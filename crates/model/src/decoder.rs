@@ -595,7 +595,7 @@ impl Mlp {
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
         let (gate_up, frozen) = self.gate_up.forward_kept(x, &[Proj::Gate, Proj::Up], adapter, kept)?;
         let (gate, up) = (&gate_up[0], &gate_up[1]);
-        let act = (gate.silu()? * up)?;
+        let act = ops::silu_mul(gate, up)?;
         Ok((LayerAdapter::project(adapter, Proj::Down, &act, &self.down_proj, need)?, frozen))
     }
 }

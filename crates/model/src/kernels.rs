@@ -182,6 +182,56 @@ pub fn softmax_backward(p: &[f32], dp: &[f32], s: usize) -> Vec<f32> {
     })
 }
 
+/// Elements per parallel task of the elementwise kernels.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// `silu(g) ⊙ u`, elementwise (the gated MLP's activation).
+pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let simd = has_avx512f();
+    let mut out = vec![0f32; g.len()];
+    out.par_chunks_mut(ELEMENTS_PER_TASK).enumerate().for_each(|(c, o)| {
+        let at = c * ELEMENTS_PER_TASK;
+        let (g, u) = (&g[at..at + o.len()], &u[at..at + o.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F checked above; the three slices have one length.
+            unsafe { avx512::silu_mul(g, u, o) };
+            return;
+        }
+        let _ = simd;
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    });
+    out
+}
+
+/// The gradients `(dg, du)` of [`silu_mul`] for the output's gradient `dy`.
+pub fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let simd = has_avx512f();
+    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+    dg.par_chunks_mut(ELEMENTS_PER_TASK).zip(du.par_chunks_mut(ELEMENTS_PER_TASK)).enumerate().for_each(
+        |(c, (dg, du))| {
+            let at = c * ELEMENTS_PER_TASK;
+            let n = dg.len();
+            let (g, u, dy) = (&g[at..at + n], &u[at..at + n], &dy[at..at + n]);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX-512F checked above; the five slices have one length.
+                unsafe { avx512::silu_mul_backward(g, u, dy, dg, du) };
+                return;
+            }
+            let _ = simd;
+            for i in 0..n {
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                du[i] = dy[i] * g[i] * s;
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        },
+    );
+    (dg, du)
+}
+
 /// A `len`-element output of rows of length `s`, row `r` written by
 /// `row(r, out_r)`, 64 rows per parallel task.
 fn by_rows(len: usize, s: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
@@ -1294,11 +1344,11 @@ mod avx512 {
 
     /// `e^x` lane-wise (Cephes' `expf` scheme: `x = n ln 2 + r`, `|r| ≤ ln 2 / 2`,
     /// `e^r = 1 + r + r² P(r)`, `2^n` by `scalef`): relative error about
-    /// 1e-7. Inputs below −104 (and −∞) give 0; inputs must be ≤ 88.
+    /// 1e-7. Inputs below −104 (and −∞) give 0; inputs above 88 give e⁸⁸.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0)), _mm512_set1_ps(88.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
@@ -1357,6 +1407,49 @@ mod avx512 {
             let k = lanes(s - j);
             let p = o.as_mut_ptr().add(j);
             _mm512_mask_storeu_ps(p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), inv));
+            j += 16;
+        }
+    }
+
+    /// `σ(x)` lane-wise.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sigmoid(x: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        _mm512_div_ps(one, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), x))))
+    }
+
+    /// `o = g σ(g) u`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul(g: &[f32], u: &[f32], o: &mut [f32]) {
+        assert!(u.len() == g.len() && o.len() == g.len());
+        let mut j = 0;
+        while j < g.len() {
+            let k = lanes(g.len() - j);
+            let gv = _mm512_maskz_loadu_ps(k, g.as_ptr().add(j));
+            let uv = _mm512_maskz_loadu_ps(k, u.as_ptr().add(j));
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(j), k, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), uv));
+            j += 16;
+        }
+    }
+
+    /// `dg = dy u σ(g) (1 + g (1 − σ(g)))`, `du = dy g σ(g)`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let n = g.len();
+        assert!(u.len() == n && dy.len() == n && dg.len() == n && du.len() == n);
+        let one = _mm512_set1_ps(1.0);
+        let mut j = 0;
+        while j < n {
+            let k = lanes(n - j);
+            let gv = _mm512_maskz_loadu_ps(k, g.as_ptr().add(j));
+            let uv = _mm512_maskz_loadu_ps(k, u.as_ptr().add(j));
+            let d = _mm512_maskz_loadu_ps(k, dy.as_ptr().add(j));
+            let sg = sigmoid(gv);
+            let silu = _mm512_mul_ps(gv, sg);
+            _mm512_mask_storeu_ps(du.as_mut_ptr().add(j), k, _mm512_mul_ps(d, silu));
+            let ds = _mm512_mul_ps(sg, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sg), one));
+            _mm512_mask_storeu_ps(dg.as_mut_ptr().add(j), k, _mm512_mul_ps(_mm512_mul_ps(d, uv), ds));
             j += 16;
         }
     }
