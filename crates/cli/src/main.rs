@@ -12,6 +12,8 @@ mod train_cmd;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
 /// mimalloc keeps freed memory for reuse. With glibc's allocator every
 /// tensor above its mmap threshold (most activations and gradients of a
 /// training step) was a fresh mapping, page-faulted in and zeroed by the
@@ -31,8 +33,6 @@ fn keep_freed_memory() {
     // SAFETY: sets a plain integer option; called before any thread starts.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
-
-use clap::{Parser, Subcommand};
 
 /// Teach open-weight LLMs to reason over several relational tables.
 #[derive(Debug, Parser)]

@@ -266,13 +266,7 @@ impl Projections {
         if let (Some(a), Some(weights)) = (adapter, self.float_weights()?) {
             let frozen = match kept {
                 Some(k) => k,
-                None => {
-                    let xd = x.detach();
-                    match &self.fused {
-                        Some(f) => vec![f.forward(&xd)?],
-                        None => self.parts.iter().map(|p| p.forward(&xd)).collect::<Result<_>>()?,
-                    }
-                }
+                None => self.products(&x.detach())?,
             };
             let ys = self
                 .split(frozen.clone())?
@@ -282,27 +276,37 @@ impl Projections {
                 .collect::<Result<_>>()?;
             return Ok((ys, Some(frozen)));
         }
-        let base = self.split(match &self.fused {
-            Some(f) => vec![f.forward(x)?],
-            None => self.parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
-        })?;
+        let base = self.split(self.products(x)?)?;
         Ok((
             base.into_iter().zip(kinds).map(|(y, &k)| LayerAdapter::add(adapter, k, x, y)).collect::<Result<_>>()?,
             None,
         ))
     }
 
-    /// The parts' outputs from the fused output (one tensor), or as they are.
-    fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        if self.fused.is_none() {
-            return Ok(outputs);
+    /// The products of `x`: one tensor when fused, else one per part.
+    fn products(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.fused {
+            Some(f) => Ok(vec![f.forward(x)?]),
+            None => self.parts.iter().map(|p| p.forward(x)).collect(),
         }
-        let y = &outputs[0];
+    }
+
+    /// The parts' outputs from [`Projections::products`].
+    fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match self.fused {
+            Some(_) => self.by_part(&outputs[0], D::Minus1),
+            None => Ok(outputs),
+        }
+    }
+
+    /// `t` cut along `dim` into the parts' sizes.
+    fn by_part(&self, t: &Tensor, dim: D) -> Result<Vec<Tensor>> {
+        let dim = candle_core::shape::Dim::to_index(&dim, t.shape(), "by_part")?;
         let mut at = 0;
         self.sizes
             .iter()
             .map(|&n| {
-                let part = y.narrow(D::Minus1, at, n);
+                let part = t.narrow(dim, at, n);
                 at += n;
                 Ok(part?)
             })
@@ -311,21 +315,10 @@ impl Projections {
 
     /// Each part's float weight `(out, in)`; `None` for other storage.
     fn float_weights(&self) -> Result<Option<Vec<Tensor>>> {
-        Ok(match &self.fused {
-            Some(f) => match f.float_weight() {
-                Some(w) => {
-                    let mut at = 0;
-                    let mut parts = Vec::with_capacity(self.sizes.len());
-                    for &n in &self.sizes {
-                        parts.push(w.narrow(0, at, n)?);
-                        at += n;
-                    }
-                    Some(parts)
-                }
-                None => None,
-            },
-            None => self.parts.iter().map(|p| p.float_weight().cloned()).collect(),
-        })
+        match &self.fused {
+            Some(f) => f.float_weight().map(|w| self.by_part(w, D::Minus2)).transpose(),
+            None => Ok(self.parts.iter().map(|p| p.float_weight().cloned()).collect()),
+        }
     }
 }
 

@@ -365,37 +365,21 @@ impl Adapter for Lora {
             return Ok(None);
         };
         let mask = self.dropout_mask(layer, proj, x)?;
-        let xd = x.detach();
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("inputs have a feature dimension");
-        let rows = x.elem_count() / k.max(1);
         let (a, b) = (pair.a.as_tensor().detach(), pair.b.as_tensor().detach());
-        // The adapter stays f32 over a bf16/f16 base (mixed precision on GPUs).
-        let xm = match &mask {
-            Some(m) => (&xd * m)?,
-            None => xd,
-        }
-        .reshape((rows, k))?
-        .to_dtype(a.dtype())?;
-        let h = xm.matmul(&a.t()?)?; // (rows, r)
-        let n = b.dim(0)?;
-        let delta = (h.matmul(&b.t()?)? * self.scale)?.to_dtype(base.dtype())?; // (rows, out)
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank > 0") = n;
-        let value = (base.reshape((rows, n))? + delta)?.reshape(out_dims)?;
+        let (xm, h, delta) = self.low_rank(&x.detach(), mask.as_ref(), &a, &b)?;
+        let (rows, k) = xm.dims2()?;
+        let n = delta.dim(1)?;
+        let value = (base.reshape((rows, n))? + delta.to_dtype(base.dtype())?)?.reshape(base.dims())?;
         let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
-        if !track && !x.track_op() {
+        let need_dx = x.track_op();
+        if !track && !need_dx {
             return Ok(Some(value));
         }
-        let need_dx = x.track_op();
         let (scale, weight, x_dims) = (self.scale, weight.clone(), x.dims().to_vec());
-        let (a_in, b_in) = (pair.a.as_tensor().clone(), pair.b.as_tensor().clone());
         let backward: ops::Backward3 = Box::new(move |dy: &Tensor| {
             let dy = dy.reshape((rows, n))?;
             let dyf = dy.to_dtype(a.dtype())?;
             let dh = (dyf.matmul(&b)? * scale)?; // (rows, r)
-            let db = (dyf.t()?.matmul(&h)? * scale)?; // (out, r)
-            let da = dh.t()?.matmul(&xm)?; // (r, in)
             let dx = if need_dx {
                 let lora = dh.matmul(&a)?;
                 let lora = match &mask {
@@ -406,40 +390,60 @@ impl Adapter for Lora {
             } else {
                 None
             };
+            if !track {
+                return Ok([dx, None, None]);
+            }
+            let db = (dyf.t()?.matmul(&h)? * scale)?; // (out, r)
+            let da = dh.t()?.matmul(&xm)?; // (r, in)
             Ok([dx, Some(da), Some(db)])
         });
-        if !track {
-            // A frozen adapter: `x`'s gradient only.
-            let backward: ops::Backward3 = Box::new(move |dy: &Tensor| Ok([backward(dy)?[0].take(), None, None]));
-            let zero = Tensor::zeros((), value.dtype(), value.device())?;
-            return Ok(Some(ops::attach3([x, &zero, &zero], value, "lora-projection", backward)?));
-        }
-        Ok(Some(ops::attach3([x, &a_in, &b_in], value, "lora-projection", backward)?))
+        // A frozen adapter (not tracking) takes `x`'s gradient only.
+        let zero = Tensor::zeros((), value.dtype(), value.device())?;
+        let (a_in, b_in) = if track { (pair.a.as_tensor(), pair.b.as_tensor()) } else { (&zero, &zero) };
+        Ok(Some(ops::attach3([x, a_in, b_in], value, "lora-projection", backward)?))
     }
 
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let Some(pair) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let x = match self.dropout_mask(layer, proj, x)? {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("inputs have a feature dimension");
-        let rows = x.elem_count() / k.max(1);
+        let mask = self.dropout_mask(layer, proj, x)?;
         let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
         let (a, b) = if track {
             (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
         } else {
             (pair.a.as_tensor().detach(), pair.b.as_tensor().detach())
         };
-        // The adapter stays f32 over a bf16/f16 base (mixed precision on GPUs).
-        let h = x.reshape((rows, k))?.to_dtype(a.dtype())?.matmul(&a.t()?)?; // (rows, r)
-        let y = (h.matmul(&b.t()?)? * self.scale)?.to_dtype(x.dtype())?; // (rows, out)
-        let mut out = dims;
+        let (_, _, y) = self.low_rank(x, mask.as_ref(), &a, &b)?;
+        let mut out = x.dims().to_vec();
         *out.last_mut().expect("rank > 0") = y.dim(1)?;
-        Ok(Some(y.reshape(out)?))
+        Ok(Some(y.to_dtype(x.dtype())?.reshape(out)?))
+    }
+}
+
+impl Lora {
+    /// For `x` `(.., in)`: `x ⊙ m` as `(rows, in)` in the adapter's dtype
+    /// (f32 over a bf16/f16 base: mixed precision on GPUs), `h = (x ⊙ m) Aᵀ`
+    /// `(rows, r)` and the adapter's term `s · h Bᵀ` `(rows, out)`, in the
+    /// adapter's dtype, differentiable in whatever `x`, `a` and `b` track.
+    fn low_rank(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let k = *x.dims().last().expect("inputs have a feature dimension");
+        let rows = x.elem_count() / k.max(1);
+        let xm = match mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        }
+        .reshape((rows, k))?
+        .to_dtype(a.dtype())?;
+        let h = xm.matmul(&a.t()?)?;
+        let y = (h.matmul(&b.t()?)? * self.scale)?;
+        Ok((xm, h, y))
     }
 }
 

@@ -106,12 +106,7 @@ pub fn frozen_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     if rhs.track_op() {
         return plain_linear(x, rhs);
     }
-    let y = plain_linear(&x.detach(), rhs)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    let rhs_t = rhs.t()?;
-    attach(x, &y, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
+    frozen_linear_with_value(x, &plain_linear(&x.detach(), rhs)?, rhs)
 }
 
 /// The graph of [`frozen_linear`] without its value: zeros shaped like
@@ -439,9 +434,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     attention_with(q, k, v, mask, scale, plan.as_ref())
 }
 
-/// The gradients `[dq, dk, dv]` of an attention for its output's gradient.
-type AttentionBackward = Box<dyn Fn(&Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
-
 /// The gradients of an op's three inputs (`None`: not needed) for its
 /// output's gradient.
 pub type Backward3 = Box<dyn Fn(&Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync>;
@@ -463,16 +455,13 @@ fn attention_with(
         _ => dense_attention(&qd, &kd, &vd, mask, scale, tracked)?,
     };
     match backward {
-        Some(backward) => {
-            let backward: Backward3 = Box::new(move |g: &Tensor| Ok(backward(g)?.map(Some)));
-            attach3([q, k, v], out, "attention", backward)
-        }
+        Some(backward) => attach3([q, k, v], out, "attention", backward),
         None => Ok(out),
     }
 }
 
 /// The whole `(G·T, S)` score matrix per head at once, probabilities kept
-/// for the backward when `tracked`.
+/// for the backward (`[dq, dk, dv]`) when `tracked`.
 fn dense_attention(
     qd: &Tensor,
     kd: &Tensor,
@@ -480,17 +469,17 @@ fn dense_attention(
     mask: Option<&Tensor>,
     scale: f64,
     tracked: bool,
-) -> Result<(Tensor, Option<AttentionBackward>)> {
+) -> Result<(Tensor, Option<Backward3>)> {
     let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
     let out = probs.matmul(vd)?; // (B, KV, G·T, D)
     if !tracked {
         return Ok((out, None));
     }
     let (qd, kd, vd) = (qd.clone(), kd.clone(), vd.clone());
-    let backward: AttentionBackward = Box::new(move |d_out: &Tensor| {
+    let backward: Backward3 = Box::new(move |d_out: &Tensor| {
         let dv = probs.t()?.matmul(d_out)?; // (B, KV, S, D)
         let ds = (softmax_backward(&probs, &d_out.matmul(&vd.t()?)?)? * scale)?; // (B, KV, G·T, S)
-        Ok([ds.matmul(&kd)?, ds.t()?.matmul(&qd)?, dv])
+        Ok([Some(ds.matmul(&kd)?), Some(ds.t()?.matmul(&qd)?), Some(dv)])
     });
     Ok((out, Some(backward)))
 }
@@ -552,7 +541,7 @@ impl SpanPlan {
         mask: &Tensor,
         scale: f64,
         tracked: bool,
-    ) -> Result<(Tensor, Option<AttentionBackward>)> {
+    ) -> Result<(Tensor, Option<Backward3>)> {
         let (b, kv, gt, d) = qd.dims4()?;
         let (t, s) = (mask.dim(1)?, mask.dim(2)?);
         let g = gt / t;
@@ -596,32 +585,30 @@ impl SpanPlan {
             return Ok((out, None));
         }
         let (kd, vd, blocks) = (kd.clone(), vd.clone(), self.blocks.clone());
-        let backward: AttentionBackward = Box::new(move |d_out: &Tensor| {
+        let backward: Backward3 = Box::new(move |d_out: &Tensor| {
             let dr = by_position(d_out)?;
             let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
             for (bi, row_blocks) in blocks.iter().enumerate() {
                 let mut dq_parts = Vec::with_capacity(row_blocks.len());
-                let (mut dk, mut dv) = (Tensor::zeros((1, kv, s, d), qr.dtype(), qr.device())?, None::<Tensor>);
+                // dK and dV over all S keys: each block adds to its span `0..hi`.
+                let mut dk = Tensor::zeros((1, kv, s, d), qr.dtype(), qr.device())?;
+                let mut dv = dk.clone();
                 for (&(t0, t1, hi), p) in row_blocks.iter().zip(&probs[bi]) {
                     let n = t1 - t0;
                     let qb = qr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?;
                     let kb = kd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let vb = vd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let db = dr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?.contiguous()?;
-                    let dvb = p.t()?.matmul(&db)?.pad_with_zeros(2, 0, s - hi)?;
-                    dv = Some(match dv {
-                        Some(acc) => (acc + dvb)?,
-                        None => dvb,
-                    });
+                    dv = (dv + p.t()?.matmul(&db)?.pad_with_zeros(2, 0, s - hi)?)?;
                     let ds = (softmax_backward(p, &db.matmul(&vb.t()?)?)? * scale)?; // (1, KV, n·G, hi)
                     dq_parts.push(ds.matmul(&kb)?);
                     dk = (dk + ds.t()?.matmul(&qb.contiguous()?)?.pad_with_zeros(2, 0, s - hi)?)?;
                 }
                 dqs.push(Tensor::cat(&dq_parts, 2)?);
                 dks.push(dk);
-                dvs.push(dv.expect("a row has at least one block"));
+                dvs.push(dv);
             }
-            Ok([by_head(&Tensor::cat(&dqs, 0)?)?, Tensor::cat(&dks, 0)?, Tensor::cat(&dvs, 0)?])
+            Ok([Some(by_head(&Tensor::cat(&dqs, 0)?)?), Some(Tensor::cat(&dks, 0)?), Some(Tensor::cat(&dvs, 0)?)])
         });
         Ok((out, Some(backward)))
     }
