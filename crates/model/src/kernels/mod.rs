@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+mod grouped;
+
 /// Weight rows per parallel task: a few tasks per thread, so that work
 /// balances without paying the pool's dispatch cost hundreds of times per
 /// token.
@@ -91,6 +93,54 @@ fn by_weight_chunks(m: usize, n: usize, chunk: impl Fn(usize, &mut [f32]) + Sync
             out[i * n + j0..i * n + j0 + rows].copy_from_slice(run);
         }
     }
+    out
+}
+
+/// The `(m, n)` result of a product, written by parallel tasks that each own
+/// a run of columns (weight rows): no task-local buffer, transposition or
+/// copy, which at batch 8 cost as much as a tenth of a decoding step.
+#[derive(Clone, Copy)]
+struct Columns {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint columns (see `by_weight_columns`).
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Sets element `(i, j)`.
+    ///
+    /// # Safety
+    /// `i < m`, `j < n`, and `j` is in the calling task's run.
+    #[inline(always)]
+    unsafe fn set(self, i: usize, j: usize, v: f32) {
+        debug_assert!(i < self.m && j < self.n);
+        *self.ptr.add(i * self.n + j) = v;
+    }
+
+    /// Adds `v` to element `(i, j)`; as [`Columns::set`].
+    #[inline(always)]
+    unsafe fn add(self, i: usize, j: usize, v: f32) {
+        debug_assert!(i < self.m && j < self.n);
+        *self.ptr.add(i * self.n + j) += v;
+    }
+}
+
+/// Runs `chunk(j0, rows, out)` over runs of consecutive weight rows in
+/// parallel (`j0` and `rows` multiples of 16 except at the end), where the
+/// task writes columns `j0..j0 + rows` of the `(m, n)` product `out`
+/// (zero-initialised), and returns the product.
+fn by_weight_columns(m: usize, n: usize, chunk: impl Fn(usize, usize, Columns) + Sync) -> Vec<f32> {
+    let per_task = rows_per_task(n);
+    let mut out = vec![0f32; m * n];
+    let columns = Columns { ptr: out.as_mut_ptr(), m, n };
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|c| {
+        let j0 = c * per_task;
+        chunk(j0, per_task.min(n - j0), columns);
+    });
     out
 }
 
@@ -521,18 +571,7 @@ struct Q8Rows {
 
 fn quantize_rows(x: &[f32], m: usize, k: usize, format: BlockFormat) -> Q8Rows {
     let blocks = k / 32;
-    let mut q = vec![0i8; m * k];
-    let mut d = vec![0f32; m * blocks];
-    let mut s = vec![0f32; m * blocks];
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 (and so SSE4.1's rounding instruction).
-        unsafe { quantize_blocks_avx2(x, &mut q, &mut d, &mut s) };
-    } else {
-        quantize_blocks(x, &mut q, &mut d, &mut s);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    quantize_blocks(x, &mut q, &mut d, &mut s);
+    let (mut q, d, s) = quantize_natural(x, m, k);
     if format == BlockFormat::Q4_1 {
         let natural = q.clone();
         for (row, src) in q.chunks_mut(k).zip(natural.chunks(k)) {
@@ -546,6 +585,25 @@ fn quantize_rows(x: &[f32], m: usize, k: usize, format: BlockFormat) -> Q8Rows {
     let d4 = d.iter().flat_map(|&v| [v; 4]).collect();
     let s4 = s.iter().flat_map(|&v| [v / 4.0; 4]).collect();
     Q8Rows { q, d, d4, s, s4, k, blocks }
+}
+
+/// `x (m, k)` quantised per 32-block in natural order: the values, the
+/// block scales `d` and `d · Σq` (see [`quantize_blocks`]).
+fn quantize_natural(x: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    let blocks = k / 32;
+    let mut q = vec![0i8; m * k];
+    let mut d = vec![0f32; m * blocks];
+    let mut s = vec![0f32; m * blocks];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (and so SSE4.1's rounding instruction).
+        unsafe { quantize_blocks_avx2(x, &mut q, &mut d, &mut s) };
+    } else {
+        quantize_blocks(x, &mut q, &mut d, &mut s);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(x, &mut q, &mut d, &mut s);
+    (q, d, s)
 }
 
 /// Where block `b` of a row of `blocks` Q4_1-ordered activations keeps its
@@ -625,9 +683,18 @@ unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [
 #[derive(Debug, Clone)]
 pub struct QuantWeight {
     format: BlockFormat,
-    blocks: std::sync::Arc<Blocks>,
+    packed: std::sync::Arc<Packed>,
     n: usize,
     k: usize,
+}
+
+/// The layout of a weight's blocks, chosen for the kernel that will run.
+#[derive(Debug)]
+enum Packed {
+    /// For the portable, AVX2 and natural-order VNNI kernels.
+    Natural(Blocks),
+    /// For the VNNI kernel with one lane per block ([`grouped`]).
+    Grouped(grouped::Grouped),
 }
 
 #[derive(Debug)]
@@ -716,6 +783,12 @@ impl QuantWeight {
     /// Repacks raw GGUF blocks of an `(n, k)` weight. `None` when the sizes
     /// do not fit the format.
     pub fn new(format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
+        QuantWeight::with_isa(Isa::detect(), format, data, n, k)
+    }
+
+    /// [`QuantWeight::new`] laid out for the kernels of `isa`: grouped for
+    /// VNNI where the rows come in whole chunks of eight, natural otherwise.
+    fn with_isa(isa: Isa, format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
         let bb = format.block_bytes();
         if !k.is_multiple_of(32) || data.len() != n * (k / 32) * bb {
             return None;
@@ -736,7 +809,14 @@ impl QuantWeight {
                 BlockFormat::Q8_0 => blocks.quants.extend_from_slice(&blk[2..]),
             }
         }
-        Some(QuantWeight { format, blocks: std::sync::Arc::new(blocks), n, k })
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Vnni {
+            if let Some(g) = grouped::Grouped::new(format, &blocks, n, k) {
+                return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Grouped(g)), n, k });
+            }
+        }
+        let _ = isa;
+        Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Natural(blocks)), n, k })
     }
 
     /// Output features.
@@ -756,14 +836,32 @@ impl QuantWeight {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
             return None;
         }
-        let blocks = Blocks {
-            scales: parts.iter().flat_map(|p| p.blocks.scales.iter().copied()).collect(),
-            mins: parts.iter().flat_map(|p| p.blocks.mins.iter().copied()).collect(),
-            quants: parts.iter().flat_map(|p| p.blocks.quants.iter().copied()).collect(),
+        let natural: Option<Vec<&Blocks>> = parts
+            .iter()
+            .map(|p| match &*p.packed {
+                Packed::Natural(b) => Some(b),
+                Packed::Grouped(_) => None,
+            })
+            .collect();
+        let grouped: Option<Vec<&grouped::Grouped>> = parts
+            .iter()
+            .map(|p| match &*p.packed {
+                Packed::Grouped(g) => Some(g),
+                Packed::Natural(_) => None,
+            })
+            .collect();
+        let packed = match (natural, grouped) {
+            (Some(blocks), _) => Packed::Natural(Blocks {
+                scales: blocks.iter().flat_map(|b| b.scales.iter().copied()).collect(),
+                mins: blocks.iter().flat_map(|b| b.mins.iter().copied()).collect(),
+                quants: blocks.iter().flat_map(|b| b.quants.iter().copied()).collect(),
+            }),
+            (None, Some(groups)) => Packed::Grouped(grouped::Grouped::concat(&groups)?),
+            (None, None) => return None,
         };
         Some(QuantWeight {
             format: first.format,
-            blocks: std::sync::Arc::new(blocks),
+            packed: std::sync::Arc::new(packed),
             n: parts.iter().map(|p| p.n).sum(),
             k: first.k,
         })
@@ -775,8 +873,23 @@ impl QuantWeight {
     }
 
     fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
-        let xq = quantize_rows(x, m, self.k, self.format);
-        let (w, format) = (&*self.blocks, self.format);
+        let format = self.format;
+        let w = match &*self.packed {
+            Packed::Natural(w) => w,
+            #[cfg(target_arch = "x86_64")]
+            Packed::Grouped(w) => {
+                assert_eq!(isa, Isa::Vnni, "a grouped weight runs on the VNNI kernel");
+                let xq = grouped::GroupedRows::quantize(x, m, self.k);
+                // SAFETY: grouped weights exist only where `detect` found VNNI (and AVX2, FMA, F16C,
+                // AVX-512 F, BW, DQ, VL); `n % 8 == 0`, and `by_weight_chunks` splits at multiples of 16.
+                return by_weight_columns(m, self.n, |j0, rows, out| unsafe {
+                    grouped::vnni::rows(format, w, j0, rows, out, &xq)
+                });
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Packed::Grouped(_) => unreachable!("grouped weights are built for VNNI only"),
+        };
+        let xq = quantize_rows(x, m, self.k, format);
         by_weight_chunks(m, self.n, |j0, out| match isa {
             Isa::Portable => portable::rows(format, w, j0, out, &xq, m),
             // SAFETY: `detect` found AVX2, FMA and F16C; `Blocks` and `Q8Rows` hold whole rows of whole blocks.
@@ -1622,16 +1735,32 @@ mod tests {
 
     #[test]
     fn quantized_kernels_match_the_dequantized_product_on_every_instruction_set() {
-        // 13 rows take the 8-, 4- and 1-row paths; k = 96 leaves an unpaired Q4_1 block,
-        // k = 512 a multiple of eight blocks (the vector loop over Q4_1's minima).
-        for (m, n, k) in [(13, 21, 96), (1, 7, 512), (5, 3, 32), (12, 40, 576), (8, 9, 1536)] {
+        // 13 and 15 rows take the 8-, 4-, 2- and 1-row paths; k = 96 leaves an unpaired Q4_1 block,
+        // k = 512 a multiple of eight blocks (the vector loop over Q4_1's minima). Where n is a
+        // multiple of 8 VNNI takes the grouped layout: k = 512 and 1,536 are whole groups of
+        // sixteen blocks, k = 576 leaves a tail of two, 896 of twelve, 32 and 96 are all tail
+        // (one block: a padded tail group).
+        for (m, n, k) in [
+            (13, 21, 96),
+            (1, 7, 512),
+            (5, 3, 32),
+            (12, 40, 576),
+            (8, 9, 1536),
+            (15, 48, 576),
+            (1, 32, 576),
+            (8, 16, 1536),
+            (3, 24, 896),
+            (13, 8, 96),
+            (2, 16, 32),
+            (9, 64, 512),
+        ] {
             let x = values(m * k, 3);
             for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
                 let (bytes, deq) = quantize(format, &values(n * k, 4));
-                let qw = QuantWeight::new(format, bytes, n, k).unwrap();
+                let for_isa = |isa| QuantWeight::with_isa(isa, format, bytes.clone(), n, k).unwrap();
                 let want = naive(&x, m, &deq, n, k);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let portable = qw.matmul_with(Isa::Portable, &x, m);
+                let portable = for_isa(Isa::Portable).matmul_with(Isa::Portable, &x, m);
                 for (g, w) in portable.iter().zip(&want) {
                     // Activations are rounded to 8 bits: a relative error of ~1%.
                     assert!((g - w).abs() < 0.02 * scale, "{format:?} {m}x{n}x{k}: {g} vs {w}");
@@ -1645,7 +1774,7 @@ mod tests {
                 }
                 // Every SIMD path gives the portable loop's sums (up to f32 summation order).
                 for isa in Isa::available() {
-                    let got = qw.matmul_with(isa, &x, m);
+                    let got = for_isa(isa).matmul_with(isa, &x, m);
                     for (g, p) in got.iter().zip(&portable) {
                         assert!((g - p).abs() < 1e-4 * scale.max(1.0), "{isa:?} {format:?} {m}x{n}x{k}: {g} vs {p}");
                     }
@@ -1681,16 +1810,21 @@ mod tests {
 
     #[test]
     fn concatenated_weights_give_the_stacked_products() {
-        let (m, k) = (3, 64);
-        let x = values(m * k, 5);
-        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (a, b) = (quantize(format, &values(4 * k, 6)).0, quantize(format, &values(5 * k, 7)).0);
-            let (qa, qb) = (QuantWeight::new(format, a, 4, k).unwrap(), QuantWeight::new(format, b, 5, k).unwrap());
-            let both = QuantWeight::concat(&[&qa, &qb]).unwrap();
-            let (ya, yb, y) = (qa.matmul(&x, m), qb.matmul(&x, m), both.matmul(&x, m));
-            for i in 0..m {
-                assert_eq!(&y[i * 9..i * 9 + 4], &ya[i * 4..i * 4 + 4]);
-                assert_eq!(&y[i * 9 + 4..i * 9 + 9], &yb[i * 5..i * 5 + 5]);
+        // Row counts of 4 and 5 keep the natural layout; 8 and 16 take the grouped one on VNNI
+        // (k = 576: whole groups and a tail).
+        for (m, k, na, nb) in [(3, 64, 4, 5), (3, 576, 8, 16), (9, 96, 16, 8)] {
+            let x = values(m * k, 5);
+            for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+                let (a, b) = (quantize(format, &values(na * k, 6)).0, quantize(format, &values(nb * k, 7)).0);
+                let (qa, qb) =
+                    (QuantWeight::new(format, a, na, k).unwrap(), QuantWeight::new(format, b, nb, k).unwrap());
+                let both = QuantWeight::concat(&[&qa, &qb]).unwrap();
+                let (ya, yb, y) = (qa.matmul(&x, m), qb.matmul(&x, m), both.matmul(&x, m));
+                let n = na + nb;
+                for i in 0..m {
+                    assert_eq!(&y[i * n..i * n + na], &ya[i * na..i * na + na]);
+                    assert_eq!(&y[i * n + na..i * n + n], &yb[i * nb..i * nb + nb]);
+                }
             }
         }
     }
