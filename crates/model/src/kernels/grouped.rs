@@ -236,6 +236,9 @@ pub(super) mod vnni {
     use crate::kernels::Columns;
     use std::arch::x86_64::*;
 
+    /// How far ahead of a group the weight stream is prefetched (bytes).
+    const PREFETCH: usize = 4096;
+
     /// Where one kind of group (main or tail) keeps its activations: the
     /// values and the per-lane `d`, `s`, `128 · Σq` of activation row 0, and
     /// how far apart consecutive rows are.
@@ -328,7 +331,15 @@ pub(super) mod vnni {
             let mut acc = [_mm512_setzero_ps(); R];
             for group in 0..shape.groups {
                 let at = j * shape.blocks + group * LANES;
-                let wv = weights::<Q8>(w.main.as_ptr().add((j * shape.groups + group) * gb));
+                let here = w.main.as_ptr().add((j * shape.groups + group) * gb);
+                for line in (0..gb).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(here.wrapping_add(PREFETCH + line) as *const i8);
+                }
+                _mm_prefetch::<_MM_HINT_T0>(w.scales.as_ptr().wrapping_add(at + PREFETCH / 8) as *const i8);
+                if !Q8 {
+                    _mm_prefetch::<_MM_HINT_T0>(w.mins.as_ptr().wrapping_add(at + PREFETCH / 8) as *const i8);
+                }
+                let wv = weights::<Q8>(here);
                 let mins = if Q8 { std::ptr::null() } else { w.mins.as_ptr().add(at) };
                 let lanes = main.at(group * STEPS * LANES * 4, group * LANES);
                 add_group::<Q8, R>(&wv, w.scales.as_ptr().add(at), mins, lanes, &mut acc);
