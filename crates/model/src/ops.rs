@@ -842,10 +842,17 @@ mod tests {
     #[test]
     fn decoding_attention_reads_a_cache_view_and_matches_the_composed_version() {
         // Keys/values as views of a larger cache (rows contiguous, heads apart),
-        // a padded-row mask, one and several query positions, SIMD (D = 16) and
-        // portable (D = 4) dot products.
-        for (b, kv, g, t, s, d) in [(2, 3, 3, 1, 11, 16), (2, 2, 2, 3, 5, 4), (1, 2, 2, 4, 19, 8), (1, 2, 3, 1, 9, 128)]
-        {
+        // a padded-row mask, one and several query positions, AVX-512 (D = 16..128: key counts
+        // below, at and past sixteen), AVX2 (D = 8, 256) and portable (D = 4) dot products.
+        for (b, kv, g, t, s, d) in [
+            (2, 3, 3, 1, 11, 16),
+            (2, 2, 2, 3, 5, 4),
+            (1, 2, 2, 4, 19, 8),
+            (1, 2, 3, 1, 9, 128),
+            (2, 3, 3, 1, 37, 64),
+            (1, 2, 4, 2, 32, 32),
+            (1, 2, 2, 1, 20, 256),
+        ] {
             let q = randn(&[b, kv, g * t, d], 41);
             let k = randn(&[b, kv, s + 4, d], 42).narrow(2, 0, s).unwrap();
             let v = randn(&[b, kv, s + 4, d], 43).narrow(2, 0, s).unwrap();
