@@ -185,47 +185,100 @@ pub(super) struct GroupedRows {
 impl GroupedRows {
     /// Quantises `x (m, k)`.
     pub(super) fn quantize(x: &[f32], m: usize, k: usize) -> GroupedRows {
+        #[cfg(target_arch = "x86_64")]
+        if super::Isa::detect() == super::Isa::Vnni {
+            // SAFETY: the CPU has AVX-512 F and DQ (part of what `detect` checks for VNNI).
+            return unsafe { quantize_avx512(x, m, k) };
+        }
+        GroupedRows::quantize_reference(x, m, k)
+    }
+
+    /// [`GroupedRows::quantize`] through [`super::quantize_natural`]: the values the vector path must give.
+    fn quantize_reference(x: &[f32], m: usize, k: usize) -> GroupedRows {
         let (q, d, s) = super::quantize_natural(x, m, k);
+        let mut rows = GroupedRows::zeros(m, k);
+        let blocks = rows.shape.blocks;
+        for (at, block) in q.chunks_exact(32).enumerate() {
+            let sum: i32 = block.iter().map(|&v| v as i32).sum();
+            rows.place(at / blocks, at % blocks, block, d[at], s[at], 128 * sum);
+        }
+        rows
+    }
+
+    /// All values zero (and so every padded tail lane).
+    fn zeros(m: usize, k: usize) -> GroupedRows {
         let shape = Shape::new(k);
-        let blocks = shape.blocks;
-        let sum128: Vec<i32> = q.chunks_exact(32).map(|b| 128 * b.iter().map(|&v| v as i32).sum::<i32>()).collect();
         let tail_lanes = m * shape.tail_groups * LANES;
-        let mut main = vec![0i8; m * shape.groups * LANES * 32];
-        let mut tail = vec![0i8; tail_lanes * 32];
-        let (mut tail_d, mut tail_s, mut tail_sum128) =
-            (vec![0f32; tail_lanes], vec![0f32; tail_lanes], vec![0; tail_lanes]);
-        // Each group is a transposition of 4-byte runs: (lane, step) → (step, lane).
-        for (i, row) in q.chunks_exact(k).enumerate() {
-            for (group, out) in
-                main[i * shape.groups * 512..(i + 1) * shape.groups * 512].chunks_exact_mut(512).enumerate()
-            {
-                for lane in 0..LANES {
-                    let block = &row[(group * LANES + lane) * 32..][..32];
-                    for step in 0..STEPS {
-                        out[(step * LANES + lane) * 4..][..4].copy_from_slice(&block[step * 4..step * 4 + 4]);
-                    }
-                }
+        GroupedRows {
+            main: vec![0; m * shape.groups * LANES * 32],
+            d: vec![0.0; m * shape.blocks],
+            s: vec![0.0; m * shape.blocks],
+            sum128: vec![0; m * shape.blocks],
+            tail: vec![0; tail_lanes * 32],
+            tail_d: vec![0.0; tail_lanes],
+            tail_s: vec![0.0; tail_lanes],
+            tail_sum128: vec![0; tail_lanes],
+            shape,
+            m,
+        }
+    }
+
+    /// Puts block `b` of row `i` (its 32 values, scale `d`, `d · Σq` and
+    /// `128 · Σq`) where the layout keeps it: eight 4-byte runs, one per
+    /// step, in the block's lane of its group; a tail block in each of its
+    /// eight lanes.
+    #[inline(always)]
+    fn place(&mut self, i: usize, b: usize, q: &[i8], d: f32, s: f32, sum128: i32) {
+        let shape = self.shape;
+        let natural = i * shape.blocks + b;
+        (self.d[natural], self.s[natural], self.sum128[natural]) = (d, s, sum128);
+        let run = |step: usize| &q[step * 4..step * 4 + 4];
+        if b < shape.tail_start() {
+            let group = (i * shape.groups + b / LANES) * STEPS;
+            for step in 0..STEPS {
+                self.main[((group + step) * LANES + b % LANES) * 4..][..4].copy_from_slice(run(step));
             }
-            for t in 0..shape.tail_groups {
-                let at = (i * shape.tail_groups + t) * LANES;
-                for lane in 0..LANES {
-                    let b = shape.tail_start() + 2 * t + lane / TAIL_ROWS;
-                    if b >= blocks {
-                        continue; // zeros past the tail
-                    }
-                    let block = &row[b * 32..b * 32 + 32];
-                    for step in 0..STEPS {
-                        tail[(at * STEPS + step * LANES + lane) * 4..][..4]
-                            .copy_from_slice(&block[step * 4..step * 4 + 4]);
-                    }
-                    let natural = i * blocks + b;
-                    (tail_d[at + lane], tail_s[at + lane], tail_sum128[at + lane]) =
-                        (d[natural], s[natural], sum128[natural]);
+        } else {
+            let (t, half) = ((b - shape.tail_start()) / 2, (b - shape.tail_start()) % 2);
+            let at = (i * shape.tail_groups + t) * LANES;
+            for lane in half * TAIL_ROWS..(half + 1) * TAIL_ROWS {
+                for step in 0..STEPS {
+                    self.tail[((at * STEPS) + step * LANES + lane) * 4..][..4].copy_from_slice(run(step));
                 }
+                (self.tail_d[at + lane], self.tail_s[at + lane], self.tail_sum128[at + lane]) = (d, s, sum128);
             }
         }
-        GroupedRows { main, d, s, sum128, tail, tail_d, tail_s, tail_sum128, shape, m }
     }
+}
+
+/// [`GroupedRows::quantize`] with AVX-512: each block's scale, rounding
+/// (halves away from zero, as [`super::quantize_blocks`]), sum and bytes in
+/// vector registers, put straight into the layout.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn quantize_avx512(x: &[f32], m: usize, k: usize) -> GroupedRows {
+    use std::arch::x86_64::*;
+    let mut rows = GroupedRows::zeros(m, k);
+    let (sign, below_half) = (_mm512_set1_ps(-0.0), _mm512_set1_ps(0.49999997));
+    for (at, xs) in x[..m * k].chunks_exact(32).enumerate() {
+        let v = [_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let scale = amax / 127.0;
+        let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        // round(y) = trunc(y ± (0.5 − ulp/2)): exact for every f32, ties away from zero.
+        let round = |v: __m512| {
+            let y = _mm512_mul_ps(v, inv);
+            _mm512_cvttps_epi32(_mm512_add_ps(y, _mm512_or_ps(_mm512_and_ps(y, sign), below_half)))
+        };
+        let (lo, hi) = (round(v[0]), round(v[1]));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
+        let mut q = [0i8; 32];
+        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(lo));
+        _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
+        let blocks = rows.shape.blocks;
+        rows.place(at / blocks, at % blocks, &q, scale, scale * sum as f32, 128 * sum);
+    }
+    rows
 }
 
 /// The kernel: `vpdpbusd` over whole groups.
@@ -436,6 +489,33 @@ pub(super) mod vnni {
             *acc = _mm512_fmadd_ps(dw, t, *acc);
             if !Q8 {
                 *acc = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x.s.add(at)), *acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GroupedRows;
+
+    #[test]
+    fn vector_quantisation_gives_the_reference_layout() {
+        #[cfg(target_arch = "x86_64")]
+        if super::super::Isa::detect() == super::super::Isa::Vnni {
+            // Whole groups and tails of 1, 2 and 12 blocks; a zero block and exact halves.
+            for (m, k) in [(3, 576), (2, 32), (5, 896), (1, 1536), (8, 96)] {
+                let mut x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 + 13) % 2001) as f32 / 1000.0 - 1.0).collect();
+                x[..32].iter_mut().for_each(|v| *v = 0.0);
+                if x.len() >= 64 {
+                    x[32..64].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 - 15.5);
+                    x[40] = 127.0;
+                }
+                let (a, b) = (GroupedRows::quantize_reference(&x, m, k), unsafe { super::quantize_avx512(&x, m, k) });
+                assert_eq!(
+                    (&a.main, &a.tail, &a.sum128, &a.tail_sum128),
+                    (&b.main, &b.tail, &b.sum128, &b.tail_sum128)
+                );
+                assert_eq!((&a.d, &a.s, &a.tail_d, &a.tail_s), (&b.d, &b.s, &b.tail_d, &b.tail_s));
             }
         }
     }

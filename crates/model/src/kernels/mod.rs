@@ -10,10 +10,14 @@
 //!   FMAs), in `k`-blocks that keep the activations in L1, with the weight
 //!   stream prefetched.
 //! - [`QuantWeight`]: Q4_1 and Q8_0 GGUF blocks, multiplied after quantising
-//!   the activations to 8 bits per 32-block (as ggml does).
+//!   the activations to 8 bits per 32-block (as ggml does). With AVX-512
+//!   VNNI the blocks are regrouped on load to one i32 lane per block
+//!   ([`grouped`]); otherwise they keep their natural order.
+//! - [`few_query_attention`]: decoding attention that reads the KV cache in
+//!   place (AVX-512F for heads of up to 128 values, else AVX2, else portable).
 //!
-//! AVX2+FMA+F16C is used when the CPU has it (checked at run time); otherwise a
-//! portable loop computes the same sums.
+//! The instruction set is checked at run time (AVX2+FMA+F16C, AVX-512); a
+//! portable loop computes the same sums where the CPU has neither.
 
 use rayon::prelude::*;
 
