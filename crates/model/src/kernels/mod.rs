@@ -11,8 +11,8 @@
 //!   stream prefetched.
 //! - [`QuantWeight`]: Q4_1 and Q8_0 GGUF blocks, multiplied after quantising
 //!   the activations to 8 bits per 32-block (as ggml does). With AVX-512
-//!   VNNI the blocks are regrouped on load to one i32 lane per block
-//!   ([`grouped`]); otherwise they keep their natural order.
+//!   VNNI the blocks of sixteen rows are interleaved on load, one i32 lane
+//!   per row ([`interleaved`]); otherwise they keep their natural order.
 //! - [`few_query_attention`]: decoding attention that reads the KV cache in
 //!   place (AVX-512F for heads of up to 128 values, else AVX2, else portable).
 //!
@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-mod grouped;
+mod interleaved;
 
 /// Weight rows per parallel task: a few tasks per thread, so that work
 /// balances without paying the pool's dispatch cost hundreds of times per
@@ -115,21 +115,16 @@ unsafe impl Send for Columns {}
 unsafe impl Sync for Columns {}
 
 impl Columns {
-    /// Sets element `(i, j)`.
+    /// Where element `(i, j)` is, for a kernel that writes a run of the
+    /// row's columns.
     ///
     /// # Safety
-    /// `i < m`, `j < n`, and `j` is in the calling task's run.
+    /// `i < m`, and every column written through the pointer is below `n`
+    /// and in the calling task's run.
     #[inline(always)]
-    unsafe fn set(self, i: usize, j: usize, v: f32) {
+    unsafe fn at(self, i: usize, j: usize) -> *mut f32 {
         debug_assert!(i < self.m && j < self.n);
-        *self.ptr.add(i * self.n + j) = v;
-    }
-
-    /// Adds `v` to element `(i, j)`; as [`Columns::set`].
-    #[inline(always)]
-    unsafe fn add(self, i: usize, j: usize, v: f32) {
-        debug_assert!(i < self.m && j < self.n);
-        *self.ptr.add(i * self.n + j) += v;
+        self.ptr.add(i * self.n + j)
     }
 }
 
@@ -709,8 +704,8 @@ pub struct QuantWeight {
 enum Packed {
     /// For the portable, AVX2 and natural-order VNNI kernels.
     Natural(Blocks),
-    /// For the VNNI kernel with one lane per block ([`grouped`]).
-    Grouped(grouped::Grouped),
+    /// For the VNNI kernel with one lane per weight row ([`interleaved`]).
+    Interleaved(interleaved::Interleaved),
 }
 
 #[derive(Debug)]
@@ -802,8 +797,8 @@ impl QuantWeight {
         QuantWeight::with_isa(Isa::detect(), format, data, n, k)
     }
 
-    /// [`QuantWeight::new`] laid out for the kernels of `isa`: grouped for
-    /// VNNI where the rows come in whole chunks of eight, natural otherwise.
+    /// [`QuantWeight::new`] laid out for the kernels of `isa`: interleaved
+    /// for VNNI where the rows come in whole chunks of sixteen, natural otherwise.
     fn with_isa(isa: Isa, format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
         let bb = format.block_bytes();
         if !k.is_multiple_of(32) || data.len() != n * (k / 32) * bb {
@@ -827,8 +822,8 @@ impl QuantWeight {
         }
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Vnni {
-            if let Some(g) = grouped::Grouped::new(format, &blocks, n, k) {
-                return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Grouped(g)), n, k });
+            if let Some(w) = interleaved::Interleaved::new(format, &blocks, n, k) {
+                return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Interleaved(w)), n, k });
             }
         }
         let _ = isa;
@@ -856,23 +851,23 @@ impl QuantWeight {
             .iter()
             .map(|p| match &*p.packed {
                 Packed::Natural(b) => Some(b),
-                Packed::Grouped(_) => None,
+                Packed::Interleaved(_) => None,
             })
             .collect();
-        let grouped: Option<Vec<&grouped::Grouped>> = parts
+        let interleaved: Option<Vec<&interleaved::Interleaved>> = parts
             .iter()
             .map(|p| match &*p.packed {
-                Packed::Grouped(g) => Some(g),
+                Packed::Interleaved(w) => Some(w),
                 Packed::Natural(_) => None,
             })
             .collect();
-        let packed = match (natural, grouped) {
+        let packed = match (natural, interleaved) {
             (Some(blocks), _) => Packed::Natural(Blocks {
                 scales: blocks.iter().flat_map(|b| b.scales.iter().copied()).collect(),
                 mins: blocks.iter().flat_map(|b| b.mins.iter().copied()).collect(),
                 quants: blocks.iter().flat_map(|b| b.quants.iter().copied()).collect(),
             }),
-            (None, Some(groups)) => Packed::Grouped(grouped::Grouped::concat(&groups)?),
+            (None, Some(ws)) => Packed::Interleaved(interleaved::Interleaved::concat(&ws)?),
             (None, None) => return None,
         };
         Some(QuantWeight {
@@ -893,17 +888,17 @@ impl QuantWeight {
         let w = match &*self.packed {
             Packed::Natural(w) => w,
             #[cfg(target_arch = "x86_64")]
-            Packed::Grouped(w) => {
-                assert_eq!(isa, Isa::Vnni, "a grouped weight runs on the VNNI kernel");
-                let xq = grouped::GroupedRows::quantize(x, m, self.k);
-                // SAFETY: grouped weights exist only where `detect` found VNNI (and AVX2, FMA, F16C,
-                // AVX-512 F, BW, DQ, VL); `n % 8 == 0`, and `by_weight_chunks` splits at multiples of 16.
+            Packed::Interleaved(w) => {
+                assert_eq!(isa, Isa::Vnni, "an interleaved weight runs on the VNNI kernel");
+                let xq = interleaved::Q8Natural::quantize(x, m, self.k);
+                // SAFETY: interleaved weights exist only where `detect` found VNNI (and AVX2, FMA, F16C,
+                // AVX-512 F, BW, DQ, VL); `n % 16 == 0`, and `by_weight_columns` splits at multiples of 16.
                 return by_weight_columns(m, self.n, |j0, rows, out| unsafe {
-                    grouped::vnni::rows(format, w, j0, rows, out, &xq)
+                    interleaved::vnni::rows(format, w, j0, rows, out, &xq)
                 });
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Packed::Grouped(_) => unreachable!("grouped weights are built for VNNI only"),
+            Packed::Interleaved(_) => unreachable!("interleaved weights are built for VNNI only"),
         };
         let xq = quantize_rows(x, m, self.k, format);
         by_weight_chunks(m, self.n, |j0, out| match isa {
@@ -1833,9 +1828,7 @@ mod tests {
     fn quantized_kernels_match_the_dequantized_product_on_every_instruction_set() {
         // 13 and 15 rows take the 8-, 4-, 2- and 1-row paths; k = 96 leaves an unpaired Q4_1 block,
         // k = 512 a multiple of eight blocks (the vector loop over Q4_1's minima). Where n is a
-        // multiple of 8 VNNI takes the grouped layout: k = 512 and 1,536 are whole groups of
-        // sixteen blocks, k = 576 leaves a tail of two, 896 of twelve, 32 and 96 are all tail
-        // (one block: a padded tail group).
+        // multiple of 16 VNNI takes the interleaved layout (one block to 48 per row).
         for (m, n, k) in [
             (13, 21, 96),
             (1, 7, 512),
@@ -1845,8 +1838,8 @@ mod tests {
             (15, 48, 576),
             (1, 32, 576),
             (8, 16, 1536),
-            (3, 24, 896),
-            (13, 8, 96),
+            (3, 32, 896),
+            (13, 16, 96),
             (2, 16, 32),
             (9, 64, 512),
         ] {
@@ -1906,9 +1899,8 @@ mod tests {
 
     #[test]
     fn concatenated_weights_give_the_stacked_products() {
-        // Row counts of 4 and 5 keep the natural layout; 8 and 16 take the grouped one on VNNI
-        // (k = 576: whole groups and a tail).
-        for (m, k, na, nb) in [(3, 64, 4, 5), (3, 576, 8, 16), (9, 96, 16, 8)] {
+        // Row counts of 4 and 5 keep the natural layout; 16 and 32 take the interleaved one on VNNI.
+        for (m, k, na, nb) in [(3, 64, 4, 5), (3, 576, 16, 32), (9, 96, 32, 16)] {
             let x = values(m * k, 5);
             for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
                 let (a, b) = (quantize(format, &values(na * k, 6)).0, quantize(format, &values(nb * k, 7)).0);
