@@ -1494,9 +1494,9 @@ mod avx512 {
     /// query rows `q` `(r, d)`, `keys` and `values` `(s, d)`, `mask(row)`
     /// the additive mask of a query row; `out` `(r, d)`. The scores of
     /// sixteen keys come out of one transposing reduction as one vector,
-    /// the softmax is [`softmax_row`], and the weighted sum of value rows
-    /// skips the rows softmax gave no weight. `d` a multiple of 16, at most
-    /// [`MAX_HEAD`].
+    /// the softmax is [`softmax_row`], and each value row, loaded once, is
+    /// weighted into up to four query rows at a time (skipping the rows that
+    /// softmax gave no weight). `d` a multiple of 16, at most [`MAX_HEAD`].
     #[target_feature(enable = "avx512f")]
     pub unsafe fn attention_rows<'m>(
         q: &[f32],
@@ -1507,37 +1507,72 @@ mod avx512 {
         d: usize,
         out: &mut [f32],
     ) {
-        let (s, chunks) = (keys.len() / d, d / 16);
-        assert!(d.is_multiple_of(16) && d <= MAX_HEAD && values.len() == s * d && out.len() == q.len());
-        let (mut scores, mut p) = (vec![0f32; s], vec![0f32; s]);
-        for (r, (qr, o)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let mut qv = [_mm512_setzero_ps(); MAX_HEAD / 16];
-            for (c, v) in qv.iter_mut().enumerate().take(chunks) {
-                *v = _mm512_loadu_ps(qr.as_ptr().add(16 * c));
-            }
+        assert!(d.is_multiple_of(16) && d <= MAX_HEAD && values.len() == keys.len() && out.len() == q.len());
+        // The head size as a constant, so that a row's vectors stay in registers.
+        match d / 16 {
+            1 => attention_rows_of::<1, 4>(q, keys, values, mask, scale, out),
+            2 => attention_rows_of::<2, 4>(q, keys, values, mask, scale, out),
+            3 => attention_rows_of::<3, 4>(q, keys, values, mask, scale, out),
+            4 => attention_rows_of::<4, 4>(q, keys, values, mask, scale, out),
+            5 => attention_rows_of::<5, 2>(q, keys, values, mask, scale, out),
+            6 => attention_rows_of::<6, 2>(q, keys, values, mask, scale, out),
+            7 => attention_rows_of::<7, 2>(q, keys, values, mask, scale, out),
+            _ => attention_rows_of::<8, 2>(q, keys, values, mask, scale, out),
+        }
+    }
+
+    /// [`attention_rows`] for heads of `16 C` values, `W` query rows per pass over the values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn attention_rows_of<'m, const C: usize, const W: usize>(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        mask: impl Fn(usize) -> Option<&'m [f32]>,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let d = 16 * C;
+        let (s, rows) = (keys.len() / d, q.len() / d);
+        let mut scores = vec![0f32; s];
+        let mut p = vec![0f32; rows * s]; // (rows, s)
+        for (r, qr) in q.chunks_exact(d).enumerate() {
+            let qv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(qr.as_ptr().add(16 * c)));
             for j0 in (0..s).step_by(16) {
                 let n = (s - j0).min(16);
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for (jj, acc) in acc.iter_mut().enumerate().take(n) {
-                    let key = keys.as_ptr().add((j0 + jj) * d);
-                    for (c, qc) in qv.iter().enumerate().take(chunks) {
-                        *acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(key.add(16 * c)), *acc);
+                let acc: [__m512; 16] = std::array::from_fn(|jj| {
+                    let mut acc = _mm512_setzero_ps();
+                    if jj < n {
+                        let key = keys.as_ptr().add((j0 + jj) * d);
+                        for (c, qc) in qv.iter().enumerate() {
+                            acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(key.add(16 * c)), acc);
+                        }
                     }
-                }
+                    acc
+                });
                 _mm512_mask_storeu_ps(scores.as_mut_ptr().add(j0), lanes(n), lane_sums(acc));
             }
-            softmax_row(&scores, mask(r), scale, &mut p);
-            let mut acc = [_mm512_setzero_ps(); MAX_HEAD / 16];
-            for (j, &pj) in p.iter().enumerate() {
-                if pj != 0.0 {
-                    let (w, row) = (_mm512_set1_ps(pj), values.as_ptr().add(j * d));
-                    for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
-                        *acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * c)), *acc);
+            softmax_row(&scores, mask(r), scale, &mut p[r * s..(r + 1) * s]);
+        }
+        for r0 in (0..rows).step_by(W) {
+            let w = (rows - r0).min(W);
+            let mut acc = [[_mm512_setzero_ps(); C]; W];
+            for j in 0..s {
+                let row = values.as_ptr().add(j * d);
+                let v: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+                for (r, acc) in acc.iter_mut().enumerate().take(w) {
+                    let pj = *p.get_unchecked((r0 + r) * s + j);
+                    if pj != 0.0 {
+                        let pj = _mm512_set1_ps(pj);
+                        for (acc, v) in acc.iter_mut().zip(v) {
+                            *acc = _mm512_fmadd_ps(pj, v, *acc);
+                        }
                     }
                 }
             }
-            for (c, acc) in acc.iter().enumerate().take(chunks) {
-                _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *acc);
+            for (r, acc) in acc.iter().enumerate().take(w) {
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add((r0 + r) * d + 16 * c), *acc);
+                }
             }
         }
     }
