@@ -192,7 +192,64 @@ pub fn generate_tokens(
     // split their work over: each of the hundreds of parallel products per
     // token is then started from inside the pool instead of being sent to it
     // from outside and waited for (a wake-up and a sleep per product).
-    rayon::scope(|_| token_loop(model, prompts, opts, eos, pad, decode))
+    rayon::scope(|_| {
+        let _awake = KeepAwake::start();
+        token_loop(model, prompts, opts, eos, pad, decode)
+    })
+}
+
+/// Keeps the pool's other workers looking for work while tokens are
+/// generated, instead of going to sleep in each serial stretch of a token
+/// (norms, rotations, sampling) and being woken, late, by the next parallel
+/// product: a rayon worker sleeps after ~30 idle rounds, and in a VM the
+/// wake-up (futex, IPI, scheduler) took longer than many of the products it
+/// was woken for, so batch-8 decoding at 2 threads ran only 1.1× faster than
+/// at 1. The workers spin (with `pause`) until the guard is dropped. One
+/// generation at a time keeps the pool awake; a worker waiting inside a
+/// concurrent generation may serve the polling one until it ends.
+struct KeepAwake {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// `pause` instructions between two looks for work by an idle worker.
+const POLL_PAUSES: usize = 64;
+
+/// Whether some generation keeps the pool awake.
+static AWAKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl KeepAwake {
+    /// Starts the other workers' polling from a worker of the pool.
+    fn start() -> Option<KeepAwake> {
+        use std::sync::atomic::Ordering;
+        let me = rayon::current_thread_index()?;
+        if rayon::current_num_threads() < 2 || AWAKE.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() == me {
+                return;
+            }
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    // About a microsecond between looks, so that polling does not
+                    // keep the queues' cache lines away from the thread filling them.
+                    for _ in 0..POLL_PAUSES {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        Some(KeepAwake { done })
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        AWAKE.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn token_loop(
