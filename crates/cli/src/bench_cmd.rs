@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use tabletrace_model::{generate, load_model, GenerateOptions, LoadOptions};
+use tabletrace_model::{generate, load_model, GenerateOptions, LoadOptions, Sampling};
 
 #[derive(Debug, Args)]
 pub struct BenchGenerateArgs {
@@ -28,6 +28,13 @@ pub struct BenchGenerateArgs {
     /// Batch sizes to decode at.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
+    /// Decode with nucleus sampling at this temperature (0: greedy), as the
+    /// trace factory draws negatives.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus mass for sampling.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +99,13 @@ pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
     for &b in &a.batch {
         let rows = vec![short.clone(); b];
         let one = GenerateOptions { max_new_tokens: 1, ignore_eos: true, ..GenerateOptions::default() };
-        let full = GenerateOptions { max_new_tokens: a.new_tokens, ignore_eos: true, ..GenerateOptions::default() };
+        let sampling = if a.temperature > 0.0 {
+            Sampling::Sample { temperature: a.temperature, top_p: a.top_p, seed: 1 }
+        } else {
+            Sampling::Greedy
+        };
+        let full =
+            GenerateOptions { max_new_tokens: a.new_tokens, ignore_eos: true, sampling, ..GenerateOptions::default() };
         // Best of three (this VM's speed varies from run to run).
         let (mut t_prefill, mut t_full) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..3 {
@@ -112,6 +125,7 @@ pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
         "weights": if a.quantized { "quantized" } else { "f32" },
         "threads": candle_core::utils::get_num_threads(),
         "prompt_tokens": a.prompt_tokens,
+        "temperature": a.temperature,
         "prefill_tok_s": prefill_tps,
     });
     out.as_object_mut().expect("an object").extend(decode);

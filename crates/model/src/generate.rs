@@ -117,16 +117,7 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
                 logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - max) as f64) / temperature).exp())).collect();
             let total: f64 = probs.iter().map(|p| p.1).sum();
             probs.iter_mut().for_each(|p| p.1 /= total);
-            probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                cum += p.1;
-                if cum >= *top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
+            let keep = nucleus(&mut probs, *top_p);
             let kept = &probs[..keep];
             let mass: f64 = kept.iter().map(|p| p.1).sum();
             let mut r = rng.next_f64() * mass;
@@ -141,14 +132,48 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     }
 }
 
+/// Orders the most probable tokens first (ties by id) until their mass
+/// reaches `top_p`, and returns how many that takes: the prefix a full sort
+/// would give. Only a selection of the first `k` is sorted, `k` growing
+/// fourfold until it holds the mass — a full sort of a 49,152-token
+/// vocabulary took ~4 ms per row and token, several times a batch-8
+/// decoding step.
+fn nucleus(probs: &mut [(u32, f64)], top_p: f64) -> usize {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let n = probs.len();
+    let mut k = n.min(64);
+    loop {
+        if k < n {
+            probs.select_nth_unstable_by(k - 1, order);
+        }
+        probs[..k].sort_by(order);
+        let mut cum = 0.0;
+        for (i, p) in probs[..k].iter().enumerate() {
+            cum += p.1;
+            if cum >= top_p {
+                return i + 1;
+            }
+        }
+        if k == n {
+            return n;
+        }
+        k = (4 * k).min(n);
+    }
+}
+
+/// The first index of the largest logit (NaNs never win).
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // The maximum lane by lane (vectorises), then its first position.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            *m = if l > *m { l } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Generates a continuation for each prompt (token ids, chat template and
@@ -369,5 +394,60 @@ mod tests {
         let p1 = counts[1] as f64 / 4000.0;
         let expected = 2.0f64.exp() / [0.1f64, 2.0, -1.0, 1.9].iter().map(|x| x.exp()).sum::<f64>();
         assert!((p1 - expected).abs() < 0.03, "{p1} vs {expected}");
+    }
+
+    /// Nucleus sampling by a full sort of the vocabulary: what [`sample`] must draw.
+    fn sample_by_full_sort(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u32 {
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, (((l - max) as f64) / temperature).exp())).collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p.1;
+            if cum >= top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let kept = &probs[..keep];
+        let mut r = rng.next_f64() * kept.iter().map(|p| p.1).sum::<f64>();
+        for p in kept {
+            r -= p.1;
+            if r <= 0.0 {
+                return p.0;
+            }
+        }
+        kept[kept.len() - 1].0
+    }
+
+    #[test]
+    fn sampling_draws_what_a_full_sort_draws() {
+        // A vocabulary with ties, a flat stretch (top-p reached only past several
+        // selection rounds) and a peaked one.
+        let mut r = Rng::new(5);
+        let mut logits: Vec<f32> = (0..5000).map(|_| (r.next_f64() * 8.0 - 4.0) as f32).collect();
+        logits[100..140].iter_mut().for_each(|l| *l = 3.5);
+        for (temperature, top_p) in [(0.7, 0.9), (1.0, 0.95), (1.5, 1.0), (0.3, 0.5), (2.0, 0.999)] {
+            let s = Sampling::Sample { temperature, top_p, seed: 0 };
+            let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+            for _ in 0..200 {
+                assert_eq!(sample(&logits, &s, &mut a), sample_by_full_sort(&logits, temperature, top_p, &mut b));
+            }
+        }
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nans() {
+        let mut logits = vec![0f32; 100];
+        logits[37] = 5.0;
+        logits[90] = 5.0;
+        logits[50] = f32::NAN;
+        assert_eq!(argmax(&logits), 37);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
+        assert_eq!(argmax(&[-1.0, -3.0]), 0);
     }
 }
