@@ -261,6 +261,25 @@ pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
     out
 }
 
+/// RMSNorm of each row of `x` (rows of `w.len()` values): `x / √(mean(x²) + ε) ⊙ w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let (d, simd) = (w.len(), has_avx512f());
+    by_rows(x.len(), d, |r, out| {
+        let x = &x[r * d..(r + 1) * d];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F checked above; the three slices have one length.
+            unsafe { avx512::rms_norm_row(x, w, eps, out) };
+            return;
+        }
+        let _ = simd;
+        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+            *o = x * inv * w;
+        }
+    })
+}
+
 /// The gradients `(dg, du)` of [`silu_mul`] for the output's gradient `dy`.
 pub fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let simd = has_avx512f();
@@ -1653,6 +1672,32 @@ mod avx512 {
             let k = lanes(s - j);
             let p = o.as_mut_ptr().add(j);
             _mm512_mask_storeu_ps(p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), inv));
+            j += 16;
+        }
+    }
+
+    /// One row of [`super::rms_norm`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
+        let d = x.len();
+        assert!(w.len() == d && o.len() == d);
+        let mut sum = _mm512_setzero_ps();
+        let mut j = 0;
+        while j < d {
+            let v = _mm512_maskz_loadu_ps(lanes(d - j), x.as_ptr().add(j));
+            sum = _mm512_fmadd_ps(v, v, sum);
+            j += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / (_mm512_reduce_add_ps(sum) / d as f32 + eps).sqrt());
+        j = 0;
+        while j < d {
+            let k = lanes(d - j);
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x.as_ptr().add(j)), inv);
+            _mm512_mask_storeu_ps(
+                o.as_mut_ptr().add(j),
+                k,
+                _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, w.as_ptr().add(j))),
+            );
             j += 16;
         }
     }
