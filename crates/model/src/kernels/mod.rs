@@ -394,30 +394,56 @@ pub(crate) fn few_query_attention(
     let simd = has_avx2_fma();
     let wide = has_avx512f() && d.is_multiple_of(16) && d <= avx512::MAX_HEAD;
     let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(gt * d).enumerate().for_each(|(block, out)| {
-        let q = &q[block * gt * d..(block + 1) * gt * d];
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            let (bi, h, t, s) = (block / kv, block % kv, dims.t, dims.s);
-            if let (Some(keys), Some(values)) = (k.rows(bi, h, s, d), v.rows(bi, h, s, d)) {
-                let mask_row = |r: usize| mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s]);
-                // SAFETY: the CPU has AVX-512F; d % 16 == 0, d ≤ MAX_HEAD; keys and values hold s rows of d.
-                unsafe { avx512::attention_rows(q, keys, values, mask_row, scale, d, out) };
-                return;
-            }
+    // A few tasks per thread: one (b, head) block is about a microsecond of
+    // work at decoding size, as little as a task's dispatch.
+    let blocks_per_task = (b * kv).div_ceil(rayon::current_num_threads() * 2).max(1);
+    out.par_chunks_mut(gt * d * blocks_per_task).enumerate().for_each(|(task, outs)| {
+        let mut scratch = Vec::new();
+        for (i, out) in outs.chunks_mut(gt * d).enumerate() {
+            let block = task * blocks_per_task + i;
+            attention_block_any(q, k, v, mask, dims, scale, block, out, &mut scratch, simd, wide);
         }
-        let _ = wide;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            unsafe { attention_block_avx2(q, k, v, mask, dims, scale, block, out) };
-            return;
-        }
-        let _ = simd;
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
-        attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None, weighted_rows);
     });
     out
+}
+
+/// One `(b, head)` block of [`few_query_attention`] with the widest kernel that fits.
+#[allow(clippy::too_many_arguments)]
+fn attention_block_any(
+    q: &[f32],
+    k: &HeadRows<'_>,
+    v: &HeadRows<'_>,
+    mask: Option<&[f32]>,
+    dims: &AttentionDims,
+    scale: f32,
+    block: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    simd: bool,
+    wide: bool,
+) {
+    let AttentionDims { kv, gt, d, .. } = *dims;
+    let q = &q[block * gt * d..(block + 1) * gt * d];
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        let (bi, h, t, s) = (block / kv, block % kv, dims.t, dims.s);
+        if let (Some(keys), Some(values)) = (k.rows(bi, h, s, d), v.rows(bi, h, s, d)) {
+            let mask_row = |r: usize| mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s]);
+            // SAFETY: the CPU has AVX-512F; d % 16 == 0, d ≤ MAX_HEAD; keys and values hold s rows of d.
+            unsafe { avx512::attention_rows(q, keys, values, mask_row, scale, d, out, scratch) };
+            return;
+        }
+    }
+    let _ = wide;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        unsafe { attention_block_avx2(q, k, v, mask, dims, scale, block, out) };
+        return;
+    }
+    let _ = simd;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
+    attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None, weighted_rows);
 }
 
 /// One `(b, head)` block of [`few_query_attention`]: `q` and `out` are its
@@ -1522,8 +1548,10 @@ mod avx512 {
     /// sixteen keys come out of one transposing reduction as one vector,
     /// the softmax is [`softmax_row`], and each value row, loaded once, is
     /// weighted into up to four query rows at a time (skipping the rows that
-    /// softmax gave no weight). `d` a multiple of 16, at most [`MAX_HEAD`].
+    /// softmax gave no weight). `d` a multiple of 16, at most [`MAX_HEAD`];
+    /// `scratch` holds the scores between calls.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_rows<'m>(
         q: &[f32],
         keys: &[f32],
@@ -1532,18 +1560,19 @@ mod avx512 {
         scale: f32,
         d: usize,
         out: &mut [f32],
+        scratch: &mut Vec<f32>,
     ) {
         assert!(d.is_multiple_of(16) && d <= MAX_HEAD && values.len() == keys.len() && out.len() == q.len());
         // The head size as a constant, so that a row's vectors stay in registers.
         match d / 16 {
-            1 => attention_rows_of::<1, 4>(q, keys, values, mask, scale, out),
-            2 => attention_rows_of::<2, 4>(q, keys, values, mask, scale, out),
-            3 => attention_rows_of::<3, 4>(q, keys, values, mask, scale, out),
-            4 => attention_rows_of::<4, 4>(q, keys, values, mask, scale, out),
-            5 => attention_rows_of::<5, 2>(q, keys, values, mask, scale, out),
-            6 => attention_rows_of::<6, 2>(q, keys, values, mask, scale, out),
-            7 => attention_rows_of::<7, 2>(q, keys, values, mask, scale, out),
-            _ => attention_rows_of::<8, 2>(q, keys, values, mask, scale, out),
+            1 => attention_rows_of::<1, 4>(q, keys, values, mask, scale, out, scratch),
+            2 => attention_rows_of::<2, 4>(q, keys, values, mask, scale, out, scratch),
+            3 => attention_rows_of::<3, 4>(q, keys, values, mask, scale, out, scratch),
+            4 => attention_rows_of::<4, 4>(q, keys, values, mask, scale, out, scratch),
+            5 => attention_rows_of::<5, 2>(q, keys, values, mask, scale, out, scratch),
+            6 => attention_rows_of::<6, 2>(q, keys, values, mask, scale, out, scratch),
+            7 => attention_rows_of::<7, 2>(q, keys, values, mask, scale, out, scratch),
+            _ => attention_rows_of::<8, 2>(q, keys, values, mask, scale, out, scratch),
         }
     }
 
@@ -1556,11 +1585,12 @@ mod avx512 {
         mask: impl Fn(usize) -> Option<&'m [f32]>,
         scale: f32,
         out: &mut [f32],
+        scratch: &mut Vec<f32>,
     ) {
         let d = 16 * C;
         let (s, rows) = (keys.len() / d, q.len() / d);
-        let mut scores = vec![0f32; s];
-        let mut p = vec![0f32; rows * s]; // (rows, s)
+        scratch.resize(s + rows * s, 0.0);
+        let (scores, p) = scratch.split_at_mut(s); // p: (rows, s)
         for (r, qr) in q.chunks_exact(d).enumerate() {
             let qv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(qr.as_ptr().add(16 * c)));
             for j0 in (0..s).step_by(16) {
@@ -1577,7 +1607,7 @@ mod avx512 {
                 });
                 _mm512_mask_storeu_ps(scores.as_mut_ptr().add(j0), lanes(n), lane_sums(acc));
             }
-            softmax_row(&scores, mask(r), scale, &mut p[r * s..(r + 1) * s]);
+            softmax_row(scores, mask(r), scale, &mut p[r * s..(r + 1) * s]);
         }
         for r0 in (0..rows).step_by(W) {
             let w = (rows - r0).min(W);
