@@ -1602,6 +1602,13 @@ mod avx512 {
                         for (c, qc) in qv.iter().enumerate() {
                             acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(key.add(16 * c)), acc);
                         }
+                        if r == 0 {
+                            // The value rows come next: on their way while the scores are made.
+                            let value = values.as_ptr().add((j0 + jj) * d);
+                            for c in 0..C {
+                                _mm_prefetch::<_MM_HINT_T0>(value.add(16 * c) as *const i8);
+                            }
+                        }
                     }
                     acc
                 });
