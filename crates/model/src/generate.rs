@@ -329,14 +329,13 @@ fn token_loop(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finish: Vec<Option<FinishReason>> = vec![None; b];
     for step in 0..opts.max_new_tokens {
-        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let sampled = sample_rows(&logits, &opts.sampling, &mut rngs, &finish, pad)?;
         let mut next = Vec::with_capacity(b);
-        for (i, row) in rows.iter().enumerate() {
+        for (i, &t) in sampled.iter().enumerate() {
             if finish[i].is_some() {
                 next.push(pad);
                 continue;
             }
-            let t = sample(row, &opts.sampling, &mut rngs[i]);
             if !opts.ignore_eos && eos.contains(&t) {
                 finish[i] = Some(FinishReason::Eos);
             } else {
@@ -364,6 +363,32 @@ fn token_loop(
         logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
     }
     Ok(out.into_iter().zip(finish).map(|(tokens, f)| (tokens, f.unwrap_or(FinishReason::Length))).collect())
+}
+
+/// The next token of each row of `logits` `(B, V)`: read in place where
+/// they are a CPU f32 tensor (no copy of the batch's logits), rows in
+/// parallel; finished rows get `pad`.
+fn sample_rows(
+    logits: &Tensor,
+    sampling: &Sampling,
+    rngs: &mut [Rng],
+    finish: &[Option<FinishReason>],
+    pad: u32,
+) -> Result<Vec<u32>> {
+    use rayon::prelude::*;
+    let vocab = logits.dim(1)?;
+    let pick = |all: &[f32], rngs: &mut [Rng]| -> Vec<u32> {
+        all.par_chunks_exact(vocab)
+            .zip(rngs.par_iter_mut())
+            .zip(finish.par_iter())
+            .map(|((row, rng), done)| if done.is_some() { pad } else { sample(row, sampling, rng) })
+            .collect()
+    };
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    match crate::kernels::with_cpu_f32(&logits, |all| pick(all, &mut *rngs)) {
+        Some(tokens) => Ok(tokens),
+        None => Ok(pick(&logits.flatten_all()?.to_vec1::<f32>()?, rngs)),
+    }
 }
 
 #[cfg(test)]
