@@ -316,6 +316,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !(f32_cpu(gate) && f32_cpu(up)) || gate.dims() != up.dims() {
         return gate.silu()? * up;
     }
+    if !(gate.track_op() || up.track_op()) {
+        // Inference: read the halves of a fused gate/up product where they lie.
+        let out = crate::kernels::with_cpu_strided_rows(gate, |g| {
+            crate::kernels::with_cpu_strided_rows(up, |u| crate::kernels::silu_mul_rows(&g, &u))
+        });
+        if let Some(Some(out)) = out {
+            return Tensor::from_vec(out, gate.shape(), gate.device());
+        }
+    }
     let (g, u) = (gate.contiguous()?, up.contiguous()?);
     g.apply_op2_arc(&u, Arc::new(Box::new(SiluMul)))
 }
@@ -986,6 +995,23 @@ mod tests {
         // Untracked, as in inference and the first checkpointed pass.
         assert!(max_diff(&attention(&q, &k, &v, Some(&mask), 0.3).unwrap(), &dense) < 1e-5);
         check_grad(&k, |x| attention(&q, x, &v, Some(&mask), 0.3).unwrap());
+    }
+
+    #[test]
+    fn silu_mul_reads_the_halves_of_a_fused_product_in_place() {
+        // (2, 3, 2n): the gate and up halves are narrow views, rows 2n apart.
+        let fused = (randn(&[2, 3, 74], 71) * 4.0).unwrap();
+        let (gate, up) = (fused.narrow(2, 0, 37).unwrap(), fused.narrow(2, 37, 37).unwrap());
+        assert!(!gate.is_contiguous());
+        let rows = |t: &Tensor| crate::kernels::with_cpu_strided_rows(t, |r| (r.start, r.stride, r.rows, r.n));
+        assert_eq!((rows(&gate), rows(&up)), (Some((0, 74, 6, 37)), Some((37, 74, 6, 37))));
+        let want = (gate.contiguous().unwrap().silu().unwrap() * up.contiguous().unwrap()).unwrap();
+        assert!(max_diff(&silu_mul(&gate, &up).unwrap(), &want) < 1e-5);
+        // A transposed view is not rows apart: the copying path, the same values.
+        let t = randn(&[37, 4], 72).t().unwrap();
+        assert_eq!(rows(&t), None);
+        let want = (t.contiguous().unwrap().silu().unwrap() * &t).unwrap();
+        assert!(max_diff(&silu_mul(&t, &t).unwrap(), &want) < 1e-5);
     }
 
     #[test]

@@ -345,6 +345,82 @@ impl HeadRows<'_> {
     }
 }
 
+/// The rows of an f32 CPU tensor whose last dimension is contiguous and
+/// whose other dimensions step by whole rows (as a `narrow` of the last
+/// dimension of a contiguous tensor is): row `r` is
+/// `data[start + r · stride..][..n]`.
+pub(crate) struct StridedRows<'a> {
+    pub data: &'a [f32],
+    pub start: usize,
+    pub stride: usize,
+    pub rows: usize,
+    pub n: usize,
+}
+
+impl StridedRows<'_> {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[self.start + r * self.stride..][..self.n]
+    }
+}
+
+/// Runs `f` on the rows of `t` without a copy; `None` when `t` is not such a
+/// CPU f32 tensor.
+pub(crate) fn with_cpu_strided_rows<R>(t: &candle_core::Tensor, f: impl FnOnce(StridedRows<'_>) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let n = *dims.last()?;
+    if t.dtype() != candle_core::DType::F32 || stride.last() != Some(&1) {
+        return None;
+    }
+    // The leading dimensions must collapse to one row stride.
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let mut row_stride = None;
+    let mut expect = None;
+    for (&d, &st) in dims[..dims.len() - 1].iter().zip(stride).rev() {
+        if d == 1 {
+            continue;
+        }
+        match expect {
+            None => row_stride = Some(st),
+            Some(e) if e != st => return None,
+            Some(_) => {}
+        }
+        expect = Some(st * d);
+    }
+    let stride = row_stride.unwrap_or(n);
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>().ok()?;
+            let start = layout.start_offset();
+            if rows > 0 && start + (rows - 1) * stride + n > data.len() {
+                return None;
+            }
+            Some(f(StridedRows { data, start, stride, rows, n }))
+        }
+        _ => None,
+    }
+}
+
+/// [`silu_mul`] of two tensors given as rows (such as the gate and up halves
+/// of a fused product), into a contiguous `(rows, n)` result.
+pub(crate) fn silu_mul_rows(g: &StridedRows<'_>, u: &StridedRows<'_>) -> Vec<f32> {
+    assert!(g.rows == u.rows && g.n == u.n);
+    let (n, simd) = (g.n, has_avx512f());
+    by_rows(g.rows * n, n, |r, o| {
+        let (g, u) = (g.row(r), u.row(r));
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F checked above; the three slices have one length.
+            unsafe { avx512::silu_mul(g, u, o) };
+            return;
+        }
+        let _ = simd;
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    })
+}
+
 /// Runs `f` on the rows of a rank-4 f32 CPU tensor with unit stride in its
 /// last dimension (no copy); `None` otherwise.
 pub(crate) fn with_cpu_head_rows<R>(t: &candle_core::Tensor, f: impl FnOnce(HeadRows<'_>) -> R) -> Option<R> {
