@@ -166,7 +166,7 @@ pub(super) mod vnni {
     use std::arch::x86_64::*;
 
     /// How far ahead of a chunk's block the weight stream is prefetched (bytes).
-    const PREFETCH: usize = 4096;
+    const PREFETCH: usize = 8192;
 
     /// Weight rows `j0..j0 + rows` (multiples of sixteen) times every
     /// activation row, into columns `j0..j0 + rows` of `out`.
