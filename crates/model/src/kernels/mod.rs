@@ -246,19 +246,23 @@ pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
     out.par_chunks_mut(ELEMENTS_PER_TASK).enumerate().for_each(|(c, o)| {
         let at = c * ELEMENTS_PER_TASK;
-        let (g, u) = (&g[at..at + o.len()], &u[at..at + o.len()]);
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX-512F checked above; the three slices have one length.
-            unsafe { avx512::silu_mul(g, u, o) };
-            return;
-        }
-        let _ = simd;
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        silu_mul_into(&g[at..at + o.len()], &u[at..at + o.len()], o, simd);
     });
     out
+}
+
+/// `o = silu(g) ⊙ u` for slices of one length; `simd`: the CPU has AVX-512F.
+fn silu_mul_into(g: &[f32], u: &[f32], o: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller checked AVX-512F; the three slices have one length.
+        unsafe { avx512::silu_mul(g, u, o) };
+        return;
+    }
+    let _ = simd;
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
 }
 
 /// RMSNorm of each row of `x` (rows of `w.len()` values): `x / √(mean(x²) + ε) ⊙ w`.
@@ -406,19 +410,7 @@ pub(crate) fn with_cpu_strided_rows<R>(t: &candle_core::Tensor, f: impl FnOnce(S
 pub(crate) fn silu_mul_rows(g: &StridedRows<'_>, u: &StridedRows<'_>) -> Vec<f32> {
     assert!(g.rows == u.rows && g.n == u.n);
     let (n, simd) = (g.n, has_avx512f());
-    by_rows(g.rows * n, n, |r, o| {
-        let (g, u) = (g.row(r), u.row(r));
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX-512F checked above; the three slices have one length.
-            unsafe { avx512::silu_mul(g, u, o) };
-            return;
-        }
-        let _ = simd;
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    })
+    by_rows(g.rows * n, n, |r, o| silu_mul_into(g.row(r), u.row(r), o, simd))
 }
 
 /// Runs `f` on the rows of a rank-4 f32 CPU tensor with unit stride in its
@@ -470,82 +462,88 @@ pub(crate) fn few_query_attention(
     let simd = has_avx2_fma();
     let wide = has_avx512f() && d.is_multiple_of(16) && d <= avx512::MAX_HEAD;
     let mut out = vec![0f32; q.len()];
+    let call = FewQuery { q, k, v, mask, dims, scale };
     // A few tasks per thread: one (b, head) block is about a microsecond of
     // work at decoding size, as little as a task's dispatch.
     let blocks_per_task = (b * kv).div_ceil(rayon::current_num_threads() * 2).max(1);
     out.par_chunks_mut(gt * d * blocks_per_task).enumerate().for_each(|(task, outs)| {
         let mut scratch = Vec::new();
         for (i, out) in outs.chunks_mut(gt * d).enumerate() {
-            let block = task * blocks_per_task + i;
-            attention_block_any(q, k, v, mask, dims, scale, block, out, &mut scratch, simd, wide);
+            call.block_with(task * blocks_per_task + i, out, &mut scratch, simd, wide);
         }
     });
     out
 }
 
-/// One `(b, head)` block of [`few_query_attention`] with the widest kernel that fits.
-#[allow(clippy::too_many_arguments)]
-fn attention_block_any(
-    q: &[f32],
-    k: &HeadRows<'_>,
-    v: &HeadRows<'_>,
-    mask: Option<&[f32]>,
-    dims: &AttentionDims,
+/// The inputs of one [`few_query_attention`] call, shared by its `(b, head)` blocks.
+struct FewQuery<'a> {
+    q: &'a [f32],
+    k: &'a HeadRows<'a>,
+    v: &'a HeadRows<'a>,
+    mask: Option<&'a [f32]>,
+    dims: &'a AttentionDims,
     scale: f32,
-    block: usize,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-    simd: bool,
-    wide: bool,
-) {
-    let AttentionDims { kv, gt, d, .. } = *dims;
-    let q = &q[block * gt * d..(block + 1) * gt * d];
-    #[cfg(target_arch = "x86_64")]
-    if wide {
-        let (bi, h, t, s) = (block / kv, block % kv, dims.t, dims.s);
-        if let (Some(keys), Some(values)) = (k.rows(bi, h, s, d), v.rows(bi, h, s, d)) {
-            let mask_row = |r: usize| mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s]);
-            // SAFETY: the CPU has AVX-512F; d % 16 == 0, d ≤ MAX_HEAD; keys and values hold s rows of d.
-            unsafe { avx512::attention_rows(q, keys, values, mask_row, scale, d, out, scratch) };
+}
+
+impl FewQuery<'_> {
+    /// The `G·T` query rows of block `block`.
+    fn rows(&self, block: usize) -> &[f32] {
+        let AttentionDims { gt, d, .. } = *self.dims;
+        &self.q[block * gt * d..(block + 1) * gt * d]
+    }
+
+    /// The additive mask of query row `r` of batch row `bi` (mask row `r mod T`).
+    fn mask_row(&self, bi: usize, r: usize) -> Option<&[f32]> {
+        let AttentionDims { t, s, .. } = *self.dims;
+        self.mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s])
+    }
+
+    /// Block `block` into `out` with the widest kernel that fits.
+    fn block_with(&self, block: usize, out: &mut [f32], scratch: &mut Vec<f32>, simd: bool, wide: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            let AttentionDims { kv, s, d, .. } = *self.dims;
+            let (bi, h) = (block / kv, block % kv);
+            if let (Some(keys), Some(values)) = (self.k.rows(bi, h, s, d), self.v.rows(bi, h, s, d)) {
+                let mask_row = |r: usize| self.mask_row(bi, r);
+                let q = self.rows(block);
+                // SAFETY: the CPU has AVX-512F; d % 16 == 0, d ≤ MAX_HEAD; keys and values hold s rows of d.
+                unsafe { avx512::attention_rows(q, keys, values, mask_row, self.scale, d, out, scratch) };
+                return;
+            }
+        }
+        let _ = (wide, scratch);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { attention_block_avx2(self, block, out) };
             return;
         }
+        let _ = simd;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
+        attention_block(self, block, out, dot, |_, _| None, weighted_rows);
     }
-    let _ = wide;
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        unsafe { attention_block_avx2(q, k, v, mask, dims, scale, block, out) };
-        return;
-    }
-    let _ = simd;
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum();
-    attention_block(q, k, v, mask, dims, scale, block, out, dot, |_, _| None, weighted_rows);
 }
 
 /// One `(b, head)` block of [`few_query_attention`]: `q` and `out` are its
 /// `G·T` rows; `dot` is the dot product of two rows of `D` values, `dot8`
 /// that of one row with eight consecutive rows, where it has a kernel.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attention_block(
-    q: &[f32],
-    k: &HeadRows<'_>,
-    v: &HeadRows<'_>,
-    mask: Option<&[f32]>,
-    dims: &AttentionDims,
-    scale: f32,
+    call: &FewQuery<'_>,
     block: usize,
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
     dot8: impl Fn(&[f32], &[f32]) -> Option<[f32; 8]>,
     weighted: impl Fn(&[f32], &HeadRows<'_>, Head, &mut [f32]),
 ) {
-    let AttentionDims { kv, gt, t, s, d, .. } = *dims;
+    let AttentionDims { kv, gt, s, d, .. } = *call.dims;
+    let (q, k, v, scale) = (call.rows(block), call.k, call.v, call.scale);
     let (bi, h) = (block / kv, block % kv);
     let mut p = vec![0f32; s];
     for r in 0..gt {
         let qr = &q[r * d..(r + 1) * d];
-        let m = mask.map(|m| &m[(bi * t + r % t) * s..(bi * t + r % t + 1) * s]);
+        let m = call.mask_row(bi, r);
         let mut j = 0;
         if let Some(keys) = k.rows(bi, h, s, d) {
             while j + 8 <= s {
@@ -599,18 +597,8 @@ fn weighted_rows(p: &[f32], v: &HeadRows<'_>, head: Head, out: &mut [f32]) {
 /// weighted sums of value rows vectorise).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attention_block_avx2(
-    q: &[f32],
-    k: &HeadRows<'_>,
-    v: &HeadRows<'_>,
-    mask: Option<&[f32]>,
-    dims: &AttentionDims,
-    scale: f32,
-    block: usize,
-    out: &mut [f32],
-) {
-    let d = dims.d;
+unsafe fn attention_block_avx2(call: &FewQuery<'_>, block: usize, out: &mut [f32]) {
+    let d = call.dims.d;
     let dot = |a: &[f32], b: &[f32]| {
         if d.is_multiple_of(8) {
             // SAFETY: this function runs with AVX2 and FMA; both rows hold `d` values.
@@ -629,7 +617,7 @@ unsafe fn attention_block_avx2(
             weighted_rows(p, v, head, out)
         }
     };
-    attention_block(q, k, v, mask, dims, scale, block, out, dot, dot8, weighted)
+    attention_block(call, block, out, dot, dot8, weighted)
 }
 
 /// `x (m, k) @ w (n, k)^T` for row-major f32 slices.
