@@ -111,51 +111,11 @@ pub(super) struct Q8Natural {
 impl Q8Natural {
     /// Quantises `x (m, k)`.
     pub(super) fn quantize(x: &[f32], m: usize, k: usize) -> Q8Natural {
-        #[cfg(target_arch = "x86_64")]
-        if super::Isa::detect() == super::Isa::Vnni {
-            // SAFETY: the CPU has AVX-512 F and DQ (part of what `detect` checks for VNNI).
-            return unsafe { quantize_avx512(x, m, k) };
-        }
-        Q8Natural::quantize_reference(x, m, k)
-    }
-
-    /// [`Q8Natural::quantize`] through [`super::quantize_natural`]: the values the vector path must give.
-    fn quantize_reference(x: &[f32], m: usize, k: usize) -> Q8Natural {
-        let (q, d, s) = super::quantize_natural(x, m, k);
-        let sum128 = q.chunks_exact(32).map(|b| 128 * b.iter().map(|&v| v as i32).sum::<i32>()).collect();
+        let super::Natural8 { q, d, sum } = super::quantize_natural(x, m, k);
+        let s = super::scaled_sums(&d, &sum);
+        let sum128 = sum.iter().map(|&v| 128 * v).collect();
         Q8Natural { q, d, s, sum128, m, k }
     }
-}
-
-/// [`Q8Natural::quantize`] with AVX-512, one pass: each block's scale,
-/// rounding (halves away from zero, as [`super::quantize_blocks`]), sum and
-/// bytes in vector registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn quantize_avx512(x: &[f32], m: usize, k: usize) -> Q8Natural {
-    use std::arch::x86_64::*;
-    let blocks = m * k / 32;
-    let (mut q, mut d) = (vec![0i8; m * k], vec![0f32; blocks]);
-    let (mut s, mut sum128) = (vec![0f32; blocks], vec![0i32; blocks]);
-    let (sign, below_half) = (_mm512_set1_ps(-0.0), _mm512_set1_ps(0.49999997));
-    for (b, xs) in x[..m * k].chunks_exact(32).enumerate() {
-        let v = [_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))];
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        let scale = amax / 127.0;
-        let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-        // round(y) = trunc(y ± (0.5 − ulp/2)): exact for every f32, ties away from zero.
-        let round = |v: __m512| {
-            let y = _mm512_mul_ps(v, inv);
-            _mm512_cvttps_epi32(_mm512_add_ps(y, _mm512_or_ps(_mm512_and_ps(y, sign), below_half)))
-        };
-        let (lo, hi) = (round(v[0]), round(v[1]));
-        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
-        let out = q.as_mut_ptr().add(32 * b) as *mut __m128i;
-        _mm_storeu_si128(out, _mm512_cvtepi32_epi8(lo));
-        _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(hi));
-        (d[b], s[b], sum128[b]) = (scale, scale * sum as f32, 128 * sum);
-    }
-    Q8Natural { q, d, s, sum128, m, k }
 }
 
 /// The kernel: `vpdpbusd` over chunks of sixteen weight rows.
@@ -277,26 +237,5 @@ pub(super) mod vnni {
             }
         }
         v
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Q8Natural;
-
-    #[test]
-    fn vector_quantisation_gives_the_reference_values() {
-        #[cfg(target_arch = "x86_64")]
-        if super::super::Isa::detect() == super::super::Isa::Vnni {
-            let (m, k) = (3, 576);
-            let mut x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 + 13) % 2001) as f32 / 1000.0 - 1.0).collect();
-            x[..32].iter_mut().for_each(|v| *v = 0.0); // a zero block: scale 0
-                                                       // A block with scale 1: exact halves round away from zero.
-            x[32..64].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 - 15.5);
-            x[40] = 127.0;
-            let (a, b) = (Q8Natural::quantize_reference(&x, m, k), unsafe { super::quantize_avx512(&x, m, k) });
-            assert_eq!((&a.q, &a.d, &a.s, &a.sum128), (&b.q, &b.d, &b.s, &b.sum128));
-            assert!(a.q[32..64].contains(&-16) && a.q[32..64].contains(&16));
-        }
     }
 }
