@@ -15,8 +15,9 @@
 //! Any `k` works the same way (no partial groups).
 //!
 //! Against the natural block order (four lanes per block, scales once per
-//! four blocks and a horizontal sum per row), batch-8 decoding of
-//! SmolLM2-135M runs about half the instructions per `vpdpbusd`.
+//! four blocks and a horizontal sum per row), the batch-8 loop issues about
+//! half as many other instructions per `vpdpbusd` (counted from the loop),
+//! and batch-8 decoding of SmolLM2-135M took 22% fewer cycles.
 //!
 //! Q8_0's signed values are stored plus 128 (`vpdpbusd` multiplies unsigned
 //! by signed bytes); the activations' block sums times 128 are subtracted
