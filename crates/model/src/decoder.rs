@@ -520,7 +520,7 @@ impl Attention {
         x: &Tensor,
         rope: &RopeAt,
         mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        cache: Option<(&mut KvCache, DType)>,
         adapter: Option<LayerAdapter>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -539,7 +539,8 @@ impl Attention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?, // (B, KV, S, D), S = cached + T
+            // (B, KV, S, D), S = cached + T, in the cache's dtype.
+            Some((c, dtype)) => c.append(&ops::to_dtype(&k, dtype)?, &ops::to_dtype(&v, dtype)?)?,
             None => (k, v),
         };
         let g = h / kv;
@@ -682,6 +683,7 @@ pub struct Model {
     rope: RopeTables,
     device: Device,
     dtype: DType,
+    kv_dtype: DType,
 }
 
 impl std::fmt::Debug for Model {
@@ -693,6 +695,8 @@ impl std::fmt::Debug for Model {
 /// The key/value cache of one generation: one [`KvCache`] per layer.
 pub struct Cache {
     layers: Vec<KvCache>,
+    /// What the keys and values are kept in ([`Model::kv_dtype`]).
+    dtype: DType,
 }
 
 impl Cache {
@@ -712,6 +716,7 @@ impl Model {
     /// tensor the architecture needs must be there; leftovers are reported.
     pub fn new(mut ck: Checkpoint, device: &Device) -> Result<Model> {
         let cfg = ck.config.clone();
+        let quantized = !ck.quantized.is_empty();
         let embed_tokens = ck.take("model.embed_tokens.weight")?;
         let (rows, width) = embed_tokens.dims2()?;
         if width != cfg.hidden_size {
@@ -760,7 +765,11 @@ impl Model {
             tracing::warn!(path = %ck.path.display(), "unused tensors: {leftovers:?}");
         }
         let rope = RopeTables::new(&cfg, ck.rope_layout, dtype, device)?;
-        Ok(Model { config: cfg, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype })
+        // Quantised models keep keys and values in f16, as llama.cpp does by
+        // default: decoding reads the whole cache every step, and from a few
+        // hundred cached tokens at batch 8 that is more bytes than the weights.
+        let kv_dtype = if quantized && dtype == DType::F32 { DType::F16 } else { dtype };
+        Ok(Model { config: cfg, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype, kv_dtype })
     }
 
     /// The resolved configuration.
@@ -778,9 +787,16 @@ impl Model {
         self.dtype
     }
 
+    /// The dtype the key/value cache keeps: f16 for quantised weights with
+    /// f32 activations, else the activations' dtype.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     /// A fresh cache for up to `capacity` positions (it grows if needed).
     pub fn new_cache(&self, capacity: usize) -> Cache {
-        Cache { layers: (0..self.config.num_layers).map(|_| KvCache::new(2, capacity.max(1))).collect() }
+        let layers = (0..self.config.num_layers).map(|_| KvCache::new(2, capacity.max(1))).collect();
+        Cache { layers, dtype: self.kv_dtype }
     }
 
     /// Runs the decoder.
@@ -985,7 +1001,7 @@ impl Model {
         let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.dtype));
             let la = adapter.map(|adapter| LayerAdapter { adapter, layer: i });
             let a = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
             h = (h + layer.self_attn.forward(&a, &rope, mask.as_ref(), layer_cache, la)?)?;

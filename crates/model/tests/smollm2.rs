@@ -1,4 +1,4 @@
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tabletrace_model::{read_gguf, Model};
 
 use crate::util::smollm2;
@@ -26,6 +26,8 @@ fn quantized_and_float_paths_agree() {
 fn incremental_logits(quantized: bool, ids: &[u32]) -> Vec<f32> {
     let ck = read_gguf(&smollm2(), quantized).unwrap();
     let model = Model::new(ck, &Device::Cpu).unwrap();
+    // Quantised models keep the cache in f16 (as llama.cpp does), float ones in their dtype.
+    assert_eq!(model.kv_dtype(), if quantized { DType::F16 } else { DType::F32 });
     let t = ids.len();
     let mut cache = model.new_cache(t);
     let ids_t = Tensor::from_vec(ids[..t - 1].to_vec(), (1, t - 1), &Device::Cpu).unwrap();
@@ -45,7 +47,8 @@ fn cached_decoding_matches_a_full_forward() {
         let inc = incremental_logits(quantized, &ids);
         let max_diff = full.iter().zip(&inc).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // Quantised products round activations to 8 bits, so a last-bit
-        // difference in summation order can move a rounding: looser bound.
+        // difference in summation order can move a rounding, and the cache
+        // holds f16 keys and values: looser bound.
         let bound = if quantized { 1.0 } else { 1e-3 };
         assert!(max_diff < bound, "quantized={quantized}: max |diff| {max_diff}");
         assert_eq!(argmax(&full), argmax(&inc), "quantized={quantized}");

@@ -323,29 +323,78 @@ fn by_rows(len: usize, s: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
     out
 }
 
-/// A `(B, H, S, D)` f32 CPU tensor whose rows of `D` values are contiguous
+/// An element type of the key/value cache: `f32`, or `f16` (half the
+/// bytes to read per decoding step; what quantised models keep).
+pub(crate) trait KvElement: Copy + Send + Sync + 'static {
+    /// The candle dtype of a tensor of these elements.
+    const DTYPE: candle_core::DType;
+    /// True for `f16`.
+    const HALF: bool;
+    fn to_f32(self) -> f32;
+    fn slice(cpu: &candle_core::CpuStorage) -> Option<&[Self]>;
+    /// `rows` as they are, when they hold f32.
+    fn as_f32<'r, 'a>(rows: &'r HeadRows<'a, Self>) -> Option<&'r HeadRows<'a, f32>>;
+}
+
+impl KvElement for f32 {
+    const DTYPE: candle_core::DType = candle_core::DType::F32;
+    const HALF: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn slice(cpu: &candle_core::CpuStorage) -> Option<&[f32]> {
+        cpu.as_slice::<f32>().ok()
+    }
+    fn as_f32<'r, 'a>(rows: &'r HeadRows<'a, f32>) -> Option<&'r HeadRows<'a, f32>> {
+        Some(rows)
+    }
+}
+
+impl KvElement for half::f16 {
+    const DTYPE: candle_core::DType = candle_core::DType::F16;
+    const HALF: bool = true;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn slice(cpu: &candle_core::CpuStorage) -> Option<&[half::f16]> {
+        cpu.as_slice::<half::f16>().ok()
+    }
+    fn as_f32<'r, 'a>(_: &'r HeadRows<'a, half::f16>) -> Option<&'r HeadRows<'a, f32>> {
+        None
+    }
+}
+
+/// A `(B, H, S, D)` CPU tensor whose rows of `D` values are contiguous
 /// but whose `(b, h)` blocks may lie apart, as in a view of a preallocated
 /// key/value cache.
-pub(crate) struct HeadRows<'a> {
-    data: &'a [f32],
+pub(crate) struct HeadRows<'a, E = f32> {
+    data: &'a [E],
     start: usize,
     stride_b: usize,
     stride_h: usize,
     stride_s: usize,
 }
 
-impl HeadRows<'_> {
+impl<E> HeadRows<'_, E> {
     /// Row `j` of head `h` of batch row `b`.
-    fn row(&self, b: usize, h: usize, j: usize, d: usize) -> &[f32] {
+    fn row(&self, b: usize, h: usize, j: usize, d: usize) -> &[E] {
         let at = self.start + b * self.stride_b + h * self.stride_h + j * self.stride_s;
         &self.data[at..at + d]
     }
 
     /// The `s` rows of head `h` of batch row `b` as one `(s, d)` slice, when
     /// they are back to back.
-    fn rows(&self, b: usize, h: usize, s: usize, d: usize) -> Option<&[f32]> {
+    fn rows(&self, b: usize, h: usize, s: usize, d: usize) -> Option<&[E]> {
         let at = self.start + b * self.stride_b + h * self.stride_h;
         (self.stride_s == d).then(|| &self.data[at..at + s * d])
+    }
+}
+
+impl<'a> HeadRows<'a, f32> {
+    /// One `(s, d)` block standing for every `(b, h)`: a head's rows
+    /// converted to f32, for the kernels that read f32 only.
+    fn one_block(data: &'a [f32], d: usize) -> HeadRows<'a, f32> {
+        HeadRows { data, start: 0, stride_b: 0, stride_h: 0, stride_s: d }
     }
 }
 
@@ -413,17 +462,20 @@ pub(crate) fn silu_mul_rows(g: &StridedRows<'_>, u: &StridedRows<'_>) -> Vec<f32
     by_rows(g.rows * n, n, |r, o| silu_mul_into(g.row(r), u.row(r), o, simd))
 }
 
-/// Runs `f` on the rows of a rank-4 f32 CPU tensor with unit stride in its
-/// last dimension (no copy); `None` otherwise.
-pub(crate) fn with_cpu_head_rows<R>(t: &candle_core::Tensor, f: impl FnOnce(HeadRows<'_>) -> R) -> Option<R> {
+/// Runs `f` on the rows of a rank-4 CPU tensor of `E` with unit stride in
+/// its last dimension (no copy); `None` otherwise.
+pub(crate) fn with_cpu_head_rows<E: KvElement, R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(HeadRows<'_, E>) -> R,
+) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
     let stride = layout.stride();
-    if t.dtype() != candle_core::DType::F32 || stride.len() != 4 || stride[3] != 1 {
+    if t.dtype() != E::DTYPE || stride.len() != 4 || stride[3] != 1 {
         return None;
     }
     match &*storage {
         candle_core::Storage::Cpu(cpu) => Some(f(HeadRows {
-            data: cpu.as_slice::<f32>().ok()?,
+            data: E::slice(cpu)?,
             start: layout.start_offset(),
             stride_b: stride[0],
             stride_h: stride[1],
@@ -447,12 +499,12 @@ pub(crate) struct AttentionDims {
 
 /// `softmax(scale · q kᵀ + mask) v` per `(b, head)` for a few query rows, as
 /// decoding has: `q` `(B, KV, G·T, D)` contiguous, `k`/`v` `(B, KV, S, D)`
-/// read in place, `mask` `(B, T, S)` (query row `r` uses mask row `r mod T`).
-/// Returns `(B, KV, G·T, D)`.
-pub(crate) fn few_query_attention(
+/// read in place (f32 or f16), `mask` `(B, T, S)` (query row `r` uses mask
+/// row `r mod T`). Returns `(B, KV, G·T, D)`.
+pub(crate) fn few_query_attention<E: KvElement>(
     q: &[f32],
-    k: &HeadRows<'_>,
-    v: &HeadRows<'_>,
+    k: &HeadRows<'_, E>,
+    v: &HeadRows<'_, E>,
     mask: Option<&[f32]>,
     dims: &AttentionDims,
     scale: f32,
@@ -467,7 +519,7 @@ pub(crate) fn few_query_attention(
     // work at decoding size, as little as a task's dispatch.
     let blocks_per_task = (b * kv).div_ceil(rayon::current_num_threads() * 2).max(1);
     out.par_chunks_mut(gt * d * blocks_per_task).enumerate().for_each(|(task, outs)| {
-        let mut scratch = Vec::new();
+        let mut scratch = Scratch::default();
         for (i, out) in outs.chunks_mut(gt * d).enumerate() {
             call.block_with(task * blocks_per_task + i, out, &mut scratch, simd, wide);
         }
@@ -475,17 +527,26 @@ pub(crate) fn few_query_attention(
     out
 }
 
+/// A task's buffers between [`FewQuery::block_with`] calls: scores, and
+/// f16 key/value rows converted for the kernels that read f32 only.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
 /// The inputs of one [`few_query_attention`] call, shared by its `(b, head)` blocks.
-struct FewQuery<'a> {
+struct FewQuery<'a, E = f32> {
     q: &'a [f32],
-    k: &'a HeadRows<'a>,
-    v: &'a HeadRows<'a>,
+    k: &'a HeadRows<'a, E>,
+    v: &'a HeadRows<'a, E>,
     mask: Option<&'a [f32]>,
     dims: &'a AttentionDims,
     scale: f32,
 }
 
-impl FewQuery<'_> {
+impl<E: KvElement> FewQuery<'_, E> {
     /// The `G·T` query rows of block `block`.
     fn rows(&self, block: usize) -> &[f32] {
         let AttentionDims { gt, d, .. } = *self.dims;
@@ -499,23 +560,41 @@ impl FewQuery<'_> {
     }
 
     /// Block `block` into `out` with the widest kernel that fits.
-    fn block_with(&self, block: usize, out: &mut [f32], scratch: &mut Vec<f32>, simd: bool, wide: bool) {
+    fn block_with(&self, block: usize, out: &mut [f32], scratch: &mut Scratch, simd: bool, wide: bool) {
+        let AttentionDims { kv, s, d, .. } = *self.dims;
+        let (bi, h) = (block / kv, block % kv);
         #[cfg(target_arch = "x86_64")]
         if wide {
-            let AttentionDims { kv, s, d, .. } = *self.dims;
-            let (bi, h) = (block / kv, block % kv);
             if let (Some(keys), Some(values)) = (self.k.rows(bi, h, s, d), self.v.rows(bi, h, s, d)) {
                 let mask_row = |r: usize| self.mask_row(bi, r);
                 let q = self.rows(block);
                 // SAFETY: the CPU has AVX-512F; d % 16 == 0, d ≤ MAX_HEAD; keys and values hold s rows of d.
-                unsafe { avx512::attention_rows(q, keys, values, mask_row, self.scale, d, out, scratch) };
+                unsafe { avx512::attention_rows(q, keys, values, mask_row, self.scale, d, out, &mut scratch.scores) };
                 return;
             }
         }
-        let _ = (wide, scratch);
+        let _ = wide;
+        let (q, mask, dims, scale) = (self.q, self.mask, self.dims, self.scale);
+        if let (Some(k), Some(v)) = (E::as_f32(self.k), E::as_f32(self.v)) {
+            return FewQuery { q, k, v, mask, dims, scale }.block_f32(block, out, simd);
+        }
+        // The other kernels read f32: this head's rows, converted.
+        let Scratch { keys, values, .. } = scratch;
+        for (rows, to) in [(self.k, &mut *keys), (self.v, &mut *values)] {
+            to.clear();
+            to.extend((0..s).flat_map(|j| rows.row(bi, h, j, d).iter().map(|x| x.to_f32())));
+        }
+        let (k, v) = (&HeadRows::one_block(keys, d), &HeadRows::one_block(values, d));
+        FewQuery { q, k, v, mask, dims, scale }.block_f32(block, out, simd)
+    }
+}
+
+impl FewQuery<'_, f32> {
+    /// Block `block` into `out` with AVX2 or the portable loop.
+    fn block_f32(&self, block: usize, out: &mut [f32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            // SAFETY: the CPU has AVX2 and FMA (checked by the caller).
             unsafe { attention_block_avx2(self, block, out) };
             return;
         }
@@ -1658,13 +1737,14 @@ mod avx512 {
     /// the softmax is [`softmax_row`], and each value row, loaded once, is
     /// weighted into up to four query rows at a time (skipping the rows that
     /// softmax gave no weight). `d` a multiple of 16, at most [`MAX_HEAD`];
-    /// `scratch` holds the scores between calls.
+    /// `scratch` holds the scores between calls. Keys and values are f32 or
+    /// f16 (converted as they are loaded).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attention_rows<'m>(
+    pub unsafe fn attention_rows<'m, E: super::KvElement>(
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[E],
+        values: &[E],
         mask: impl Fn(usize) -> Option<&'m [f32]>,
         scale: f32,
         d: usize,
@@ -1674,23 +1754,23 @@ mod avx512 {
         assert!(d.is_multiple_of(16) && d <= MAX_HEAD && values.len() == keys.len() && out.len() == q.len());
         // The head size as a constant, so that a row's vectors stay in registers.
         match d / 16 {
-            1 => attention_rows_of::<1, 4>(q, keys, values, mask, scale, out, scratch),
-            2 => attention_rows_of::<2, 4>(q, keys, values, mask, scale, out, scratch),
-            3 => attention_rows_of::<3, 4>(q, keys, values, mask, scale, out, scratch),
-            4 => attention_rows_of::<4, 4>(q, keys, values, mask, scale, out, scratch),
-            5 => attention_rows_of::<5, 2>(q, keys, values, mask, scale, out, scratch),
-            6 => attention_rows_of::<6, 2>(q, keys, values, mask, scale, out, scratch),
-            7 => attention_rows_of::<7, 2>(q, keys, values, mask, scale, out, scratch),
-            _ => attention_rows_of::<8, 2>(q, keys, values, mask, scale, out, scratch),
+            1 => attention_rows_of::<E, 1, 4>(q, keys, values, mask, scale, out, scratch),
+            2 => attention_rows_of::<E, 2, 4>(q, keys, values, mask, scale, out, scratch),
+            3 => attention_rows_of::<E, 3, 4>(q, keys, values, mask, scale, out, scratch),
+            4 => attention_rows_of::<E, 4, 4>(q, keys, values, mask, scale, out, scratch),
+            5 => attention_rows_of::<E, 5, 2>(q, keys, values, mask, scale, out, scratch),
+            6 => attention_rows_of::<E, 6, 2>(q, keys, values, mask, scale, out, scratch),
+            7 => attention_rows_of::<E, 7, 2>(q, keys, values, mask, scale, out, scratch),
+            _ => attention_rows_of::<E, 8, 2>(q, keys, values, mask, scale, out, scratch),
         }
     }
 
     /// [`attention_rows`] for heads of `16 C` values, `W` query rows per pass over the values.
     #[target_feature(enable = "avx512f")]
-    unsafe fn attention_rows_of<'m, const C: usize, const W: usize>(
+    unsafe fn attention_rows_of<'m, E: super::KvElement, const C: usize, const W: usize>(
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[E],
+        values: &[E],
         mask: impl Fn(usize) -> Option<&'m [f32]>,
         scale: f32,
         out: &mut [f32],
@@ -1709,13 +1789,13 @@ mod avx512 {
                     if jj < n {
                         let key = keys.as_ptr().add((j0 + jj) * d);
                         for (c, qc) in qv.iter().enumerate() {
-                            acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(key.add(16 * c)), acc);
+                            acc = _mm512_fmadd_ps(*qc, load16(key.add(16 * c)), acc);
                         }
                         if r == 0 {
                             // The value rows come next: on their way while the scores are made.
-                            let value = values.as_ptr().add((j0 + jj) * d);
-                            for c in 0..C {
-                                _mm_prefetch::<_MM_HINT_T0>(value.add(16 * c) as *const i8);
+                            let value = values.as_ptr().add((j0 + jj) * d) as *const i8;
+                            for line in (0..d * std::mem::size_of::<E>()).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T0>(value.add(line));
                             }
                         }
                     }
@@ -1730,7 +1810,7 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); C]; W];
             for j in 0..s {
                 let row = values.as_ptr().add(j * d);
-                let v: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+                let v: [__m512; C] = std::array::from_fn(|c| load16(row.add(16 * c)));
                 for (r, acc) in acc.iter_mut().enumerate().take(w) {
                     let pj = *p.get_unchecked((r0 + r) * s + j);
                     if pj != 0.0 {
@@ -1746,6 +1826,17 @@ mod avx512 {
                     _mm512_storeu_ps(out.as_mut_ptr().add((r0 + r) * d + 16 * c), *acc);
                 }
             }
+        }
+    }
+
+    /// Sixteen f32 or f16 values as f32.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<E: super::KvElement>(p: *const E) -> __m512 {
+        if E::HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
         }
     }
 
