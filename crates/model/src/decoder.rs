@@ -525,19 +525,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads =
-            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let mut qkv = self.qkv.forward(x, &[Proj::Q, Proj::K, Proj::V], adapter)?.into_iter();
         let mut next = || qkv.next().expect("three projections");
-        let mut q = heads(next(), h)?; // (B, H, T, D)
-        let mut k = heads(next(), kv)?; // (B, KV, T, D)
-        let v = heads(next(), kv)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = ops::rms_norm(&q, qn, self.eps)?;
-            k = ops::rms_norm(&k, kn, self.eps)?;
-        }
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
+        let (q_norm, k_norm) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (Some((qn, self.eps)), Some((kn, self.eps))),
+            _ => (None, None),
+        };
+        let q = rope.heads(&next(), d, q_norm)?; // (B, H, T, D)
+        let k = rope.heads(&next(), d, k_norm)?; // (B, KV, T, D)
+        let v = next().reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             // (B, KV, S, D), S = cached + T, in the cache's dtype.
             Some((c, dtype)) => c.append(&ops::to_dtype(&k, dtype)?, &ops::to_dtype(&v, dtype)?)?,
@@ -616,10 +612,21 @@ struct RopeAt {
 }
 
 impl RopeAt {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// A projection `y` `(B, T, N·D)` as rotated heads `(B, N, T, D)`, each
+    /// RMS-normalised first by `norm` (weight, ε: Qwen3's q/k norm).
+    fn heads(&self, y: &Tensor, d: usize, norm: Option<(&Tensor, f64)>) -> Result<Tensor> {
+        let interleaved = self.layout == RopeLayout::Interleaved;
+        if let Some(h) = ops::rotated_heads(y, d, norm, &self.cos, &self.sin, interleaved)? {
+            return Ok(h);
+        }
+        let (b, t, width) = y.dims3()?;
+        let mut h = y.reshape((b, t, width / d, d))?.transpose(1, 2)?.contiguous()?;
+        if let Some((w, eps)) = norm {
+            h = ops::rms_norm(&h, w, eps)?;
+        }
         Ok(match self.layout {
-            RopeLayout::Half => ops::rope_half(x, &self.cos, &self.sin)?,
-            RopeLayout::Interleaved => ops::rope_interleaved(x, &self.cos, &self.sin)?,
+            RopeLayout::Half => ops::rope_half(&h, &self.cos, &self.sin)?,
+            RopeLayout::Interleaved => ops::rope_interleaved(&h, &self.cos, &self.sin)?,
         })
     }
 }

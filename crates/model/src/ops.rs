@@ -108,6 +108,43 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
 }
 
+/// The heads of a projection `y` `(B, T, N·D)` as `(B, N, T, D)`, each
+/// RMS-normalised by `norm` (weight, ε) if given and rotated by `cos`/`sin`
+/// `(B, T, D/2)` (pairs `(i, i + D/2)` or, `interleaved`, `(2i, 2i + 1)`),
+/// in one pass ([`kernels::rotated_heads`]) for CPU f32 without a graph;
+/// `None` otherwise (the caller composes the ops).
+pub fn rotated_heads(
+    y: &Tensor,
+    d: usize,
+    norm: Option<(&Tensor, f64)>,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<Option<Tensor>> {
+    if y.track_op() || cos.track_op() || sin.track_op() || norm.is_some_and(|(w, _)| w.track_op()) {
+        return Ok(None);
+    }
+    let (b, t, width) = y.dims3()?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let out = crate::kernels::with_cpu_strided_rows(y, |rows| {
+        crate::kernels::with_cpu_f32(&cos, |cos| {
+            crate::kernels::with_cpu_f32(&sin, |sin| {
+                let rotation = crate::kernels::Rotation { cos, sin, interleaved };
+                match norm {
+                    Some((w, eps)) => crate::kernels::with_cpu_f32(w, |w| {
+                        crate::kernels::rotated_heads(&rows, t, d, Some((w, eps as f32)), &rotation)
+                    }),
+                    None => Some(crate::kernels::rotated_heads(&rows, t, d, None, &rotation)),
+                }
+            })
+        })
+    });
+    match out {
+        Some(Some(Some(Some(v)))) => Ok(Some(Tensor::from_vec(v, (b, width / d, t, d), y.device())?)),
+        _ => Ok(None),
+    }
+}
+
 /// `x @ rhs` for a frozen weight given as the right-hand side `rhs`
 /// (`(in, out)`, a transposed view or a contiguous transposed copy), for `x`
 /// of any rank.
@@ -944,6 +981,40 @@ mod tests {
             let got = few_query_attention(&q, &k16, &v16, Some(&mask), 0.25).unwrap().expect("reads f16 in place");
             assert!(max_diff(&got, &want) < 1e-6, "f16, d = {d}: {}", max_diff(&got, &want));
             assert!(max_diff(&attention(&q, &k16, &v16, Some(&mask), 0.25).unwrap(), &want) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn rotated_heads_match_the_composed_ops() {
+        // A fused projection's parts are views (rows apart); one decoding
+        // step and a prompt long enough to run in parallel; both layouts,
+        // with and without the q/k norm.
+        for (b, t, n, d) in [(3, 1, 4, 16), (2, 40, 4, 64)] {
+            let fused = randn(&[b, t, (n + 2) * d], 61);
+            let y = fused.narrow(2, d, n * d).unwrap();
+            assert!(!y.is_contiguous());
+            let angles = (randn(&[b, t, d / 2], 62) * 3.0).unwrap();
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            let w = (randn(&[d], 63) + 1.5).unwrap();
+            for interleaved in [false, true] {
+                for norm in [None, Some((&w, 1e-6))] {
+                    let got = rotated_heads(&y, d, norm, &cos, &sin, interleaved).unwrap().expect("CPU f32");
+                    let mut h = y.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                    if let Some((w, eps)) = norm {
+                        h = rms_norm(&h, w, eps).unwrap();
+                    }
+                    let want = if interleaved {
+                        rope_interleaved(&h, &cos, &sin).unwrap()
+                    } else {
+                        rope_half(&h, &cos, &sin).unwrap()
+                    };
+                    assert_eq!(got.dims(), &[b, n, t, d]);
+                    assert!(max_diff(&got, &want) < 1e-6, "{}", max_diff(&got, &want));
+                }
+            }
+            // With a graph, the caller composes the ops.
+            let yv = Var::from_tensor(&y.contiguous().unwrap()).unwrap();
+            assert!(rotated_heads(yv.as_tensor(), d, None, &cos, &sin, false).unwrap().is_none());
         }
     }
 

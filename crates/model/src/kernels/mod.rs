@@ -268,20 +268,71 @@ fn silu_mul_into(g: &[f32], u: &[f32], o: &mut [f32], simd: bool) {
 /// RMSNorm of each row of `x` (rows of `w.len()` values): `x / √(mean(x²) + ε) ⊙ w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let (d, simd) = (w.len(), has_avx512f());
-    by_rows(x.len(), d, |r, out| {
-        let x = &x[r * d..(r + 1) * d];
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX-512F checked above; the three slices have one length.
-            unsafe { avx512::rms_norm_row(x, w, eps, out) };
-            return;
+    by_rows(x.len(), d, |r, out| rms_norm_into(&x[r * d..(r + 1) * d], w, eps, out, simd))
+}
+
+/// One row of [`rms_norm`] into `out`, with AVX-512F when `simd`.
+fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller checked AVX-512F; the three slices have one length.
+        unsafe { avx512::rms_norm_row(x, w, eps, out) };
+        return;
+    }
+    let _ = simd;
+    let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / w.len() as f32 + eps).sqrt();
+    for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = x * inv * w;
+    }
+}
+
+/// A rotary embedding's angles for rows of heads: `cos`/`sin` `(rows, D/2)`,
+/// pairing dimensions `(i, i + D/2)` or, `interleaved`, `(2i, 2i + 1)`.
+pub(crate) struct Rotation<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub interleaved: bool,
+}
+
+/// The heads of `y` — rows `(b, t)` of `n` heads of `d` values — as one
+/// `(B, N, T, D)` buffer: each head RMS-normalised by `norm` (weight, ε)
+/// if given (Qwen3's q/k norm), then rotated by its row's angles. One pass
+/// instead of a transposing copy, a norm and a rotation.
+pub(crate) fn rotated_heads(
+    y: &StridedRows<'_>,
+    t: usize,
+    d: usize,
+    norm: Option<(&[f32], f32)>,
+    rotation: &Rotation<'_>,
+) -> Vec<f32> {
+    let (n, half, simd) = (y.n / d, d / 2, has_avx512f());
+    let mut out = vec![0f32; y.rows * y.n];
+    let head = |block: usize, out: &mut [f32]| {
+        // Block (b, j): head j of the t rows of batch row b.
+        let (b, j) = (block / n, block % n);
+        let mut normed = vec![0f32; if norm.is_some() { d } else { 0 }];
+        for (tt, o) in out.chunks_exact_mut(d).enumerate() {
+            let row = b * t + tt;
+            let mut x = &y.row(row)[j * d..(j + 1) * d];
+            if let Some((w, eps)) = norm {
+                rms_norm_into(x, w, eps, &mut normed, simd);
+                x = &normed;
+            }
+            let (cos, sin) = (&rotation.cos[row * half..(row + 1) * half], &rotation.sin[row * half..(row + 1) * half]);
+            for i in 0..half {
+                let (a, b) = if rotation.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                o[a] = x[a] * cos[i] - x[b] * sin[i];
+                o[b] = x[a] * sin[i] + x[b] * cos[i];
+            }
         }
-        let _ = simd;
-        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
-        for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-            *o = x * inv * w;
-        }
-    })
+    };
+    // Decoding's few heads in one go; a prompt's in parallel.
+    if out.len() < ELEMENTS_PER_TASK {
+        out.chunks_exact_mut(t * d).enumerate().for_each(|(block, o)| head(block, o));
+    } else {
+        out.par_chunks_exact_mut(t * d).enumerate().for_each(|(block, o)| head(block, o));
+    }
+    out
 }
 
 /// The gradients `(dg, du)` of [`silu_mul`] for the output's gradient `dy`.
