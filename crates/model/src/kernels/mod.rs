@@ -319,10 +319,19 @@ pub(crate) fn rotated_heads(
                 x = &normed;
             }
             let (cos, sin) = (&rotation.cos[row * half..(row + 1) * half], &rotation.sin[row * half..(row + 1) * half]);
-            for i in 0..half {
-                let (a, b) = if rotation.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                o[a] = x[a] * cos[i] - x[b] * sin[i];
-                o[b] = x[a] * sin[i] + x[b] * cos[i];
+            // (a, b) ↦ (a cos − b sin, a sin + b cos), written as zipped
+            // slices so that it vectorises.
+            if rotation.interleaved {
+                for (((o, x), &c), &s) in o.chunks_exact_mut(2).zip(x.chunks_exact(2)).zip(cos).zip(sin) {
+                    o[0] = x[0] * c - x[1] * s;
+                    o[1] = x[0] * s + x[1] * c;
+                }
+            } else {
+                let ((o1, o2), (x1, x2)) = (o.split_at_mut(half), x.split_at(half));
+                for (((((o1, o2), &a), &b), &c), &s) in o1.iter_mut().zip(o2).zip(x1).zip(x2).zip(cos).zip(sin) {
+                    *o1 = a * c - b * s;
+                    *o2 = a * s + b * c;
+                }
             }
         }
     };
