@@ -1880,14 +1880,14 @@ mod avx512 {
         assert!(d.is_multiple_of(16) && d <= MAX_HEAD && values.len() == keys.len() && out.len() == q.len());
         // The head size as a constant, so that a row's vectors stay in registers.
         match d / 16 {
-            1 => attention_rows_of::<E, 1, 4>(q, keys, values, next, mask, scale, out, scratch),
-            2 => attention_rows_of::<E, 2, 4>(q, keys, values, next, mask, scale, out, scratch),
-            3 => attention_rows_of::<E, 3, 4>(q, keys, values, next, mask, scale, out, scratch),
-            4 => attention_rows_of::<E, 4, 4>(q, keys, values, next, mask, scale, out, scratch),
-            5 => attention_rows_of::<E, 5, 2>(q, keys, values, next, mask, scale, out, scratch),
-            6 => attention_rows_of::<E, 6, 2>(q, keys, values, next, mask, scale, out, scratch),
-            7 => attention_rows_of::<E, 7, 2>(q, keys, values, next, mask, scale, out, scratch),
-            _ => attention_rows_of::<E, 8, 2>(q, keys, values, next, mask, scale, out, scratch),
+            1 => attention_rows_of::<E, 1, 4>(q, (keys, values), next, mask, scale, out, scratch),
+            2 => attention_rows_of::<E, 2, 4>(q, (keys, values), next, mask, scale, out, scratch),
+            3 => attention_rows_of::<E, 3, 4>(q, (keys, values), next, mask, scale, out, scratch),
+            4 => attention_rows_of::<E, 4, 4>(q, (keys, values), next, mask, scale, out, scratch),
+            5 => attention_rows_of::<E, 5, 2>(q, (keys, values), next, mask, scale, out, scratch),
+            6 => attention_rows_of::<E, 6, 2>(q, (keys, values), next, mask, scale, out, scratch),
+            7 => attention_rows_of::<E, 7, 2>(q, (keys, values), next, mask, scale, out, scratch),
+            _ => attention_rows_of::<E, 8, 2>(q, (keys, values), next, mask, scale, out, scratch),
         }
     }
 
@@ -1895,8 +1895,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn attention_rows_of<'m, E: super::KvElement, const C: usize, const W: usize>(
         q: &[f32],
-        keys: &[E],
-        values: &[E],
+        (keys, values): (&[E], &[E]),
         next: Option<(&[E], &[E])>,
         mask: impl Fn(usize) -> Option<&'m [f32]>,
         scale: f32,
