@@ -152,13 +152,18 @@ unsafe fn by_weight_columns(m: usize, n: usize, chunk: impl Fn(usize, usize, Col
 /// Runs `f` on the f32 elements of a contiguous CPU tensor (no copy);
 /// `None` for other devices, dtypes or layouts.
 pub(crate) fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.is_contiguous() || t.dtype() != candle_core::DType::F32 {
+    with_cpu_slice::<f32, R>(t, f)
+}
+
+/// [`with_cpu_f32`] for elements of `E` (f32 or f16).
+pub(crate) fn with_cpu_slice<E: KvElement, R>(t: &candle_core::Tensor, f: impl FnOnce(&[E]) -> R) -> Option<R> {
+    if !t.is_contiguous() || t.dtype() != E::DTYPE {
         return None;
     }
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>().ok()?;
+            let all = E::slice(cpu)?;
             Some(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]))
         }
         _ => None,
