@@ -388,8 +388,9 @@ fn by_rows(len: usize, s: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
     out
 }
 
-/// An element type of the key/value cache: `f32`, or `f16` (half the
-/// bytes to read per decoding step; what quantised models keep).
+/// A float element the kernels read in place: `f32`, or `f16` (the
+/// key/value cache of quantised models: half the bytes to read per
+/// decoding step).
 pub(crate) trait KvElement: Copy + Send + Sync + 'static {
     /// The candle dtype of a tensor of these elements.
     const DTYPE: candle_core::DType;
