@@ -985,8 +985,8 @@ mod tests {
             assert!(max_diff(&attention(&q, &k, &v, Some(&mask), 0.25).unwrap(), &want) < 1e-5);
             // An f16 cache (views of it, as the cache hands out) gives the f32
             // result of its rounded values, on every kernel.
-            let half = |x: &Tensor| to_dtype(&x.contiguous().unwrap(), DType::F16).unwrap();
-            let (k16, v16) = (half(&randn(&[b, kv, s + 4, d], 42)), half(&randn(&[b, kv, s + 4, d], 43)));
+            let to_f16 = |x: &Tensor| to_dtype(&x.contiguous().unwrap(), DType::F16).unwrap();
+            let (k16, v16) = (to_f16(&randn(&[b, kv, s + 4, d], 42)), to_f16(&randn(&[b, kv, s + 4, d], 43)));
             let (k16, v16) = (k16.narrow(2, 0, s).unwrap(), v16.narrow(2, 0, s).unwrap());
             let (kr, vr) = (k16.to_dtype(DType::F32).unwrap(), v16.to_dtype(DType::F32).unwrap());
             let want = few_query_attention(&q, &kr, &vr, Some(&mask), 0.25).unwrap().unwrap();
