@@ -60,8 +60,10 @@ pub use load::{
     LoadOptions, SourceSummary,
 };
 pub use progress::{Reporter, Silent};
-pub use prompt::{approx_tokens, render_tables, Budget, RenderedTables, RowFormat};
-pub use question::{GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource};
+pub use prompt::{approx_tokens, render_tables, Budget, RenderedTables, RowFormat, DEFAULT_TABLE_TOKENS};
+pub use question::{
+    Asked, GoldAnswer, KeyHints, Origin, Provenance, Question, QuestionId, Split, TableRef, TableSource,
+};
 pub use records::{ErrorType, PairMetadata, Polarity, PreferencePair, Trace};
 pub use sql::{is_ordered, quote_ident, ExecLimits, Executor, FailureKind, SqlFailure, TableDb};
 pub use table::{Column, Database, ForeignKey, Table};

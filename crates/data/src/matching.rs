@@ -227,11 +227,25 @@ fn norms(values: &[String]) -> Vec<Norm> {
     values.iter().map(|v| normalize(v)).collect()
 }
 
+/// Whether an answer says that there is nothing (`none`, `no rows`, …;
+/// an empty answer says nothing at all and does not count): the one right answer to a gold result without values.
+pub fn says_nothing(prediction: &str) -> bool {
+    matches!(
+        normalize_text(prediction).as_str(),
+        "none" | "nothing" | "no rows" | "no result" | "no results" | "empty" | "0 rows" | "null" | "n/a"
+    )
+}
+
 /// Value-set exact match: the predicted values, as a set, equal the gold
 /// values. A prediction that equals a single gold value as a whole (a value
-/// that itself contains a comma) also matches.
+/// that itself contains a comma) also matches. A gold result without values
+/// is matched by an answer that [`says_nothing`]; trace validation and
+/// evaluation both score through here.
 pub fn exact_match(prediction: &str, gold: &Answer) -> bool {
     let g = norms(&gold.values());
+    if g.is_empty() {
+        return says_nothing(prediction);
+    }
     set_eq(&norms(&split_values(prediction)), &g, strict_eq)
         || (g.len() == 1 && strict_eq(&normalize(prediction), &g[0]))
 }
@@ -242,7 +256,7 @@ pub fn exact_match(prediction: &str, gold: &Answer) -> bool {
 pub fn partial_match(prediction: &str, gold: &Answer) -> f64 {
     let g = dedup(norms(&gold.values()), strict_eq);
     if g.is_empty() {
-        return 0.0;
+        return if says_nothing(prediction) { 1.0 } else { 0.0 };
     }
     let p = norms(&split_values(prediction));
     let whole = normalize_text(prediction);
@@ -260,6 +274,9 @@ pub fn partial_match(prediction: &str, gold: &Answer) -> f64 {
 /// match within `rel_tol` relative difference (0.01 is 1%).
 pub fn numeric_match(prediction: &str, gold: &Answer, rel_tol: f64) -> bool {
     let g = norms(&gold.values());
+    if g.is_empty() {
+        return says_nothing(prediction);
+    }
     let eq = |a: &Norm, b: &Norm| tolerant_eq(a, b, rel_tol);
     set_eq(&norms(&split_values(prediction)), &g, eq) || (g.len() == 1 && eq(&normalize(prediction), &g[0]))
 }
@@ -280,6 +297,9 @@ fn f1_tokens(text: &str) -> Vec<String> {
 
 /// SQuAD-style token F1 between the prediction and the gold values joined.
 pub fn token_f1(prediction: &str, gold: &Answer) -> f64 {
+    if gold.values().is_empty() {
+        return if says_nothing(prediction) { 1.0 } else { 0.0 };
+    }
     let p = f1_tokens(prediction);
     let g = f1_tokens(&gold.values().join(" "));
     if p.is_empty() || g.is_empty() {
@@ -367,6 +387,21 @@ mod tests {
         // A phone number from MMQA two_table:11 keeps its inner punctuation.
         assert_eq!(normalize_text("(262)347-9364x516"), "(262)347-9364x516");
         assert_eq!(normalize_text("(Treasury)"), "treasury");
+    }
+
+    #[test]
+    fn an_empty_gold_result_is_matched_by_saying_none_in_every_score() {
+        let empty = rows(vec![]);
+        for said in ["none", "None.", "No rows", "**nothing**"] {
+            let s = score(said, &empty);
+            assert!(s.em && s.num && s.pm == 1.0 && s.f1 == 1.0, "{said}: {s:?}");
+        }
+        for said in ["", "0", "Treasury"] {
+            let s = score(said, &empty);
+            assert!(!s.em && !s.num && s.pm == 0.0 && s.f1 == 0.0, "{said:?}: {s:?}");
+        }
+        // A gold with values is not matched by "none".
+        assert!(!exact_match("none", &rows(vec![vec![Value::Integer(0)]])));
     }
 
     #[test]

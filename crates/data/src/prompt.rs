@@ -1,15 +1,21 @@
 //! Renders a question's tables as prompt text: a schema header with keys,
-//! then rows as Markdown or CSV, under a budget of rows and/or tokens.
+//! then rows as Markdown or CSV, under a budget of tokens and/or rows.
 //!
-//! When a table does not fit, the rows the question most likely needs are
-//! kept: rows holding a value that the question or its gold SQL mentions (a
-//! string literal, a number, a quoted phrase) come first, then rows in
-//! storage order. Kept rows are printed in storage order and the text says
-//! how many were left out. Output is deterministic.
+//! The default budget is whole tables up to [`DEFAULT_TABLE_TOKENS`] tokens
+//! (counted with the caller's counter, normally the target model's
+//! tokenizer). When the tables do not fit, the rows the question most
+//! likely needs are kept: rows holding a value or word that the *question
+//! text* mentions (a quoted phrase, a number, a content word) come first,
+//! then rows in storage order. Kept rows are printed in storage order and
+//! the text says how many were left out. Output is deterministic.
+//!
+//! Nothing here can read gold: [`render_tables`] takes a question's
+//! [`Asked`] view (text and key phrases), not the [`Question`]
+//! (crate::Question) with its gold SQL and answers.
 
 use serde::{Deserialize, Serialize};
 
-use crate::question::{KeyHints, Question};
+use crate::question::{Asked, KeyHints};
 use crate::sql::{SqlFailure, TableDb};
 use crate::table::{loose_name, Database};
 use crate::value::Value;
@@ -25,19 +31,24 @@ pub enum RowFormat {
     Csv,
 }
 
+/// The default token budget of a prompt's tables (MMQA's two- and
+/// three-table questions mostly fit whole in it).
+pub const DEFAULT_TABLE_TOKENS: usize = 3000;
+
 /// How much of the tables a prompt may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Budget {
-    /// Rows shown per table at most. Default 100.
+    /// Rows shown per table at most. Default: no limit.
     pub max_rows_per_table: Option<usize>,
     /// Tokens for the whole rendering at most (headers included), counted
-    /// by the counter given to [`render_tables`]. Default: no limit.
+    /// by the counter given to [`render_tables`]. Default
+    /// [`DEFAULT_TABLE_TOKENS`].
     pub max_tokens: Option<usize>,
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget { max_rows_per_table: Some(100), max_tokens: None }
+        Budget { max_rows_per_table: None, max_tokens: Some(DEFAULT_TABLE_TOKENS) }
     }
 }
 
@@ -63,6 +74,13 @@ pub struct RenderedTables {
     pub fits: bool,
 }
 
+impl RenderedTables {
+    /// Whether every row of every table is shown.
+    pub fn is_whole(&self) -> bool {
+        self.rows_shown == self.rows_total
+    }
+}
+
 /// Rows held for one table while scanning.
 struct Candidates {
     total: usize,
@@ -70,20 +88,21 @@ struct Candidates {
     rows: Vec<(usize, usize, Vec<Value>)>,
 }
 
-/// Renders a question's tables (already opened as `db`).
+/// Renders a question's tables (already opened as `db`) for the question
+/// as asked (`question`: text and key phrases only, never gold).
 ///
 /// Memory stays bounded by the budget: rows are streamed from SQLite and at
 /// most twice the per-table row budget (or 10,000 rows when only a token
 /// budget is set) are held per table.
 pub fn render_tables(
     db: &TableDb,
-    question: &Question,
+    question: Asked<'_>,
     format: RowFormat,
     budget: &Budget,
     count_tokens: &dyn Fn(&str) -> usize,
 ) -> Result<RenderedTables, SqlFailure> {
     let schema = db.schema()?;
-    let terms = relevance_terms(question);
+    let terms = relevance_terms(question.text);
     let keep = budget.max_rows_per_table.unwrap_or(if budget.max_tokens.is_some() { 10_000 } else { usize::MAX });
     let mut candidates = Vec::with_capacity(schema.tables.len());
     for table in &schema.tables {
@@ -101,7 +120,7 @@ pub fn render_tables(
         candidates.push(c);
     }
 
-    let headers: Vec<String> = schema.tables.iter().map(|t| table_header(&schema, t, &question.key_hints)).collect();
+    let headers: Vec<String> = schema.tables.iter().map(|t| table_header(&schema, t, question.key_hints)).collect();
     let column_lines: Vec<String> = schema
         .tables
         .iter()
@@ -160,10 +179,13 @@ pub fn render_tables(
         (text.trim_end().to_string() + "\n", rows_shown, rows_total)
     };
 
-    // Choose rows: every candidate, or, under a token budget, rows in
-    // priority order taken round-robin over the tables while they fit.
-    let mut chosen: Vec<Vec<bool>> = row_texts.iter().map(|r| vec![budget.max_tokens.is_none(); r.len()]).collect();
-    if let Some(max_tokens) = budget.max_tokens {
+    // Choose rows: every candidate when they fit (or there is no token
+    // budget), else rows in priority order taken round-robin over the
+    // tables while they fit.
+    let mut chosen: Vec<Vec<bool>> = row_texts.iter().map(|r| vec![true; r.len()]).collect();
+    let all_fit = budget.max_tokens.is_none_or(|max| count_tokens(&assemble(&chosen).0) <= max);
+    if let (false, Some(max_tokens)) = (all_fit, budget.max_tokens) {
+        chosen.iter_mut().for_each(|c| c.fill(false));
         let skeleton = count_tokens(&assemble(&chosen).0);
         let mut used = skeleton;
         let mut added: Vec<(usize, usize)> = Vec::new();
@@ -258,19 +280,30 @@ fn render_row(format: RowFormat, cells: &[String]) -> String {
     }
 }
 
-/// Values the question or its SQL mentions: string literals and numbers of
-/// the SQL, quoted phrases and numbers of the question; lowercased.
-fn relevance_terms(q: &Question) -> Vec<String> {
+/// Words too common to pick rows by.
+const STOPWORDS: &[&str] = &[
+    "all", "and", "any", "are", "been", "but", "by", "can", "did", "does", "each", "for", "from", "give", "has",
+    "have", "how", "its", "list", "many", "more", "most", "much", "not", "number", "of", "one", "only", "or", "other",
+    "show", "than", "that", "the", "their", "them", "there", "these", "they", "this", "those", "total", "was", "were",
+    "what", "when", "where", "which", "who", "whom", "whose", "with", "would", "find", "name", "names", "also", "into",
+    "per", "over", "under", "least", "both", "either",
+];
+
+/// Values the question text mentions, lowercased: quoted phrases, numbers
+/// and content words (three letters or more, not a stopword).
+fn relevance_terms(text: &str) -> Vec<String> {
     let mut terms = Vec::new();
-    if let Some(sql) = &q.gold_sql {
-        terms.extend(quoted(sql, '\''));
-        terms.extend(quoted(sql, '"'));
-        terms.extend(numbers(sql));
-    }
-    terms.extend(quoted(&q.text, '"'));
-    terms.extend(numbers(&q.text));
+    terms.extend(quoted(text, '"'));
+    terms.extend(quoted(text, '\''));
+    terms.extend(numbers(text));
+    terms.extend(
+        text.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.chars().count() >= 3 && !w.bytes().all(|b| b.is_ascii_digit()))
+            .map(str::to_lowercase)
+            .filter(|w| !STOPWORDS.contains(&w.as_str())),
+    );
     let mut terms: Vec<String> =
-        terms.into_iter().map(|t| t.trim_matches('%').to_lowercase()).filter(|t| !t.is_empty()).collect();
+        terms.into_iter().map(|t| t.trim_matches('%').trim().to_lowercase()).filter(|t| !t.is_empty()).collect();
     terms.sort();
     terms.dedup();
     terms
@@ -298,7 +331,9 @@ fn relevance(row: &[Value], terms: &[String]) -> usize {
             row.iter().any(|v| match v {
                 Value::Text(s) => {
                     let s = s.to_lowercase();
-                    s == **term || (term.len() >= 3 && s.contains(term.as_str()))
+                    s == **term
+                        || (term.len() >= 3
+                            && s.match_indices(term.as_str()).any(|(at, _)| is_word_at(&s, at, term.len())))
                 }
                 Value::Integer(_) | Value::Real(_) => {
                     term.parse::<f64>().ok().zip(v.as_f64()).is_some_and(|(a, b)| (a - b).abs() < 1e-9)
@@ -307,4 +342,11 @@ fn relevance(row: &[Value], terms: &[String]) -> usize {
             })
         })
         .count()
+}
+
+/// Whether `s[at..at + len]` is bounded by non-alphanumeric characters.
+fn is_word_at(s: &str, at: usize, len: usize) -> bool {
+    let before = s[..at].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+    let after = s[at + len..].chars().next().is_none_or(|c| !c.is_alphanumeric());
+    before && after
 }

@@ -186,4 +186,31 @@ impl Question {
     pub fn gold(&self, provenance: Provenance) -> Option<&Answer> {
         self.gold.iter().find(|g| g.provenance == provenance).map(|g| &g.answer)
     }
+
+    /// What of the question a model may read: its text and the dataset's
+    /// key phrases — never its gold SQL or answers. Prompts are built from
+    /// this view only, so they cannot depend on gold.
+    pub fn asked(&self) -> Asked<'_> {
+        Asked { text: &self.text, key_hints: &self.key_hints }
+    }
+
+    /// The database the question's tables come from: the SQLite file's stem
+    /// (Spider's and MMQA's `db_id`), or the inline database's name.
+    pub fn database_id(&self) -> String {
+        match &self.tables {
+            TableSource::Sqlite { path, .. } => {
+                path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+            }
+            TableSource::Inline { db, .. } => db.name.clone(),
+        }
+    }
+}
+
+/// The part of a [`Question`] a model is shown (see [`Question::asked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked<'a> {
+    /// The question in natural language.
+    pub text: &'a str,
+    /// Key phrases from the dataset (MMQA's `primary_keys`/`foreign_keys`).
+    pub key_hints: &'a KeyHints,
 }

@@ -150,7 +150,8 @@ fn empty_table_loads_queries_and_renders() {
         key_hints: Default::default(),
         origin: tabletrace_data::Origin { path: dir.path().into(), line: None },
     };
-    let r = render_tables(&db, &q, RowFormat::Markdown, &Budget::default(), &tabletrace_data::approx_tokens).unwrap();
+    let r = render_tables(&db, q.asked(), RowFormat::Markdown, &Budget::default(), &tabletrace_data::approx_tokens)
+        .unwrap();
     assert!(r.text.contains("Table: empty\nColumns: id, name\n| id | name |\n|---|---|\n\n"), "{}", r.text);
     assert_eq!((r.rows_shown, r.rows_total), (1, 1));
 }
@@ -193,7 +194,7 @@ fn hundred_thousand_rows_stay_bounded() {
         origin: tabletrace_data::Origin { path, line: None },
     };
     let budget = Budget { max_rows_per_table: Some(20), max_tokens: None };
-    let r = render_tables(&db, &q, RowFormat::Csv, &budget, &tabletrace_data::approx_tokens).unwrap();
+    let r = render_tables(&db, q.asked(), RowFormat::Csv, &budget, &tabletrace_data::approx_tokens).unwrap();
     assert_eq!((r.rows_shown, r.rows_total), (20, 100_000));
     assert!(r.text.contains("77777,row 77777,38888.5"), "{}", &r.text[..400.min(r.text.len())]);
     assert!(r.text.contains("(20 of 100000 rows shown; 99980 rows left out)"));
