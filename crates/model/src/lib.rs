@@ -40,6 +40,8 @@ pub use decoder::{causal_mask, padded_causal_mask, Adapter, Cache, Linear, Linea
 pub use error::{Error, Result};
 pub use export::{export_merged, hf_config};
 pub use generate::{generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling};
-pub use loader::{cache_dir, load_model, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS};
+pub use loader::{
+    cache_dir, load_model, load_tokenizer, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS,
+};
 pub use lora::{peft_name, Lora, LoraConfig, LoraPair};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};

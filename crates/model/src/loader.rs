@@ -145,6 +145,23 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     Err(Error::NotFound(format!("{spec}: no such file or folder, and not a known model name ({})", names.join(", "))))
 }
 
+/// Loads only the tokenizer of a model spec (see [`resolve`]): the GGUF
+/// file's metadata, or the folder's `tokenizer.json` — no weights. For
+/// counting tokens of prompts with the model that will read them.
+pub fn load_tokenizer(spec: &str) -> Result<Tokenizer> {
+    match resolve(spec)? {
+        ModelSource::Gguf(path) => {
+            let file = std::fs::File::open(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(|e| {
+                    Error::Weights { path: path.clone(), message: format!("not a readable GGUF file: {e}") }
+                })?;
+            Tokenizer::from_gguf(&content.metadata)
+        }
+        ModelSource::HfFolder(dir) => Tokenizer::from_hf_folder(&dir),
+    }
+}
+
 /// Loads a model and its tokenizer from a spec (see [`resolve`]).
 pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let source = resolve(spec)?;
