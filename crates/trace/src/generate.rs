@@ -1,12 +1,22 @@
 //! Turning a question into validated [`Trace`] records with the program
 //! tracer: one positive (the gold SQL traced) and negatives (typed
 //! perturbations).
+//!
+//! A program trace states counts and values computed over whole tables, so
+//! it is only made for questions whose prompt shows every row of every
+//! table (see [`program_traces`]): a trace never cites rows the model could
+//! not see.
 
 use tabletrace_data::{Answer, ErrorType, Polarity, Provenance, Question, ResultSet, TableDb, Trace, Value};
 
 use crate::perturb::negatives;
 use crate::program::{ProgramTrace, ProgramTracer, StepCache};
+use crate::prompts::Prompter;
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
+
+/// Why a question gets no program trace when its tables do not fit.
+pub const NOT_WHOLE: &str = "its tables do not fit the prompt whole, and a program trace would cite rows the model \
+                             cannot see";
 
 /// Which traces to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +38,28 @@ pub fn gold_answer(q: &Question, db: &TableDb, tracer: &ProgramTracer) -> Result
 }
 
 /// Program traces for one question, validated. Questions whose gold SQL
-/// cannot be traced give an error naming why.
-pub fn program_traces(q: &Question, tracer: &ProgramTracer, wanted: Wanted, seed: u64) -> Result<Vec<Trace>, String> {
+/// cannot be traced, or whose tables the prompt (built by `prompter`) does
+/// not show whole, give an error naming why.
+pub fn program_traces(
+    q: &Question,
+    tracer: &ProgramTracer,
+    prompter: &Prompter,
+    wanted: Wanted,
+    seed: u64,
+) -> Result<Vec<Trace>, String> {
     let sql = q.gold_sql.as_deref().ok_or("no gold SQL")?;
     let db = TableDb::open(&q.tables).map_err(|f| f.message)?;
+    let shown = prompter.tables(&db, q).map_err(|f| f.message)?;
+    if !shown.is_whole() {
+        return Err(format!(
+            "{}: {} (the prompt shows {} of {} rows within its budget of {} tokens)",
+            q.id,
+            NOT_WHOLE,
+            shown.rows_shown,
+            shown.rows_total,
+            prompter.budget.max_tokens.map_or("unlimited".to_string(), |t| t.to_string())
+        ));
+    }
     let gold = gold_answer(q, &db, tracer)?;
     let cache = StepCache::default();
     let positive = tracer.trace(&db, sql, &cache)?;

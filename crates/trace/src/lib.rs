@@ -9,6 +9,8 @@
 //! - [`llm`] asks LLMs (the embedded model) for positive and negative traces,
 //!   every call through the content-addressed [`CallCache`].
 //! - [`pairs`] turns valid traces into TRL preference pairs.
+//! - [`Prompter`] builds every prompt a model reads (training, evaluation,
+//!   generators) from a question's gold-free view and its tables.
 #![deny(missing_docs)]
 
 pub mod cache;
@@ -23,12 +25,12 @@ mod sql;
 pub mod validate;
 
 pub use cache::{CallCache, CallKey};
-pub use generate::{error_types, gold_answer, program_traces, validate_negative, Wanted};
+pub use generate::{error_types, gold_answer, program_traces, validate_negative, Wanted, NOT_WHOLE};
 pub use http::{parse_http_spec, HttpLlm, HttpOptions};
 pub use llm::{llm_traces, negative_prompt, Done, Llm, LlmParams, LlmRunOptions, LlmRunStats, LocalLlm};
-pub use pairs::{build_pairs, pair_json, qa_prompt, PairOptions, PairPolicy, PairReport};
+pub use pairs::{build_pairs, pair_json, PairOptions, PairPolicy, PairReport};
 pub use perturb::{negatives, same_kind_but_wrong};
 pub use program::{answer_line, ProgramTrace, ProgramTracer, StepCache};
-pub use prompts::PromptTemplates;
+pub use prompts::{PromptStyle, PromptTemplates, Prompter, QuestionPrompt, TokenCounter};
 pub use sql::parse_query;
 pub use validate::{extract_final_answer, faithfulness, matches_gold, Evidence};

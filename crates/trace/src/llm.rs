@@ -5,15 +5,13 @@
 use std::collections::HashMap;
 
 use tabletrace_data::matching::{normalize, split_values, Norm};
-use tabletrace_data::{
-    approx_tokens, render_tables, Answer, Budget, ErrorType, Polarity, Question, Reporter, RowFormat, TableDb, Trace,
-};
+use tabletrace_data::{Answer, ErrorType, Polarity, Question, Reporter, TableDb, Trace};
 use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Sampling};
 
 use crate::cache::{CallCache, CallKey};
 use crate::generate::{gold_answer, question_evidence, Wanted};
 use crate::program::{ProgramTracer, StepCache};
-use crate::prompts::PromptTemplates;
+use crate::prompts::{PromptTemplates, Prompter};
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
 
 /// Sampling parameters of one request.
@@ -135,12 +133,10 @@ pub struct LlmRunOptions {
     pub max_tokens: usize,
     /// Base seed.
     pub seed: u64,
-    /// Table rows shown per table.
-    pub max_rows: usize,
     /// Requests per generator call.
     pub chunk: usize,
-    /// The prompt templates.
-    pub templates: PromptTemplates,
+    /// Builds the prompts (templates, tables' budget and token counter).
+    pub prompter: Prompter,
 }
 
 struct Request {
@@ -175,13 +171,13 @@ pub fn llm_traces(
     reporter: &dyn Reporter,
 ) -> Result<(Vec<Trace>, LlmRunStats), String> {
     let tracer = ProgramTracer::default();
-    let budget = Budget { max_rows_per_table: Some(opts.max_rows), max_tokens: None };
     let mut requests = Vec::new();
     let mut context: HashMap<usize, (Answer, Evidence, Vec<String>)> = HashMap::new();
     for (qi, q) in questions.iter().enumerate() {
         let Ok(db) = TableDb::open(&q.tables) else { continue };
         let Ok(gold) = gold_answer(q, &db, &tracer) else { continue };
-        let Ok(tables) = render_tables(&db, q, RowFormat::Markdown, &budget, &approx_tokens) else { continue };
+        let Ok(tables) = opts.prompter.tables(&db, q) else { continue };
+        let templates = &opts.prompter.templates;
         // Evidence: the tables, schema names, the question, and the gold SQL's executed steps.
         let (mut evidence, names) = question_evidence(q, &db);
         if let Some(t) = q.gold_sql.as_deref().and_then(|sql| tracer.trace(&db, sql, &StepCache::default()).ok()) {
@@ -195,7 +191,7 @@ pub fn llm_traces(
             seed: seed_of(opts.seed, &format!("{}/{polarity}/{k}", q.id)),
         };
         if opts.wanted.positive {
-            let prompt = opts.templates.positive(&q.text, &tables.text);
+            let prompt = templates.positive(&q.text, &tables.text);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
@@ -206,7 +202,7 @@ pub fn llm_traces(
         }
         for k in 0..opts.wanted.negatives {
             let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
-            let prompt = opts.templates.negative(&q.text, &tables.text, et);
+            let prompt = templates.negative(&q.text, &tables.text, et);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,

@@ -187,12 +187,6 @@ pub fn pair_json(p: &PreferencePair, conversational: bool) -> serde_json::Value 
     }
 }
 
-/// The training prompt for a question with the built-in template (see
-/// [`PromptTemplates`](crate::PromptTemplates) for user templates).
-pub fn qa_prompt(question: &str, tables: &str) -> String {
-    crate::prompts::PromptTemplates::default().positive(question, tables)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,27 +1,40 @@
-//! Prompt templates (Jinja, rendered with minijinja): the built-in ones in
+//! Prompts: the one place a question becomes the text a model reads.
+//!
+//! [`Prompter`] renders a question's tables (from its gold-free
+//! [`Asked`](tabletrace_data::Asked) view, under a token budget counted
+//! with the target model's tokenizer) into a template. Training pairs,
+//! evaluation and the LLM generators all build prompts through it, so a
+//! prompt can never depend on gold SQL or gold answers.
+//!
+//! Templates are Jinja (minijinja): the built-in ones in
 //! `crates/trace/prompts/`, or files of the same names in a folder the user
 //! gives. Variables: `question`, `tables`, and for negatives `error_type` and
 //! `error_description`.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use tabletrace_data::ErrorType;
+use tabletrace_data::{render_tables, Budget, ErrorType, Question, RenderedTables, RowFormat, SqlFailure, TableDb};
 
 const POSITIVE: &str = include_str!("../prompts/positive.jinja");
 const NEGATIVE: &str = include_str!("../prompts/negative.jinja");
+const QA: &str = include_str!("../prompts/qa.jinja");
 
-/// The positive (and training/evaluation) prompt and the negative prompt.
+/// The positive (trace; also the training and evaluation) prompt, the Q&A
+/// prompt and the negative prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptTemplates {
     /// Asks for step-by-step reasoning and a final-answer line.
     pub positive: String,
     /// Asks for a convincing trace with one error of a given type.
     pub negative: String,
+    /// Asks for the answer alone on a final-answer line.
+    pub qa: String,
 }
 
 impl Default for PromptTemplates {
     fn default() -> Self {
-        PromptTemplates { positive: POSITIVE.to_string(), negative: NEGATIVE.to_string() }
+        PromptTemplates { positive: POSITIVE.to_string(), negative: NEGATIVE.to_string(), qa: QA.to_string() }
     }
 }
 
@@ -34,7 +47,9 @@ impl PromptTemplates {
             if !dir.is_dir() {
                 return Err(format!("prompt folder {} does not exist", dir.display()));
             }
-            for (name, slot) in [("positive.jinja", &mut t.positive), ("negative.jinja", &mut t.negative)] {
+            for (name, slot) in
+                [("positive.jinja", &mut t.positive), ("negative.jinja", &mut t.negative), ("qa.jinja", &mut t.qa)]
+            {
                 let p = dir.join(name);
                 if p.is_file() {
                     *slot = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -42,6 +57,7 @@ impl PromptTemplates {
             }
         }
         t.render(&t.positive, "question", "tables", None).map_err(|e| format!("positive.jinja: {e}"))?;
+        t.render(&t.qa, "question", "tables", None).map_err(|e| format!("qa.jinja: {e}"))?;
         t.render(&t.negative, "question", "tables", Some(ErrorType::DroppedFilter))
             .map_err(|e| format!("negative.jinja: {e}"))?;
         Ok(t)
@@ -68,9 +84,94 @@ impl PromptTemplates {
         self.render(&self.positive, question, tables, None).expect("checked when loaded")
     }
 
+    /// The Q&A prompt (the answer alone).
+    pub fn qa(&self, question: &str, tables: &str) -> String {
+        self.render(&self.qa, question, tables, None).expect("checked when loaded")
+    }
+
     /// The negative prompt for an error type.
     pub fn negative(&self, question: &str, tables: &str, error: ErrorType) -> String {
         self.render(&self.negative, question, tables, Some(error)).expect("checked when loaded")
+    }
+}
+
+/// Which prompt a model is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptStyle {
+    /// Reason step by step, then `Final answer:` (the pairs' prompt).
+    Trace,
+    /// The answer alone on a `Final answer:` line.
+    Qa,
+}
+
+/// Counts tokens of a text: the target model's tokenizer, or
+/// [`approx_tokens`](tabletrace_data::approx_tokens) when none is at hand.
+pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+/// A question's prompt and the tables it shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuestionPrompt {
+    /// The text given to the model (before any chat template).
+    pub text: String,
+    /// The rendered tables inside it: rows shown, rows in all, tokens.
+    pub tables: RenderedTables,
+}
+
+/// Builds every prompt of a run the same way: templates, row format, the
+/// tables' budget and the token counter that measures it.
+#[derive(Clone)]
+pub struct Prompter {
+    /// The templates.
+    pub templates: PromptTemplates,
+    /// How rows are written.
+    pub format: RowFormat,
+    /// How much of the tables a prompt holds.
+    pub budget: Budget,
+    /// What measures `budget.max_tokens`.
+    pub count_tokens: TokenCounter,
+}
+
+impl std::fmt::Debug for Prompter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prompter").field("format", &self.format).field("budget", &self.budget).finish_non_exhaustive()
+    }
+}
+
+impl Default for Prompter {
+    /// Built-in templates, Markdown rows, whole tables up to
+    /// [`DEFAULT_TABLE_TOKENS`](tabletrace_data::DEFAULT_TABLE_TOKENS)
+    /// approximate tokens.
+    fn default() -> Self {
+        Prompter {
+            templates: PromptTemplates::default(),
+            format: RowFormat::Markdown,
+            budget: Budget::default(),
+            count_tokens: Arc::new(tabletrace_data::approx_tokens),
+        }
+    }
+}
+
+impl Prompter {
+    /// The question's tables as the prompt shows them (from its text alone).
+    pub fn tables(&self, db: &TableDb, q: &Question) -> Result<RenderedTables, SqlFailure> {
+        render_tables(db, q.asked(), self.format, &self.budget, self.count_tokens.as_ref())
+    }
+
+    /// The prompt a model reads for a question.
+    pub fn prompt(&self, db: &TableDb, q: &Question, style: PromptStyle) -> Result<QuestionPrompt, SqlFailure> {
+        let tables = self.tables(db, q)?;
+        let text = match style {
+            PromptStyle::Trace => self.templates.positive(&q.text, &tables.text),
+            PromptStyle::Qa => self.templates.qa(&q.text, &tables.text),
+        };
+        Ok(QuestionPrompt { text, tables })
+    }
+
+    /// The prompt asking a generator for a trace with one error of a type.
+    pub fn negative(&self, db: &TableDb, q: &Question, error: ErrorType) -> Result<QuestionPrompt, SqlFailure> {
+        let tables = self.tables(db, q)?;
+        Ok(QuestionPrompt { text: self.templates.negative(&q.text, &tables.text, error), tables })
     }
 }
 

@@ -2,18 +2,13 @@
 //! faithful the cited values are to the tables.
 
 pub use tabletrace_data::matching::extract_final_answer;
-use tabletrace_data::matching::{exact_match, normalize, normalize_text, Norm};
+use tabletrace_data::matching::{exact_match, normalize, Norm};
 use tabletrace_data::Answer;
 
-/// Whether a final answer matches a gold answer: value-set exact match, or,
-/// for an empty gold result, an answer saying there is none.
+/// Whether a final answer matches a gold answer: the same rule evaluation
+/// scores by ([`exact_match`]: value sets, and for an empty gold result an
+/// answer saying there is none).
 pub fn matches_gold(answer: &str, gold: &Answer) -> bool {
-    if gold.values().is_empty() {
-        return matches!(
-            normalize_text(answer).as_str(),
-            "none" | "nothing" | "no rows" | "no result" | "empty" | "0 rows"
-        );
-    }
     exact_match(answer, gold)
 }
 

@@ -28,9 +28,11 @@ fn local_generator_records_caches_and_resumes() {
         top_p: 0.95,
         max_tokens: 12,
         seed: 1,
-        max_rows: 5,
         chunk: 4,
-        templates: Default::default(),
+        prompter: tabletrace_trace::Prompter {
+            budget: tabletrace_data::Budget { max_rows_per_table: Some(5), max_tokens: Some(3000) },
+            ..Default::default()
+        },
     };
     let (traces, stats) = llm_traces(&qs, &llm, &cache, &opts, &Silent).unwrap();
     assert_eq!(stats.requests, 4);

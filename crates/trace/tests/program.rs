@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tabletrace_data::{load, ErrorType, LoadOptions, Polarity, Question, Trace};
-use tabletrace_trace::{program_traces, ProgramTracer, Wanted};
+use tabletrace_trace::{program_traces, ProgramTracer, Prompter, Wanted, NOT_WHOLE};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -13,12 +13,18 @@ fn questions(path: &str) -> Vec<Question> {
     load(&root().join(path), &LoadOptions::default()).unwrap().questions
 }
 
+/// The tracer's own rates: prompts without a token budget show every table
+/// whole, so no question is refused for its size.
 fn traces_for(qs: &[Question]) -> (Vec<Trace>, usize) {
     let tracer = ProgramTracer::default();
+    let whole = Prompter {
+        budget: tabletrace_data::Budget { max_rows_per_table: None, max_tokens: None },
+        ..Prompter::default()
+    };
     let mut out = Vec::new();
     let mut traced = 0;
     for (i, q) in qs.iter().enumerate() {
-        if let Ok(t) = program_traces(q, &tracer, Wanted { positive: true, negatives: 2 }, i as u64) {
+        if let Ok(t) = program_traces(q, &tracer, &whole, Wanted { positive: true, negatives: 2 }, i as u64) {
             traced += 1;
             out.extend(t);
         }
@@ -38,7 +44,9 @@ fn questions_with(traces: &[Trace], p: Polarity) -> usize {
 fn the_department_question_reads_step_by_step() {
     let qs = questions("data/sample/mmqa/mmqa_two_table.jsonl");
     let q = qs.iter().find(|q| q.id.0 == "mmqa_two_table:0").unwrap();
-    let t = program_traces(q, &ProgramTracer::default(), Wanted { positive: true, negatives: 3 }, 0).unwrap();
+    let t =
+        program_traces(q, &ProgramTracer::default(), &Prompter::default(), Wanted { positive: true, negatives: 3 }, 0)
+            .unwrap();
     let pos = &t[0];
     assert_eq!(pos.polarity, Polarity::Positive);
     assert!(pos.valid, "{:?}", pos.invalid_reason);
@@ -87,7 +95,9 @@ fn each_error_type_occurs_on_the_sample() {
     let tracer = ProgramTracer::default();
     let mut seen = std::collections::BTreeSet::new();
     for (i, q) in qs.iter().enumerate() {
-        if let Ok(ts) = program_traces(q, &tracer, Wanted { positive: false, negatives: 9 }, i as u64) {
+        if let Ok(ts) =
+            program_traces(q, &tracer, &Prompter::default(), Wanted { positive: false, negatives: 9 }, i as u64)
+        {
             seen.extend(ts.iter().filter(|t| t.valid).filter_map(|t| t.error_type));
         }
     }
@@ -120,4 +130,25 @@ fn full_mmqa_rates() {
     let neg = questions_with(&traces, Polarity::Negative);
     assert!(pos as f64 >= 0.9 * runs as f64, "{pos} of {runs}");
     assert!(neg as f64 >= 0.8 * runs as f64, "{neg} of {runs}");
+}
+
+/// A program trace cites whole tables, so it is only made when the prompt
+/// shows them whole: with a budget too small for the tables, the question
+/// is refused, naming why.
+#[test]
+fn no_program_trace_when_the_prompt_shows_part_of_the_tables() {
+    let qs = questions("data/sample/mmqa/mmqa_two_table.jsonl");
+    let q = qs.iter().find(|q| q.id.0 == "mmqa_two_table:0").unwrap();
+    let tight = Prompter {
+        budget: tabletrace_data::Budget { max_rows_per_table: None, max_tokens: Some(150) },
+        ..Prompter::default()
+    };
+    let e =
+        program_traces(q, &ProgramTracer::default(), &tight, Wanted { positive: true, negatives: 1 }, 0).unwrap_err();
+    assert!(e.contains(NOT_WHOLE) && e.contains("mmqa_two_table:0") && e.contains("of 20 rows"), "{e}");
+    let rows = Prompter {
+        budget: tabletrace_data::Budget { max_rows_per_table: Some(6), max_tokens: None },
+        ..Prompter::default()
+    };
+    assert!(program_traces(q, &ProgramTracer::default(), &rows, Wanted { positive: true, negatives: 1 }, 0).is_err());
 }

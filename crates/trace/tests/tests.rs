@@ -4,3 +4,4 @@
 mod http;
 mod llm;
 mod program;
+mod prompts;
