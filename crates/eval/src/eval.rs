@@ -67,6 +67,10 @@ pub struct EvalItem {
     pub n_tables: usize,
     /// Its kind.
     pub kind: Kind,
+    /// Why the question cannot be asked (its tables or gold could not be
+    /// prepared), if so. It still counts in `n`, as wrong, and in
+    /// [`EvalReport::not_run`].
+    pub not_run: Option<String>,
 }
 
 /// How answers are generated.
@@ -111,6 +115,10 @@ pub struct Prediction {
     pub f1: f64,
     /// Numeric match at 1% relative tolerance (exact for non-numbers).
     pub num: bool,
+    /// Why the model was not asked (preparation failed, or the prompt does
+    /// not fit the model's context); the prediction then counts as wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<String>,
 }
 
 /// Mean scores of a group of predictions.
@@ -164,6 +172,10 @@ pub struct EvalReport {
     pub labels: String,
     /// Answers without a `Final answer:` line (the last line was scored).
     pub no_final_line: usize,
+    /// Questions counted in `n` as wrong because the model was not asked
+    /// (see each prediction's `not_run`).
+    #[serde(default)]
+    pub not_run: usize,
     /// Model, adapter, prompt format, data.
     pub setup: serde_json::Value,
 }
@@ -196,6 +208,7 @@ impl EvalReport {
             by_kind,
             labels: labels.to_string(),
             no_final_line,
+            not_run: ps.iter().filter(|p| p.not_run.is_some()).count(),
             setup: serde_json::Value::Null,
         }
     }
@@ -212,6 +225,10 @@ pub fn extract_answer(output: &str) -> (String, bool) {
 
 /// Generates and scores an answer for every item (greedy, batched).
 /// Returns the report (without `setup`) and the predictions in item order.
+///
+/// No item is lost: one that was not prepared, or whose prompt does not fit
+/// the model's context with `max_new_tokens`, gets a prediction marked
+/// `not_run` that counts as wrong; the rest of its batch runs as usual.
 pub fn evaluate(
     m: &LoadedModel,
     items: &[EvalItem],
@@ -226,20 +243,46 @@ pub fn evaluate(
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by_key(|&i| items[i].prompt.len());
     let mut done: Vec<Option<Prediction>> = vec![None; items.len()];
-    for chunk in order.chunks(opts.batch_size.max(1)) {
-        let mut prompts = Vec::with_capacity(chunk.len());
-        let mut ids = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let p = if opts.chat_template && m.tokenizer.chat_template().is_some() {
-                m.tokenizer.apply_chat_template(&[ChatMessage::new("user", items[i].prompt.clone())], true)?
-            } else {
-                items[i].prompt.clone()
-            };
-            ids.push(m.tokenizer.encode(&p, true)?);
-            prompts.push(p);
+    let context = m.model.config().max_position_embeddings;
+    // Questions the model cannot be asked are decided before batching.
+    let mut runnable = Vec::with_capacity(items.len());
+    for &i in &order {
+        let item = &items[i];
+        let prepared = match &item.not_run {
+            Some(why) => Err(why.clone()),
+            None => {
+                let p = if opts.chat_template && m.tokenizer.chat_template().is_some() {
+                    m.tokenizer.apply_chat_template(&[ChatMessage::new("user", item.prompt.clone())], true)?
+                } else {
+                    item.prompt.clone()
+                };
+                let ids = m.tokenizer.encode(&p, true)?;
+                if ids.is_empty() {
+                    Err("the prompt is empty".to_string())
+                } else if ids.len() + opts.max_new_tokens > context {
+                    Err(format!(
+                        "a prompt of {} tokens plus {} new tokens exceeds the model's context of {context} tokens",
+                        ids.len(),
+                        opts.max_new_tokens
+                    ))
+                } else {
+                    Ok((p, ids))
+                }
+            }
+        };
+        match prepared {
+            Ok((p, ids)) => runnable.push((i, p, ids)),
+            Err(why) => {
+                done[i] = Some(unasked(item, why));
+                reporter.advance(1);
+            }
         }
+    }
+    for chunk in runnable.chunks(opts.batch_size.max(1)) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
         let gens = generate(&m.model, &m.tokenizer, &ids, &gen)?;
-        for ((&i, g), prompt) in chunk.iter().zip(gens).zip(prompts) {
+        for ((i, prompt, _), g) in chunk.iter().zip(gens) {
+            let (i, prompt) = (*i, prompt.clone());
             let item = &items[i];
             let (answer, found) = extract_answer(&g.text);
             missing += (!found) as usize;
@@ -256,6 +299,7 @@ pub fn evaluate(
                 pm: s.pm,
                 f1: s.f1,
                 num: s.num,
+                not_run: None,
             });
         }
         reporter.advance(chunk.len() as u64);
@@ -263,6 +307,24 @@ pub fn evaluate(
     reporter.finish();
     out.extend(done.into_iter().map(|p| p.expect("every item was generated")));
     Ok((EvalReport::from_predictions(&out, "", missing), out))
+}
+
+/// The prediction of a question the model was not asked: wrong, with why.
+fn unasked(item: &EvalItem, why: String) -> Prediction {
+    Prediction {
+        id: item.id.clone(),
+        prompt: item.prompt.clone(),
+        output: String::new(),
+        answer: String::new(),
+        gold: item.gold.to_line(),
+        n_tables: item.n_tables,
+        kind: item.kind,
+        em: false,
+        pm: 0.0,
+        f1: 0.0,
+        num: false,
+        not_run: Some(why),
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +361,7 @@ mod tests {
             pm: if em { 1.0 } else { 0.0 },
             f1: 0.5,
             num: em,
+            not_run: None,
         };
         let r = EvalReport::from_predictions(&[p(2, true), p(2, false), p(3, true)], "executed", 0);
         assert_eq!(r.n, 3);

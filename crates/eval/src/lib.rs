@@ -8,6 +8,8 @@
 //!   [`EvalReport`] aggregates EM (value-set exact match), MMQA-style
 //!   partial match, token F1 and numeric-tolerant match, overall, by table
 //!   count and by question kind.
+//! - [`compare`] scores runs on subsets of their questions and gives paired
+//!   bootstrap intervals of their differences.
 //! - [`report`] compares run directories side by side in Markdown with PNG charts.
 //!
 //! ```no_run
@@ -21,6 +23,7 @@
 //!     gold: tabletrace_data::Answer::Text { text: "2".into() },
 //!     n_tables: 1,
 //!     kind: Kind::Count,
+//!     not_run: None,
 //! }];
 //! let (report, predictions) = evaluate(&m, &items, &EvalOptions::default(), &tabletrace_data::Silent)?;
 //! println!("EM {:.3} over {}", report.em, report.n);
@@ -28,6 +31,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod compare;
 mod eval;
 pub mod report;
 

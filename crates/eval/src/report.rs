@@ -1,13 +1,30 @@
-//! `tabletrace report`: runs side by side in Markdown, with PNG charts.
+//! `tabletrace report`: runs side by side in Markdown, with PNG charts and
+//! a machine-readable `summary.json`.
 //!
-//! A run directory holds `eval.json` (from `tabletrace eval`) and, when it
-//! was trained, `metrics.jsonl`. The report names each run by its folder.
+//! A run directory holds `eval.json` and `predictions.jsonl` (from
+//! `tabletrace eval`) and, when it was trained, `metrics.jsonl`; it may
+//! hold further evaluation sets in sub-folders of the same layout (e.g.
+//! `cross_db/`). The report names each run by its folder. With
+//! [`Comparison`], it also scores each run on subsets of its questions
+//! (e.g. the unseen-SQL subset) and gives every run's EM difference from a
+//! baseline run with a paired bootstrap 95% interval.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use tabletrace_train::plot::{bar_chart, line_charts, Panel, Series};
 
-use crate::{Error, EvalReport, Result};
+use crate::compare::{paired_bootstrap, Difference, Outcomes, RESAMPLES};
+use crate::{Error, EvalReport, Prediction, Result};
+
+/// One evaluation of a run: its `eval.json` and per-question outcomes.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Its `eval.json`.
+    pub eval: EvalReport,
+    /// EM per question, from `predictions.jsonl` (empty when absent).
+    pub outcomes: Outcomes,
+}
 
 /// One run's evaluation.
 #[derive(Debug, Clone)]
@@ -18,24 +35,184 @@ pub struct Run {
     pub dir: PathBuf,
     /// Its `eval.json`.
     pub eval: EvalReport,
+    /// EM per question of the main evaluation.
+    pub outcomes: Outcomes,
+    /// Further evaluation sets, by sub-folder name.
+    pub sets: BTreeMap<String, Evaluation>,
 }
 
-/// Reads `eval.json` of each run directory.
-pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<Run>> {
+/// What to compare beyond the main tables.
+#[derive(Debug, Clone, Default)]
+pub struct Comparison {
+    /// Named subsets of the main evaluation's questions (e.g. `unseen_sql`).
+    pub subsets: Vec<(String, HashSet<String>)>,
+    /// Further evaluation sets: sub-folders of every run (e.g. `cross_db`).
+    pub sets: Vec<String>,
+    /// The run differences are taken from (default: the first run).
+    pub baseline: Option<String>,
+}
+
+fn load_evaluation(dir: &Path) -> Result<Evaluation> {
+    let path = dir.join("eval.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::File { path: path.clone(), message: format!("{e} (run `tabletrace eval` first)") })?;
+    let eval: EvalReport =
+        serde_json::from_str(&text).map_err(|e| Error::File { path: path.clone(), message: e.to_string() })?;
+    let preds = dir.join("predictions.jsonl");
+    let mut outcomes = Outcomes::default();
+    if let Ok(text) = std::fs::read_to_string(&preds) {
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let p: Prediction = serde_json::from_str(line)
+                .map_err(|e| Error::File { path: preds.clone(), message: format!("line {}: {e}", i + 1) })?;
+            outcomes.0.insert(p.id, p.em);
+        }
+        if outcomes.n() != eval.n {
+            return Err(Error::File {
+                path: preds,
+                message: format!("{} predictions but eval.json counts {} questions", outcomes.n(), eval.n),
+            });
+        }
+    }
+    Ok(Evaluation { eval, outcomes })
+}
+
+/// Reads `eval.json` (and `predictions.jsonl`) of each run directory, and
+/// of each named set's sub-folder.
+pub fn load_runs_with_sets(dirs: &[PathBuf], sets: &[String]) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for dir in dirs {
-        let path = dir.join("eval.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::File { path: path.clone(), message: format!("{e} (run `tabletrace eval` first)") })?;
-        let eval: EvalReport =
-            serde_json::from_str(&text).map_err(|e| Error::File { path: path.clone(), message: e.to_string() })?;
+        let main = load_evaluation(dir)?;
+        let mut by_set = BTreeMap::new();
+        for set in sets {
+            by_set.insert(set.clone(), load_evaluation(&dir.join(set))?);
+        }
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        runs.push(Run { name, dir: dir.clone(), eval });
+        runs.push(Run { name, dir: dir.clone(), eval: main.eval, outcomes: main.outcomes, sets: by_set });
     }
     if runs.is_empty() {
         return Err(Error::Empty("no run directories given".into()));
     }
     Ok(runs)
+}
+
+/// Reads `eval.json` of each run directory.
+pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<Run>> {
+    load_runs_with_sets(dirs, &[])
+}
+
+/// One score of a run in the comparison: EM on some questions, and its
+/// difference from the baseline on them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scored {
+    /// Questions.
+    pub n: usize,
+    /// Exact match.
+    pub em: f64,
+    /// Difference from the baseline (absent for the baseline itself).
+    pub vs_baseline: Option<Difference>,
+}
+
+/// Every run's scores on every column of the comparison: `all`, each
+/// subset, each set. Columns in that order.
+pub fn compare(runs: &[Run], cmp: &Comparison) -> Result<(String, Vec<String>, Vec<Vec<Scored>>)> {
+    let base_name = cmp.baseline.clone().unwrap_or_else(|| runs[0].name.clone());
+    let base = runs
+        .iter()
+        .find(|r| r.name == base_name)
+        .ok_or_else(|| Error::Empty(format!("the baseline run {base_name:?} is not among the runs")))?;
+    let mut columns = vec!["all".to_string()];
+    columns.extend(cmp.subsets.iter().map(|(n, _)| n.clone()));
+    columns.extend(cmp.sets.iter().cloned());
+    let pick = |r: &Run, c: usize| -> Outcomes {
+        if c == 0 {
+            r.outcomes.clone()
+        } else if c <= cmp.subsets.len() {
+            r.outcomes.within(Some(&cmp.subsets[c - 1].1))
+        } else {
+            r.sets.get(&cmp.sets[c - 1 - cmp.subsets.len()]).map(|e| e.outcomes.clone()).unwrap_or_default()
+        }
+    };
+    let rows = runs
+        .iter()
+        .map(|r| {
+            (0..columns.len())
+                .map(|c| {
+                    let o = pick(r, c);
+                    let vs = (r.name != base.name).then(|| paired_bootstrap(&o, &pick(base, c), RESAMPLES, c as u64));
+                    Scored { n: o.n(), em: o.em(), vs_baseline: vs }
+                })
+                .collect()
+        })
+        .collect();
+    Ok((base.name.clone(), columns, rows))
+}
+
+/// `summary.json`: per run, EM and n overall and per subset and set
+/// (`em_<name>`, `n_<name>`), the adapter and the evaluation flags used.
+pub fn summary_json(runs: &[Run], columns: &[String], rows: &[Vec<Scored>]) -> serde_json::Value {
+    let mut arms = serde_json::Map::new();
+    for (r, scores) in runs.iter().zip(rows) {
+        let mut arm = serde_json::Map::new();
+        for (c, s) in columns.iter().zip(scores) {
+            let suffix = if c == "all" { String::new() } else { format!("_{c}") };
+            arm.insert(format!("em{suffix}"), s.em.into());
+            arm.insert(format!("n{suffix}"), s.n.into());
+        }
+        arm.insert("not_run".into(), r.eval.not_run.into());
+        if let Some(a) = r.eval.setup.get("adapter").filter(|a| !a.is_null()) {
+            arm.insert("adapter".into(), a.clone());
+        }
+        arm.insert("eval_args".into(), r.eval.setup.get("eval_args").cloned().unwrap_or_else(|| serde_json::json!([])));
+        arms.insert(r.name.clone(), arm.into());
+    }
+    serde_json::json!({ "arms": arms })
+}
+
+fn comparison_markdown(base: &str, columns: &[String], runs: &[Run], rows: &[Vec<Scored>]) -> String {
+    let mut md = format!(
+        "\n## EM by question set, and the difference from {base}\n\nEM in %; Δ is the run's EM minus {base}'s on the \
+         same questions, with its paired bootstrap 95% interval ({RESAMPLES} resamples) and the questions only the \
+         run (+) or only {base} (−) got right.\n\n| run |"
+    );
+    for c in columns {
+        md.push_str(&format!(" {c} (n) | Δ {c} [95% CI] |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|---:|".repeat(columns.len()));
+    md.push('\n');
+    for (r, scores) in runs.iter().zip(rows) {
+        md.push_str(&format!("| {} |", r.name));
+        for s in scores {
+            md.push_str(&format!(" {} ({}) |", pct(s.em), s.n));
+            match &s.vs_baseline {
+                Some(d) => md.push_str(&format!(
+                    " {:+.1} [{:+.1}, {:+.1}] +{}/−{} |",
+                    d.diff * 100.0,
+                    d.lo * 100.0,
+                    d.hi * 100.0,
+                    d.wins,
+                    d.losses
+                )),
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Writes what [`write_report`] writes, plus the comparison section of the
+/// Markdown and `summary.json`; returns the Markdown.
+pub fn write_report_comparing(runs: &[Run], cmp: &Comparison, out: &Path) -> Result<String> {
+    let mut md = write_report(runs, out)?;
+    let (base, columns, rows) = compare(runs, cmp)?;
+    md.push_str(&comparison_markdown(&base, &columns, runs, &rows));
+    let path = out.join("report.md");
+    std::fs::write(&path, &md).map_err(|e| Error::File { path, message: e.to_string() })?;
+    let summary = out.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary_json(runs, &columns, &rows)).expect("summary serialises");
+    std::fs::write(&summary, text).map_err(|e| Error::File { path: summary, message: e.to_string() })?;
+    Ok(md)
 }
 
 fn pct(v: f64) -> String {
@@ -78,6 +255,15 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<String> {
             md.push_str(&format!(" {} |", e.by_tables.get(t).map_or("-".into(), |b| pct(b.em))));
         }
         md.push_str(&format!(" {} |\n", e.no_final_line));
+    }
+    let not_run: Vec<String> =
+        runs.iter().filter(|r| r.eval.not_run > 0).map(|r| format!("{} {}", r.name, r.eval.not_run)).collect();
+    if !not_run.is_empty() {
+        md.push_str(&format!(
+            "\nQuestions counted as wrong because the model was not asked (preparation failed or the prompt \
+             exceeds the context; see `predictions.jsonl`): {}.\n",
+            not_run.join(", ")
+        ));
     }
     md.push_str("\nEM by question kind:\n\n| run |");
     for k in &kinds {
