@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use tabletrace_data::{
-    approx_tokens, check, load, render_tables, Budget, Dataset, ExecLimits, LoadOptions, Provenance, Question,
-    RowFormat, TableDb, TableSource,
+    check, load, Dataset, ExecLimits, LoadOptions, Provenance, Question, RowFormat, TableDb, TableSource,
 };
 
 use crate::progress::Bar;
@@ -21,7 +20,7 @@ pub enum DataCommand {
     /// Load every question, run its gold SQL and compare with the stored answers.
     Check(CheckArgs),
     /// Print one question with its tables rendered as prompt text.
-    Prompt(PromptArgs),
+    Prompt(DataPromptArgs),
 }
 
 /// Where a dataset is and what it refers to.
@@ -90,7 +89,7 @@ enum FormatArg {
 }
 
 #[derive(Debug, Args)]
-pub struct PromptArgs {
+pub struct DataPromptArgs {
     #[command(flatten)]
     source: Source,
     /// The question's id (e.g. mmqa_two_table:0). Default: the first question.
@@ -99,12 +98,9 @@ pub struct PromptArgs {
     /// How rows are written.
     #[arg(long, value_enum, default_value_t = FormatArg::Markdown)]
     format: FormatArg,
-    /// Rows shown per table at most.
-    #[arg(long, default_value_t = 100)]
-    max_rows: usize,
-    /// Tokens for all tables at most (approximate count: 4 bytes a token).
-    #[arg(long)]
-    max_tokens: Option<usize>,
+    /// How the prompt shows the tables (the same flags as `eval` and `traces`).
+    #[command(flatten)]
+    prompt: crate::prompt_args::PromptArgs,
 }
 
 pub fn run(cmd: DataCommand, quiet: bool) -> anyhow::Result<ExitCode> {
@@ -240,7 +236,7 @@ fn check_cmd(a: CheckArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
+fn prompt(a: DataPromptArgs) -> anyhow::Result<ExitCode> {
     let ds = a.source.load()?;
     let q = match &a.id {
         Some(id) => ds.questions.iter().find(|q| q.id.0 == *id).with_context(|| {
@@ -254,9 +250,9 @@ fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
         FormatArg::Markdown => RowFormat::Markdown,
         FormatArg::Csv => RowFormat::Csv,
     };
-    let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: a.max_tokens };
-    let rendered = render_tables(&db, q, format, &budget, &approx_tokens)
-        .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
+    let mut prompter = a.prompt.prompter(None)?;
+    prompter.format = format;
+    let rendered = prompter.tables(&db, q).map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
     println!("# Question {}\n{}\n", q.id, q.text);
     print!("{}", rendered.text);
     if let Some(sql) = &q.gold_sql {
@@ -265,7 +261,8 @@ fn prompt(a: PromptArgs) -> anyhow::Result<ExitCode> {
     for g in &q.gold {
         println!("# Gold answer ({:?})\n{}", g.provenance, g.answer.to_line());
     }
-    eprintln!("{} of {} rows shown, ~{} tokens", rendered.rows_shown, rendered.rows_total, rendered.tokens);
+    let counted = if a.prompt.tokenizer.is_some() { "" } else { "~" };
+    eprintln!("{} of {} rows shown, {counted}{} tokens", rendered.rows_shown, rendered.rows_total, rendered.tokens);
     Ok(ExitCode::SUCCESS)
 }
 

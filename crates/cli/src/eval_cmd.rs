@@ -6,14 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tabletrace_data::{
-    approx_tokens, load, render_tables, Budget, LoadOptions, Provenance, Question, RowFormat, Split, TableDb,
-};
+use tabletrace_data::{load, Answer, LoadOptions, Provenance, Question, Split, TableDb};
 use tabletrace_eval::{evaluate, EvalItem, EvalOptions, Kind};
 use tabletrace_model::{load_model, LoadedModel, Lora};
-use tabletrace_trace::{gold_answer, ProgramTracer, PromptTemplates};
+use tabletrace_trace::{gold_answer, ProgramTracer, PromptStyle, Prompter};
 
 use crate::progress::Bar;
+use crate::prompt_args::PromptArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PromptFormat {
@@ -59,9 +58,10 @@ pub struct EvalArgs {
     pub prompt_format: PromptFormat,
     #[arg(long, value_enum, default_value_t = Labels::Executed)]
     pub labels: Labels,
-    /// Table rows shown per table at most.
-    #[arg(long, default_value_t = 30)]
-    pub max_rows: usize,
+    /// How prompts show the tables (tokens counted with --model's tokenizer
+    /// unless --tokenizer says otherwise).
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Questions per generation batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -71,25 +71,15 @@ pub struct EvalArgs {
     /// Send the prompt without the model's chat template.
     #[arg(long)]
     pub no_chat_template: bool,
-    /// A folder with `positive.jinja` replacing the built-in trace prompt.
-    #[arg(long)]
-    pub prompts: Option<PathBuf>,
     /// Output: the report (JSON); predictions go beside it as `predictions.jsonl`.
     #[arg(long)]
     pub out: PathBuf,
 }
 
-/// The Q&A prompt: question and tables, the answer alone on a final line.
-pub fn qa_prompt(question: &str, tables: &str) -> String {
-    format!(
-        "You are given the following tables.\n\n{tables}\nQuestion: {question}\n\n\
-         Give only the answer, on one line that starts with \"Final answer:\"."
-    )
-}
-
-/// Evaluation items for a dataset's questions; questions that cannot be
-/// prepared are reported on stderr and counted.
-pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, usize)> {
+/// Evaluation items for a dataset's questions, with what their prompts
+/// showed. Questions that cannot be prepared are reported on stderr and
+/// kept as `not_run` items (they count as wrong).
+pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> {
     let mut ds = load(&a.data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", a.data.display()))?;
     if let Some(s) = &a.split {
@@ -104,47 +94,122 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, usize)> {
         ds.questions = spread_sample(std::mem::take(&mut ds.questions), n);
     }
     anyhow::ensure!(!ds.questions.is_empty(), "{} has no questions to evaluate", a.data.display());
-    let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
-    let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: None };
+    let prompter = a.prompt.prompter(Some(&a.model))?;
     let tracer = ProgramTracer::default();
+    let style = match a.prompt_format {
+        PromptFormat::Qa => PromptStyle::Qa,
+        PromptFormat::Trace => PromptStyle::Trace,
+    };
     let mut items = Vec::new();
-    let mut failed = 0;
+    let mut stats = PromptStats::default();
     for q in &ds.questions {
-        match eval_item(q, a, &templates, &budget, &tracer) {
-            Ok(item) => items.push(item),
-            Err(e) => {
-                eprintln!("question {}: {e}", q.id);
-                failed += 1;
-            }
+        let item = eval_item(q, a.labels, &prompter, style, &tracer, &mut stats);
+        if let Some(why) = &item.not_run {
+            eprintln!("question {}: not asked (counted as wrong): {why}", q.id);
         }
+        items.push(item);
     }
-    Ok((items, failed))
+    Ok((items, stats))
+}
+
+/// What the prompts of an evaluation showed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PromptStats {
+    /// Questions whose prompt shows every row of their tables.
+    pub whole_tables: usize,
+    /// Questions whose tables exceed the budget (rows chosen from the question text).
+    pub part_tables: usize,
+    /// Questions that could not be prepared (counted as wrong).
+    pub not_prepared: usize,
+    /// Mean tokens of the rendered tables.
+    pub mean_table_tokens: f64,
 }
 
 fn eval_item(
     q: &Question,
-    a: &EvalArgs,
-    templates: &PromptTemplates,
-    budget: &Budget,
+    labels: Labels,
+    prompter: &Prompter,
+    style: PromptStyle,
     tracer: &ProgramTracer,
-) -> Result<EvalItem, String> {
-    let db = TableDb::open(&q.tables).map_err(|f| f.message)?;
-    let gold = match (a.labels, q.gold(Provenance::Published)) {
-        (Labels::Published, Some(p)) => p.clone(),
-        _ => gold_answer(q, &db, tracer)?,
-    };
-    let tables = render_tables(&db, q, RowFormat::Markdown, budget, &approx_tokens).map_err(|f| f.message)?;
-    let prompt = match a.prompt_format {
-        PromptFormat::Qa => qa_prompt(&q.text, &tables.text),
-        PromptFormat::Trace => templates.positive(&q.text, &tables.text),
-    };
-    Ok(EvalItem {
+    stats: &mut PromptStats,
+) -> EvalItem {
+    let unprepared = |why: String, gold: Option<Answer>| EvalItem {
         id: q.id.0.clone(),
-        prompt,
-        kind: Kind::of(q.gold_sql.as_deref(), &gold),
-        gold,
+        prompt: String::new(),
+        kind: Kind::of(q.gold_sql.as_deref(), gold.as_ref().unwrap_or(&Answer::Text { text: String::new() })),
+        gold: gold.unwrap_or(Answer::Text { text: String::new() }),
         n_tables: q.n_tables(),
-    })
+        not_run: Some(why),
+    };
+    let db = match TableDb::open(&q.tables) {
+        Ok(db) => db,
+        Err(f) => {
+            stats.not_prepared += 1;
+            return unprepared(format!("its tables cannot be opened: {}", f.message), None);
+        }
+    };
+    let gold = match (labels, q.gold(Provenance::Published)) {
+        (Labels::Published, Some(p)) => Ok(p.clone()),
+        _ => gold_answer(q, &db, tracer),
+    };
+    let gold = match gold {
+        Ok(g) => g,
+        Err(e) => {
+            stats.not_prepared += 1;
+            return unprepared(format!("no gold answer: {e}"), None);
+        }
+    };
+    match prompter.prompt(&db, q, style) {
+        Ok(p) => {
+            let n = (stats.whole_tables + stats.part_tables) as f64;
+            stats.mean_table_tokens = (stats.mean_table_tokens * n + p.tables.tokens as f64) / (n + 1.0);
+            if p.tables.is_whole() {
+                stats.whole_tables += 1;
+            } else {
+                stats.part_tables += 1;
+            }
+            EvalItem {
+                id: q.id.0.clone(),
+                prompt: p.text,
+                kind: Kind::of(q.gold_sql.as_deref(), &gold),
+                gold,
+                n_tables: q.n_tables(),
+                not_run: None,
+            }
+        }
+        Err(f) => {
+            stats.not_prepared += 1;
+            unprepared(format!("its tables cannot be rendered: {}", f.message), Some(gold))
+        }
+    }
+}
+
+/// The flags that shape an evaluation besides the model, adapter, data and
+/// questions: what re-evaluating an arm with the same settings needs.
+fn eval_flags(a: &EvalArgs) -> Vec<String> {
+    let mut v = vec![
+        "--prompt-format".to_string(),
+        format!("{:?}", a.prompt_format).to_lowercase(),
+        "--labels".into(),
+        format!("{:?}", a.labels).to_lowercase(),
+        "--table-tokens".into(),
+        a.prompt.table_tokens.to_string(),
+        "--max-tokens".into(),
+        a.max_tokens.to_string(),
+    ];
+    if let Some(r) = a.prompt.max_rows {
+        v.extend(["--max-rows".into(), r.to_string()]);
+    }
+    if let Some(t) = &a.prompt.tokenizer {
+        v.extend(["--tokenizer".into(), t.clone()]);
+    }
+    if let Some(p) = &a.prompt.prompts {
+        v.extend(["--prompts".into(), p.display().to_string()]);
+    }
+    if a.no_chat_template {
+        v.push("--no-chat-template".into());
+    }
+    v
 }
 
 /// Loads the model and merges the adapter, if any.
@@ -158,7 +223,7 @@ pub fn load_with_adapter(model: &str, adapter: Option<&Path>) -> anyhow::Result<
 }
 
 pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
-    let (items, failed) = eval_items(&a)?;
+    let (items, prompts) = eval_items(&a)?;
     let m = load_with_adapter(&a.model, a.adapter.as_deref())?;
     let opts = EvalOptions { batch_size: a.batch, max_new_tokens: a.max_tokens, chat_template: !a.no_chat_template };
     let t0 = std::time::Instant::now();
@@ -168,9 +233,10 @@ pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         Labels::Published => "published where present, else executed".into(),
     };
     report.setup = serde_json::json!({
+        "eval_args": eval_flags(&a),
         "model": a.model, "adapter": a.adapter, "data": a.data, "split": a.split,
-        "prompt_format": format!("{:?}", a.prompt_format).to_lowercase(), "max_rows": a.max_rows,
-        "max_tokens": a.max_tokens, "chat_template": !a.no_chat_template, "questions_failed": failed,
+        "prompt_format": format!("{:?}", a.prompt_format).to_lowercase(), "prompt": a.prompt.describe(),
+        "max_tokens": a.max_tokens, "chat_template": !a.no_chat_template, "prompts": prompts,
         "seconds": t0.elapsed().as_secs_f64(),
     });
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -198,17 +264,34 @@ pub struct ReportArgs {
     /// Run directories, each with an eval.json (and metrics.jsonl if trained).
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
-    /// Where report.md and the charts go. Default: the runs' common parent.
+    /// Where report.md, summary.json and the charts go. Default: the runs' common parent.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// A named subset of the evaluated questions, `NAME=IDS_FILE` (one id a
+    /// line), scored separately (e.g. `unseen_sql=eval_sets/unseen_sql.txt`). Repeatable.
+    #[arg(long = "subset", value_name = "NAME=IDS_FILE")]
+    pub subsets: Vec<String>,
+    /// A further evaluation set every run holds in a sub-folder of that name
+    /// (its own eval.json and predictions.jsonl), e.g. `cross_db`. Repeatable.
+    #[arg(long = "set", value_name = "NAME")]
+    pub sets: Vec<String>,
+    /// The run that differences are taken from (a run folder's name). Default: the first run.
+    #[arg(long)]
+    pub baseline: Option<String>,
 }
 
 pub fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
-    let runs = tabletrace_eval::report::load_runs(&a.runs)?;
+    let runs = tabletrace_eval::report::load_runs_with_sets(&a.runs, &a.sets)?;
     let out = a.out.clone().unwrap_or_else(|| {
         a.runs[0].parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
     });
-    let md = tabletrace_eval::report::write_report(&runs, &out)?;
+    let mut cmp =
+        tabletrace_eval::report::Comparison { subsets: Vec::new(), sets: a.sets.clone(), baseline: a.baseline.clone() };
+    for s in &a.subsets {
+        let (name, file) = s.split_once('=').with_context(|| format!("--subset {s:?} is not NAME=IDS_FILE"))?;
+        cmp.subsets.push((name.to_string(), crate::read_ids(Path::new(file))?));
+    }
+    let md = tabletrace_eval::report::write_report_comparing(&runs, &cmp, &out)?;
     print!("{md}");
     eprintln!("wrote {}", out.join("report.md").display());
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@ mod data_cmd;
 mod eval_cmd;
 mod pairs_cmd;
 mod progress;
+mod prompt_args;
 mod run_cmd;
 mod traces_cmd;
 mod train_cmd;

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use tabletrace_data::{approx_tokens, load, render_tables, Budget, LoadOptions, RowFormat, TableDb, Trace};
-use tabletrace_trace::{build_pairs, pair_json, PairOptions, PairPolicy, PromptTemplates};
+use tabletrace_data::{load, LoadOptions, TableDb, Trace};
+use tabletrace_trace::{build_pairs, pair_json, PairOptions, PairPolicy, PromptStyle};
+
+use crate::prompt_args::PromptArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PolicyArg {
@@ -50,19 +52,13 @@ pub struct PairsArgs {
     /// Pairs per question at most.
     #[arg(long, default_value_t = 4)]
     max_per_question: usize,
-    /// Table rows shown per table in the prompt at most.
-    #[arg(long, default_value_t = 30)]
-    max_rows: usize,
-    /// A folder with `positive.jinja` replacing the built-in prompt.
-    #[arg(long)]
-    prompts: Option<PathBuf>,
+    /// How prompts show the tables (--tokenizer also measures --max-length).
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Drop pairs whose prompt plus chosen or rejected trace is longer than
     /// this many tokens of --tokenizer's model (reported).
     #[arg(long, requires = "tokenizer")]
     max_length: Option<usize>,
-    /// The target model whose tokenizer measures --max-length.
-    #[arg(long)]
-    tokenizer: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = PairFormat::Standard)]
     format: PairFormat,
@@ -95,14 +91,14 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
     let ds = load(data, &LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", data.display()))?;
     let wanted: std::collections::HashSet<&str> = traces.iter().map(|t| t.question_id.as_str()).collect();
-    let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
-    let budget = Budget { max_rows_per_table: Some(a.max_rows), max_tokens: None };
+    let prompter = a.prompt.prompter(None)?;
     let mut prompts = HashMap::new();
     for q in ds.questions.iter().filter(|q| wanted.contains(q.id.0.as_str())) {
         let db = TableDb::open(&q.tables).map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
-        let tables = render_tables(&db, q, RowFormat::Markdown, &budget, &approx_tokens)
+        let prompt = prompter
+            .prompt(&db, q, PromptStyle::Trace)
             .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
-        prompts.insert(q.id.0.clone(), templates.positive(&q.text, &tables.text));
+        prompts.insert(q.id.0.clone(), prompt.text);
     }
     let policy = match a.policy {
         PolicyArg::Heterogeneous => PairPolicy::Heterogeneous,
@@ -110,15 +106,14 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
     };
     let (mut pairs, mut report) =
         build_pairs(&traces, &prompts, &PairOptions { policy, max_per_question: a.max_per_question });
-    if let (Some(max), Some(spec)) = (a.max_length, &a.tokenizer) {
-        // Only the tokenizer is needed; loading the model gives it with its chat template.
-        let m = tabletrace_model::load_model(spec, &Default::default()).with_context(|| format!("loading {spec}"))?;
+    if let (Some(max), Some(spec)) = (a.max_length, &a.prompt.tokenizer) {
+        // Only the tokenizer (with its chat template) is needed.
+        let tok = tabletrace_model::load_tokenizer(spec).with_context(|| format!("loading the tokenizer of {spec}"))?;
         let len = |prompt: &str, completion: &str| -> anyhow::Result<usize> {
-            let p = m
-                .tokenizer
+            let p = tok
                 .apply_chat_template(&[tabletrace_model::ChatMessage::new("user", prompt)], true)
                 .unwrap_or_else(|_| prompt.to_string());
-            Ok(m.tokenizer.encode(&p, true)?.len() + m.tokenizer.encode(completion, false)?.len() + 1)
+            Ok(tok.encode(&p, true)?.len() + tok.encode(completion, false)?.len() + 1)
         };
         let before = pairs.len();
         let mut kept = Vec::with_capacity(pairs.len());

@@ -130,6 +130,30 @@ impl Default for EvalStage {
     }
 }
 
+/// A further evaluation set from another dataset (e.g. Spider questions on
+/// a database the training data never uses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraEvalSet {
+    /// Its name: the sub-folder of each arm and the report's column.
+    pub name: String,
+    /// The dataset.
+    pub data: PathBuf,
+    /// Spider's database/ folder, if the dataset needs it.
+    #[serde(default)]
+    pub db_dir: Option<PathBuf>,
+    /// Only questions on this database (`spider_db_id` / the SQLite file's stem).
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Only questions over at least this many tables. Default 1.
+    #[serde(default = "one")]
+    pub min_tables: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
 /// `pipeline.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -146,10 +170,27 @@ pub struct PipelineConfig {
     pub eval_split: Option<String>,
     /// Share of questions held out for evaluation when there are no splits. Default 0.2.
     pub eval_fraction: f64,
+    /// Pilot mode: evaluate on this share of the *training* questions (the
+    /// dev slice, picked by a hash of the id) instead of the eval split,
+    /// which is then not read at all. Settings are chosen here, never on
+    /// the reported split. Default 0 (off).
+    pub dev_fraction: f64,
+    /// Databases held out of training entirely: their training questions
+    /// form the `cross_db` evaluation set. Listed by id here, or…
+    pub cross_db: Vec<String>,
+    /// …this share of the training questions' databases, picked by a hash of
+    /// the database id. Default 0 (no cross-database set).
+    pub cross_db_fraction: f64,
+    /// Further evaluation sets from other data.
+    pub eval_sets: Vec<ExtraEvalSet>,
     /// The model trained and evaluated. Default smollm2-135m.
     pub model: String,
-    /// Table rows per table in prompts. Default 6.
-    pub max_rows: usize,
+    /// Tokens of the model's tokenizer that a prompt's tables may take:
+    /// whole tables when they fit, else rows chosen from the question text.
+    /// Default 3000.
+    pub table_tokens: usize,
+    /// Table rows per table in prompts at most. Default: no limit.
+    pub max_rows: Option<usize>,
     /// Traces.
     pub traces: TracesStage,
     /// Pairs.
@@ -169,8 +210,13 @@ impl Default for PipelineConfig {
             train_split: None,
             eval_split: None,
             eval_fraction: 0.2,
+            dev_fraction: 0.0,
+            cross_db: Vec::new(),
+            cross_db_fraction: 0.0,
+            eval_sets: Vec::new(),
             model: "smollm2-135m".into(),
-            max_rows: 6,
+            table_tokens: tabletrace_data::DEFAULT_TABLE_TOKENS,
+            max_rows: None,
             traces: TracesStage::default(),
             pairs: PairsStage::default(),
             train: TrainStage::default(),
@@ -183,6 +229,20 @@ impl PipelineConfig {
     fn validate(&self) -> anyhow::Result<()> {
         if !(0.0..1.0).contains(&self.eval_fraction) {
             bail!("config: eval_fraction: {} is not in [0, 1)", self.eval_fraction);
+        }
+        if !(0.0..1.0).contains(&self.dev_fraction) {
+            bail!("config: dev_fraction: {} is not in [0, 1)", self.dev_fraction);
+        }
+        if !(0.0..1.0).contains(&self.cross_db_fraction) {
+            bail!("config: cross_db_fraction: {} is not in [0, 1)", self.cross_db_fraction);
+        }
+        for (i, s) in self.eval_sets.iter().enumerate() {
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                bail!("config: eval_sets[{i}].name {:?}: use letters, digits, _ and -", s.name);
+            }
+            if s.name == "cross_db" || self.eval_sets[..i].iter().any(|o| o.name == s.name) {
+                bail!("config: eval_sets[{i}].name {:?} is taken", s.name);
+            }
         }
         if !["heterogeneous", "homogeneous"].contains(&self.pairs.policy.as_str()) {
             bail!("config: pairs.policy: {:?} is not heterogeneous or homogeneous", self.pairs.policy);
@@ -212,10 +272,17 @@ pub struct RunArgs {
     /// Redo from this stage: data, traces, pairs, train, eval, report.
     #[arg(long)]
     from: Option<String>,
+    /// Stop after this stage (data, traces, pairs, train, eval): for running
+    /// a long study in sessions of bounded length.
+    #[arg(long)]
+    to: Option<String>,
     /// Run directory (overrides the config's run_dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
 }
+
+/// The embedded default pipeline: `configs/default.toml`, compiled in.
+const EMBEDDED_DEFAULT: &str = include_str!("../../../configs/default.toml");
 
 const STAGES: [&str; 6] = ["data", "traces", "pairs", "train", "eval", "report"];
 
@@ -268,6 +335,18 @@ impl Pipeline {
         Ok(())
     }
 
+    /// How prompts show the tables, counted with the model's tokenizer.
+    fn prompt_args(&self, with_tokenizer: bool) -> Vec<String> {
+        let mut v = vec!["--table-tokens".to_string(), self.cfg.table_tokens.to_string()];
+        if with_tokenizer {
+            v.extend(["--tokenizer".into(), self.cfg.model.clone()]);
+        }
+        if let Some(r) = self.cfg.max_rows {
+            v.extend(["--max-rows".into(), r.to_string()]);
+        }
+        v
+    }
+
     fn data_args(&self) -> Vec<String> {
         let mut v = vec!["--data".into(), self.cfg.data.display().to_string()];
         if let Some(d) = &self.cfg.db_dir {
@@ -277,19 +356,69 @@ impl Pipeline {
     }
 }
 
-/// Splits question ids into train and held-out lists (by split, or by a hash of the id).
-fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<(usize, usize)> {
+/// What the data stage wrote: the sizes of every question set.
+#[derive(Debug, Serialize)]
+struct SplitSummary {
+    /// Training questions (`train_ids.txt`).
+    train: usize,
+    /// Held-out questions (`eval_ids.txt`).
+    eval: usize,
+    /// Held-out questions whose gold SQL no training question shares (`eval_sets/unseen_sql.txt`).
+    unseen_sql: usize,
+    /// Training-split questions on held-out databases (`eval_sets/cross_db.txt`).
+    cross_db: usize,
+    /// The held-out databases.
+    cross_db_databases: Vec<String>,
+    /// Databases the training questions use.
+    train_databases: usize,
+    /// Further sets (`eval_sets/NAME.txt`).
+    extra: std::collections::BTreeMap<String, usize>,
+}
+
+/// Gold SQL as compared for the unseen-SQL subset: lowercased, whitespace
+/// collapsed, a trailing semicolon dropped.
+fn normalised_sql(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase().trim_end_matches(';').trim_end().to_string()
+}
+
+/// A number in [0, 1) from a hash of `key`.
+fn unit_hash(key: &str) -> f64 {
+    let h = Sha256::digest(key.as_bytes());
+    u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as f64 / (u32::MAX as f64 + 1.0)
+}
+
+fn write_ids(path: &Path, ids: &[String]) -> anyhow::Result<()> {
+    let text = if ids.is_empty() { String::new() } else { ids.join("\n") + "\n" };
+    tabletrace_train::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Splits question ids into training, held-out, unseen-SQL and
+/// cross-database lists (by split or by a hash of the id; held-out
+/// databases by list or by a hash of the database id), and the further
+/// evaluation sets; writes them into the run directory.
+fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<SplitSummary> {
     let ds = tabletrace_data::load(
         &cfg.data,
         &tabletrace_data::LoadOptions { db_dir: cfg.db_dir.clone(), tables_json: None },
     )
     .with_context(|| format!("loading {} (set `data` in the pipeline config)", cfg.data.display()))?;
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    let held_out_db = |db: &str| cfg.cross_db.iter().any(|d| d == db) || unit_hash(db) < cfg.cross_db_fraction;
+    let (mut train, mut eval, mut cross) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cross_dbs = std::collections::BTreeSet::new();
+    let mut train_dbs = std::collections::BTreeSet::new();
+    let mut train_sql = std::collections::HashSet::new();
     for q in &ds.questions {
         let held_out = match (&cfg.train_split, &cfg.eval_split) {
             (Some(t), Some(e)) => {
                 let (t, e) = (tabletrace_data::Split::parse(t), tabletrace_data::Split::parse(e));
-                if q.split.is_some() && q.split == e {
+                if cfg.dev_fraction > 0.0 {
+                    // Pilot: the dev slice of the training split; the eval split stays unread.
+                    if q.split.is_none() || q.split != t {
+                        continue;
+                    }
+                    unit_hash(&format!("dev:{}", q.id.0)) < cfg.dev_fraction
+                } else if q.split.is_some() && q.split == e {
                     true
                 } else if q.split.is_some() && q.split == t {
                     false
@@ -297,15 +426,27 @@ fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<(usize, usize)>
                     continue;
                 }
             }
-            _ => {
-                let h = Sha256::digest(q.id.0.as_bytes());
-                (u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as f64 / u32::MAX as f64) < cfg.eval_fraction
+            _ if cfg.dev_fraction > 0.0 => {
+                // Pilot without splits: the dev slice of what would be trained on.
+                if unit_hash(&q.id.0) < cfg.eval_fraction {
+                    continue;
+                }
+                unit_hash(&format!("dev:{}", q.id.0)) < cfg.dev_fraction
             }
+            _ => unit_hash(&q.id.0) < cfg.eval_fraction,
         };
         if held_out {
-            eval.push(q.id.0.clone());
+            eval.push(q);
+            continue;
+        }
+        let db = q.database_id();
+        if held_out_db(&db) {
+            cross.push(q.id.0.clone());
+            cross_dbs.insert(db);
         } else {
             train.push(q.id.0.clone());
+            train_sql.extend(q.gold_sql.as_deref().map(normalised_sql));
+            train_dbs.insert(db);
         }
     }
     anyhow::ensure!(
@@ -314,9 +455,46 @@ fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<(usize, usize)>
         train.len(),
         eval.len()
     );
-    std::fs::write(dir.join("train_ids.txt"), train.join("\n") + "\n")?;
-    std::fs::write(dir.join("eval_ids.txt"), eval.join("\n") + "\n")?;
-    Ok((train.len(), eval.len()))
+    let unseen: Vec<String> = eval
+        .iter()
+        .filter(|q| q.gold_sql.as_deref().is_none_or(|s| !train_sql.contains(&normalised_sql(s))))
+        .map(|q| q.id.0.clone())
+        .collect();
+    let eval: Vec<String> = eval.iter().map(|q| q.id.0.clone()).collect();
+    write_ids(&dir.join("train_ids.txt"), &train)?;
+    write_ids(&dir.join("eval_ids.txt"), &eval)?;
+    let sets = dir.join("eval_sets");
+    std::fs::create_dir_all(&sets)?;
+    write_ids(&sets.join("unseen_sql.txt"), &unseen)?;
+    write_ids(&sets.join("cross_db.txt"), &cross)?;
+    let mut extra = std::collections::BTreeMap::new();
+    for set in &cfg.eval_sets {
+        let ds = tabletrace_data::load(
+            &set.data,
+            &tabletrace_data::LoadOptions { db_dir: set.db_dir.clone(), tables_json: None },
+        )
+        .with_context(|| format!("eval set {}: loading {}", set.name, set.data.display()))?;
+        let ids: Vec<String> = ds
+            .questions
+            .iter()
+            .filter(|q| set.database.as_ref().is_none_or(|d| q.database_id() == *d) && q.n_tables() >= set.min_tables)
+            .map(|q| q.id.0.clone())
+            .collect();
+        anyhow::ensure!(!ids.is_empty(), "eval set {}: no question of {} is selected", set.name, set.data.display());
+        write_ids(&sets.join(format!("{}.txt", set.name)), &ids)?;
+        extra.insert(set.name.clone(), ids.len());
+    }
+    let summary = SplitSummary {
+        train: train.len(),
+        eval: eval.len(),
+        unseen_sql: unseen.len(),
+        cross_db: cross.len(),
+        cross_db_databases: cross_dbs.into_iter().collect(),
+        train_databases: train_dbs.len(),
+        extra,
+    };
+    tabletrace_train::write_atomic(&dir.join("split.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
 }
 
 pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
@@ -325,7 +503,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
             toml::from_str::<PipelineConfig>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
         }
-        None => PipelineConfig::default(),
+        None => toml::from_str::<PipelineConfig>(EMBEDDED_DEFAULT).context("configs/default.toml (embedded)")?,
     };
     if let Some(d) = a.run_dir {
         cfg.run_dir = d;
@@ -355,23 +533,56 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let last = match &a.to {
+        Some(to) => STAGES
+            .iter()
+            .position(|s| s == to)
+            .with_context(|| format!("--to {to:?} is not one of {}", STAGES.join(", ")))?,
+        None => STAGES.len() - 1,
+    };
     let t0 = Instant::now();
     let stage = |name: &str| eprintln!("== {name} ({:.0} s)", t0.elapsed().as_secs_f64());
+    let stop_after = |done: &str| -> bool {
+        let stop = STAGES[last] == done;
+        if stop {
+            eprintln!("== stopped after {done} (--to) in {:.0} s", t0.elapsed().as_secs_f64());
+        }
+        stop
+    };
 
     // data
-    let data_settings = (&cfg.data, &cfg.db_dir, &cfg.train_split, &cfg.eval_split, cfg.eval_fraction);
+    let data_settings = (
+        (&cfg.data, &cfg.db_dir, &cfg.train_split, &cfg.eval_split, cfg.eval_fraction),
+        (&cfg.cross_db, cfg.cross_db_fraction, &cfg.eval_sets, cfg.dev_fraction),
+    );
     if !p.done("data", &data_settings) {
         stage("data: split questions");
-        let (n_train, n_eval) = split_ids(&cfg, &dir)?;
-        eprintln!("   {n_train} training questions, {n_eval} held out");
+        let s = split_ids(&cfg, &dir)?;
+        eprintln!(
+            "   {} training questions on {} databases; {} held out ({} with unseen gold SQL); {} on {} held-out databases",
+            s.train,
+            s.train_databases,
+            s.eval,
+            s.unseen_sql,
+            s.cross_db,
+            s.cross_db_databases.len()
+        );
+        for (name, n) in &s.extra {
+            eprintln!("   eval set {name}: {n} questions");
+        }
         p.finish("data", &data_settings)?;
+    }
+
+    if stop_after("data") {
+        return Ok(ExitCode::SUCCESS);
     }
 
     // traces
     let traces_dir = dir.join("traces");
     std::fs::create_dir_all(&traces_dir)?;
     let traces = traces_dir.join("traces.jsonl");
-    let traces_settings = (&data_settings, &cfg.traces, cfg.max_rows);
+    let prompt_settings = (cfg.table_tokens, cfg.max_rows, &cfg.model);
+    let traces_settings = (&data_settings, &cfg.traces, prompt_settings);
     if !p.done("traces", &traces_settings) {
         let mut parts = Vec::new();
         for (i, g) in cfg.traces.generators.iter().enumerate() {
@@ -393,8 +604,6 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                     &cfg.traces.max_tokens.to_string(),
                     "--batch",
                     &cfg.traces.batch.to_string(),
-                    "--max-rows",
-                    &cfg.max_rows.to_string(),
                     "--cache",
                     &traces_dir.join("llm_cache.sqlite").display().to_string(),
                     "--out",
@@ -402,6 +611,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 ]
                 .map(String::from),
             );
+            args.extend(p.prompt_args(true));
             if g != "program" {
                 args.extend(["--limit".into(), cfg.traces.llm_questions.to_string()]);
             }
@@ -414,6 +624,10 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         }
         tabletrace_train::write_atomic(&traces, all.as_bytes())?;
         p.finish("traces", &traces_settings)?;
+    }
+
+    if stop_after("traces") {
+        return Ok(ExitCode::SUCCESS);
     }
 
     // pairs
@@ -446,8 +660,6 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                     &policy,
                     "--format",
                     "conversational",
-                    "--max-rows",
-                    &cfg.max_rows.to_string(),
                     "--max-per-question",
                     &cfg.pairs.max_per_question.to_string(),
                     "--out",
@@ -455,6 +667,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 ]
                 .map(String::from),
             );
+            args.extend(p.prompt_args(true));
             p.tabletrace("pairs", &args, false)?;
             let n = std::fs::read_to_string(&pairs)?.lines().filter(|l| !l.trim().is_empty()).count();
             if n > 0 {
@@ -474,6 +687,10 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             );
         }
         p.finish("pairs", &pairs_settings)?;
+    }
+
+    if stop_after("pairs") {
+        return Ok(ExitCode::SUCCESS);
     }
 
     // train
@@ -514,59 +731,114 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         p.finish(&key, &settings)?;
     }
 
-    // eval
-    let mut runs = vec![("base".to_string(), None)];
-    runs.extend(cfg.train.methods.iter().map(|m| (m.clone(), Some(dir.join(m).join("adapter")))));
-    for (name, adapter) in &runs {
-        let out = dir.join(name);
-        let settings = (
-            &data_settings,
-            &cfg.model,
-            &cfg.eval,
-            cfg.max_rows,
-            adapter.as_ref().map(|_| (&pairs_settings, &cfg.train)),
-        );
-        let key = format!("eval-{name}");
-        if p.done(&key, &settings) {
-            continue;
-        }
-        stage(&format!("eval: {name}"));
-        std::fs::create_dir_all(&out)?;
-        let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
-        if let Some(ad) = adapter {
-            args.extend(["--adapter".into(), ad.display().to_string()]);
-        }
-        args.extend(p.data_args());
-        args.extend(
-            [
-                "--ids",
-                &dir.join("eval_ids.txt").display().to_string(),
-                "--prompt-format",
-                &cfg.eval.prompt_format,
-                "--max-rows",
-                &cfg.max_rows.to_string(),
-                "--max-tokens",
-                &cfg.eval.max_tokens.to_string(),
-                "--batch",
-                &cfg.eval.batch.to_string(),
-                "--out",
-                &out.join("eval.json").display().to_string(),
-            ]
-            .map(String::from),
-        );
-        if cfg.eval.limit > 0 {
-            args.extend(["--limit".into(), cfg.eval.limit.to_string()]);
-        }
-        p.tabletrace("eval", &args, true)?;
-        p.finish(&key, &settings)?;
+    if stop_after("train") {
+        return Ok(ExitCode::SUCCESS);
     }
 
-    // report
+    // eval: every arm on the held-out questions, the cross-database set
+    // (when databases are held out) and each further set.
+    let mut runs = vec![("base".to_string(), None)];
+    runs.extend(cfg.train.methods.iter().map(|m| (m.clone(), Some(dir.join(m).join("adapter")))));
+    let sets_dir = dir.join("eval_sets");
+    let mut sets: Vec<(String, Vec<String>, PathBuf)> = vec![(String::new(), p.data_args(), dir.join("eval_ids.txt"))];
+    let cross_ids = sets_dir.join("cross_db.txt");
+    if std::fs::read_to_string(&cross_ids).is_ok_and(|t| !t.trim().is_empty()) {
+        sets.push(("cross_db".into(), p.data_args(), cross_ids));
+    }
+    for set in &cfg.eval_sets {
+        let mut data = vec!["--data".to_string(), set.data.display().to_string()];
+        if let Some(d) = &set.db_dir {
+            data.extend(["--db-dir".into(), d.display().to_string()]);
+        }
+        sets.push((set.name.clone(), data, sets_dir.join(format!("{}.txt", set.name))));
+    }
+    for (name, adapter) in &runs {
+        for (set, data_args, ids) in &sets {
+            let out = if set.is_empty() { dir.join(name) } else { dir.join(name).join(set) };
+            let settings = (
+                &data_settings,
+                &cfg.model,
+                &cfg.eval,
+                prompt_settings,
+                set,
+                adapter.as_ref().map(|_| (&pairs_settings, &cfg.train)),
+            );
+            let key = if set.is_empty() { format!("eval-{name}") } else { format!("eval-{name}-{set}") };
+            if p.done(&key, &settings) {
+                continue;
+            }
+            stage(&format!("eval: {name}{}", if set.is_empty() { String::new() } else { format!(" on {set}") }));
+            std::fs::create_dir_all(&out)?;
+            let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
+            if let Some(ad) = adapter {
+                args.extend(["--adapter".into(), ad.display().to_string()]);
+            }
+            args.extend(data_args.iter().cloned());
+            args.extend(p.prompt_args(false));
+            args.extend(
+                [
+                    "--ids",
+                    &ids.display().to_string(),
+                    "--prompt-format",
+                    &cfg.eval.prompt_format,
+                    "--max-tokens",
+                    &cfg.eval.max_tokens.to_string(),
+                    "--batch",
+                    &cfg.eval.batch.to_string(),
+                    "--out",
+                    &out.join("eval.json").display().to_string(),
+                ]
+                .map(String::from),
+            );
+            if cfg.eval.limit > 0 {
+                args.extend(["--limit".into(), cfg.eval.limit.to_string()]);
+            }
+            p.tabletrace("eval", &args, true)?;
+            p.finish(&key, &settings)?;
+        }
+    }
+
+    if stop_after("eval") {
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    // report: Q&A SFT is the baseline the method has to beat, when trained.
     stage("report");
     let mut args = vec!["report".to_string()];
     args.extend(runs.iter().map(|(n, _)| dir.join(n).display().to_string()));
     args.extend(["--out".into(), dir.display().to_string()]);
+    args.extend(["--subset".into(), format!("unseen_sql={}", sets_dir.join("unseen_sql.txt").display())]);
+    for (set, _, _) in sets.iter().skip(1) {
+        args.extend(["--set".into(), set.clone()]);
+    }
+    if cfg.train.methods.iter().any(|m| m == "sft-qa") {
+        args.extend(["--baseline".into(), "sft-qa".into()]);
+    }
     p.tabletrace("report", &args, false)?;
     eprintln!("== done in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sql_is_compared_without_case_whitespace_or_a_final_semicolon() {
+        assert_eq!(normalised_sql("SELECT  a\n FROM t ;"), normalised_sql("select a from T"));
+        assert_ne!(normalised_sql("SELECT a FROM t WHERE x = 'A'"), normalised_sql("SELECT a FROM t"));
+    }
+
+    #[test]
+    fn the_embedded_default_is_configs_default_toml() {
+        let cfg: PipelineConfig = toml::from_str(EMBEDDED_DEFAULT).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.model, "smollm2-135m");
+        for preset in ["mmqa-qwen-cpu.toml", "mmqa-qwen-pilot.toml", "gpu-vllm.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(preset);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg: PipelineConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{preset}: {e}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{preset}: {e}"));
+        }
+    }
 }

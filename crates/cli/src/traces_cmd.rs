@@ -11,10 +11,11 @@ use tabletrace_data::{load, Polarity, Reporter, Trace};
 use tabletrace_model::{load_model, LoadOptions};
 use tabletrace_trace::{
     llm_traces, parse_http_spec, program_traces, CallCache, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
-    ProgramTracer, PromptTemplates, Wanted,
+    ProgramTracer, Wanted, NOT_WHOLE,
 };
 
 use crate::progress::Bar;
+use crate::prompt_args::PromptArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PolarityArg {
@@ -71,12 +72,10 @@ pub struct TracesArgs {
     /// Seed for choosing perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A folder with `positive.jinja` / `negative.jinja` replacing the built-in prompts.
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// Table rows per table in LLM prompts at most.
-    #[arg(long, default_value_t = 30)]
-    max_rows: usize,
+    /// How prompts show the tables (the program tracer traces only the
+    /// questions whose tables they show whole).
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Only the questions whose ids are listed in this file (one per line).
     #[arg(long)]
     ids: Option<PathBuf>,
@@ -111,21 +110,25 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         positive: a.polarity != PolarityArg::Negative,
         negatives: if a.polarity == PolarityArg::Positive { 0 } else { a.negatives },
     };
-    let templates = PromptTemplates::load(a.prompts.as_deref()).map_err(anyhow::Error::msg)?;
+    // Counted with --tokenizer's model, else the first local generator's.
+    let local = a.generators.iter().find_map(|g| g.strip_prefix("local:"));
+    let prompter = a.prompt.prompter(local)?;
     let tracer = ProgramTracer::default();
     let bar = Bar::new(quiet);
     let start = Instant::now();
     let mut traces: Vec<Trace> = Vec::new();
     let mut failed = 0usize;
+    let mut not_whole = 0usize;
     for g in &a.generators {
         if g == "program" {
             bar.start(ds.questions.len() as u64, "program");
             for (i, q) in ds.questions.iter().enumerate() {
                 bar.advance(1);
-                match program_traces(q, &tracer, wanted, a.seed.wrapping_add(i as u64)) {
+                match program_traces(q, &tracer, &prompter, wanted, a.seed.wrapping_add(i as u64)) {
                     Ok(t) => traces.extend(t),
                     Err(e) => {
                         failed += 1;
+                        not_whole += usize::from(e.contains(NOT_WHOLE));
                         tracing::debug!(question_id = %q.id, "not traced: {e}");
                     }
                 }
@@ -158,9 +161,8 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 top_p: 0.95,
                 max_tokens: a.max_tokens,
                 seed: a.seed,
-                max_rows: a.max_rows,
                 chunk: a.batch.max(a.concurrency) * 2,
-                templates: templates.clone(),
+                prompter: prompter.clone(),
             };
             let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar).map_err(anyhow::Error::msg)?;
             eprintln!(
@@ -187,9 +189,11 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     }
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
-        "{} questions ({} not traced by the program tracer) in {secs:.1} s ({:.0}/s); wrote {}",
+        "{} questions ({} not traced by the program tracer, {not_whole} of them because their tables exceed \
+         --table-tokens {}) in {secs:.1} s ({:.0}/s); wrote {}",
         ds.questions.len(),
         failed,
+        a.prompt.table_tokens,
         ds.questions.len() as f64 / secs.max(1e-9),
         a.out.display()
     );

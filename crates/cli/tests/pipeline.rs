@@ -17,8 +17,8 @@ fn eval_json_has_the_documented_fields_and_predictions() {
         "4",
         "--max-tokens",
         "24",
-        "--max-rows",
-        "3",
+        "--table-tokens",
+        "400",
         "--out",
         out.to_str().unwrap(),
         "--quiet",
@@ -39,6 +39,47 @@ fn eval_json_has_the_documented_fields_and_predictions() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("| base | 4 |"), "{}", stdout(&o));
     assert!(dir.path().join("accuracy.png").is_file() && dir.path().join("report.md").is_file());
+    assert_eq!(v["setup"]["eval_args"][0], "--prompt-format", "{}", v["setup"]);
+    assert_eq!(
+        v["setup"]["prompts"]["whole_tables"].as_u64().unwrap()
+            + v["setup"]["prompts"]["part_tables"].as_u64().unwrap(),
+        4
+    );
+}
+
+/// A prompt that cannot fit the model's context is that question's failure
+/// alone: counted in `n` as wrong and in `not_run`, named in the
+/// predictions, and the evaluation completes.
+#[test]
+fn over_long_prompts_count_as_wrong_and_never_abort_an_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("eval.json");
+    // SmolLM2's context is 8,192 tokens: 8,150 new tokens leave no room for
+    // a prompt with tables of more than a few dozen tokens.
+    let o = tabletrace(&[
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        "data/sample/mmqa/mmqa_two_table.jsonl",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "8150",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!((v["n"].as_u64(), v["not_run"].as_u64(), v["em"].as_f64()), (Some(3), Some(3), Some(0.0)), "{v}");
+    let preds = std::fs::read_to_string(out.with_file_name("predictions.jsonl")).unwrap();
+    assert_eq!(preds.lines().count(), 3);
+    for l in preds.lines() {
+        let p: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(p["not_run"].as_str().unwrap().contains("exceeds the model's context"), "{p}");
+        assert_eq!(p["em"], false);
+    }
 }
 
 #[test]
@@ -49,9 +90,11 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
     std::fs::write(
         &cfg,
         format!(
-            "run_dir = {:?}\ndata = \"data/sample/mmqa/mmqa_two_table.jsonl\"\neval_fraction = 0.1\nmax_rows = 3\n\
+            "run_dir = {:?}\ndata = \"data/sample/mmqa/mmqa_two_table.jsonl\"\neval_fraction = 0.1\n\
+             table_tokens = 500\ncross_db = [\"farm\"]\n\
+             [[eval_sets]]\nname = \"three\"\ndata = \"data/sample/mmqa/mmqa_three_table.jsonl\"\nmin_tables = 3\n\
              [traces]\ngenerators = [\"program\"]\n[pairs]\npolicy = \"homogeneous\"\n\
-             [train]\nmethods = [\"sft-qa\"]\nmax_steps = 1\nmax_length = 512\n[eval]\nlimit = 3\nmax_tokens = 16\n",
+             [train]\nmethods = [\"sft-qa\"]\nmax_steps = 1\nmax_length = 768\n[eval]\nlimit = 3\nmax_tokens = 16\n",
             run.to_str().unwrap()
         ),
     )
@@ -66,11 +109,34 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
         "sft-qa/adapter/adapter_config.json",
         "base/eval.json",
         "sft-qa/eval.json",
+        "base/cross_db/eval.json",
+        "sft-qa/three/predictions.jsonl",
+        "eval_sets/unseen_sql.txt",
         "report.md",
+        "summary.json",
         "accuracy.png",
     ] {
         assert!(run.join(f).is_file(), "{f} is missing");
     }
+    // The held-out database's questions are out of training entirely.
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    assert_eq!(split["cross_db_databases"], serde_json::json!(["farm"]), "{split}");
+    let cross = std::fs::read_to_string(run.join("eval_sets/cross_db.txt")).unwrap();
+    let train = std::fs::read_to_string(run.join("train_ids.txt")).unwrap();
+    assert!(!cross.is_empty() && cross.lines().all(|id| !train.lines().any(|t| t == id)));
+    assert_eq!(cross.lines().count() as u64, split["cross_db"].as_u64().unwrap());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let arm = &summary["arms"]["sft-qa"];
+    for k in
+        ["em", "em_unseen_sql", "em_cross_db", "em_three", "n", "n_unseen_sql", "n_cross_db", "adapter", "eval_args"]
+    {
+        assert!(arm.get(k).is_some(), "summary.json's sft-qa lacks {k}: {summary}");
+    }
+    assert!(summary["arms"]["base"].get("adapter").is_none());
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("difference from sft-qa") && report.contains("Δ unseen_sql [95% CI]"), "{report}");
     // A second run skips every finished stage.
     let o = tabletrace(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
