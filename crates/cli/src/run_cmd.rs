@@ -51,7 +51,8 @@ impl Default for TracesStage {
 pub struct PairsStage {
     /// `heterogeneous` (chosen and rejected from different generators) or `homogeneous`. Default heterogeneous.
     pub policy: String,
-    /// When the policy yields no pair, pair homogeneously instead (said in the report). Default true.
+    /// When heterogeneous pairs are fewer than training takes (max_steps × batch_size × grad_accum),
+    /// add homogeneous pairs of the questions without one (said in `pairs/policy_used.txt`). Default true.
     pub fallback_homogeneous: bool,
     /// Keep program-traced positives (the ablation turns them off). Default true.
     pub program_positives: bool,
@@ -347,6 +348,25 @@ impl Pipeline {
         v
     }
 
+    /// Adds `seconds` of wall time to `key` in `compute.json` (kept across
+    /// resumed runs, so a stage split over sessions is counted whole).
+    fn count_time(&self, key: &str, seconds: f64) -> anyhow::Result<()> {
+        let path = self.dir.join("compute.json");
+        let mut all: std::collections::BTreeMap<String, f64> =
+            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        *all.entry(key.to_string()).or_default() += seconds;
+        tabletrace_train::write_atomic(&path, serde_json::to_string_pretty(&all)?.as_bytes())?;
+        Ok(())
+    }
+
+    /// Runs this binary like [`Pipeline::tabletrace`] and counts its wall time under `key`.
+    fn timed(&self, key: &str, stage: &str, args: &[String], hide_stdout: bool) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let result = self.tabletrace(stage, args, hide_stdout);
+        self.count_time(key, t.elapsed().as_secs_f64())?;
+        result
+    }
+
     fn data_args(&self) -> Vec<String> {
         let mut v = vec!["--data".into(), self.cfg.data.display().to_string()];
         if let Some(d) = &self.cfg.db_dir {
@@ -615,7 +635,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             if g != "program" {
                 args.extend(["--limit".into(), cfg.traces.llm_questions.to_string()]);
             }
-            p.tabletrace("traces", &args, false)?;
+            p.timed(&format!("traces-{g}"), "traces", &args, false)?;
             parts.push(out);
         }
         let mut all = String::new();
@@ -633,7 +653,8 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     // pairs
     let pairs = dir.join("pairs").join("pairs.jsonl");
     std::fs::create_dir_all(dir.join("pairs"))?;
-    let pairs_settings = (&traces_settings, &cfg.pairs);
+    let pairs_settings =
+        (&traces_settings, &cfg.pairs, (cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum));
     if !p.done("pairs", &pairs_settings) {
         let mut input = traces.clone();
         if !cfg.pairs.program_positives {
@@ -649,43 +670,63 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             input = dir.join("pairs").join("traces-no-program-positives.jsonl");
             std::fs::write(&input, kept.join("\n") + "\n")?;
         }
-        let mut policy = cfg.pairs.policy.clone();
-        loop {
+        let pairs_with = |policy: &str, out: &Path| -> anyhow::Result<Vec<String>> {
             stage(&format!("pairs: {policy}"));
             let mut args = vec!["pairs".to_string(), "--traces".into(), input.display().to_string()];
             args.extend(p.data_args());
             args.extend(
                 [
                     "--policy",
-                    &policy,
+                    policy,
                     "--format",
                     "conversational",
                     "--max-per-question",
                     &cfg.pairs.max_per_question.to_string(),
                     "--out",
-                    &pairs.display().to_string(),
+                    &out.display().to_string(),
                 ]
                 .map(String::from),
             );
             args.extend(p.prompt_args(true));
-            p.tabletrace("pairs", &args, false)?;
-            let n = std::fs::read_to_string(&pairs)?.lines().filter(|l| !l.trim().is_empty()).count();
-            if n > 0 {
-                eprintln!("   {n} pairs ({policy})");
-                std::fs::write(dir.join("pairs").join("policy_used.txt"), &policy)?;
-                break;
-            }
-            if policy == "heterogeneous" && cfg.pairs.fallback_homogeneous {
-                eprintln!("   no heterogeneous pairs (the LLM generators wrote no valid trace of the opposite polarity): pairing homogeneously");
-                policy = "homogeneous".into();
-                continue;
-            }
+            p.timed(&format!("pairs-{policy}"), "pairs", &args, false)?;
+            Ok(std::fs::read_to_string(out)?.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect())
+        };
+        let mut lines = pairs_with(&cfg.pairs.policy, &pairs)?;
+        let mut used = format!("{} ({} pairs)", cfg.pairs.policy, lines.len());
+        // Heterogeneous pairs too few to train on: top up with homogeneous
+        // pairs of the questions that have none (said here and in policy_used.txt).
+        let t = &cfg.train;
+        let needed = if t.max_steps > 0 { t.max_steps * t.batch_size * t.grad_accum.max(1) } else { 1 };
+        if cfg.pairs.policy == "heterogeneous" && cfg.pairs.fallback_homogeneous && lines.len() < needed {
+            let homo_path = dir.join("pairs").join("pairs-homogeneous.jsonl");
+            let homo = pairs_with("homogeneous", &homo_path)?;
+            let question = |l: &str| -> String {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["metadata"]["question_id"].as_str().map(String::from))
+                    .unwrap_or_default()
+            };
+            let have: std::collections::HashSet<String> = lines.iter().map(|l| question(l)).collect();
+            let added: Vec<String> = homo.into_iter().filter(|l| !have.contains(&question(l))).collect();
+            eprintln!(
+                "   {} heterogeneous pairs, fewer than the {needed} that training takes: {} homogeneous pairs of other \
+                 questions added",
+                lines.len(),
+                added.len()
+            );
+            used = format!("heterogeneous ({} pairs) + homogeneous ({} pairs)", lines.len(), added.len());
+            lines.extend(added);
+            tabletrace_train::write_atomic(&pairs, (lines.join("\n") + "\n").as_bytes())?;
+        }
+        if lines.is_empty() {
             bail!(
                 "stage pairs: no pairs from {} (see {})",
                 traces.display(),
                 pairs.with_extension("report.json").display()
             );
         }
+        eprintln!("   {} pairs: {used}", lines.len());
+        std::fs::write(dir.join("pairs").join("policy_used.txt"), &used)?;
         p.finish("pairs", &pairs_settings)?;
     }
 
@@ -702,6 +743,15 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             continue;
         }
         stage(&format!("train: {method}"));
+        // Resume only a training of these very settings: checkpoints of
+        // other settings (or of a redone stage upstream) are stale.
+        let started = out.join(".train-settings");
+        if out.exists() && !std::fs::read_to_string(&started).is_ok_and(|d| d.trim() == digest(&settings)) {
+            eprintln!("   {} holds a training of other settings: starting afresh", out.display());
+            std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
+        }
+        std::fs::create_dir_all(&out)?;
+        tabletrace_train::write_atomic(&started, digest(&settings).as_bytes())?;
         let t = &cfg.train;
         let toml = format!(
             "method = {method:?}\nmodel = {:?}\ntrain = {:?}\noutput_dir = {:?}\nmax_steps = {}\nbatch_size = {}\n\
@@ -727,7 +777,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         if t.max_steps == 0 {
             args.extend(["--epochs".into(), "1".into()]);
         }
-        p.tabletrace("train", &args, true)?;
+        p.timed(&key, "train", &args, true)?;
         p.finish(&key, &settings)?;
     }
 
@@ -793,7 +843,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             if cfg.eval.limit > 0 {
                 args.extend(["--limit".into(), cfg.eval.limit.to_string()]);
             }
-            p.tabletrace("eval", &args, true)?;
+            p.timed(&key, "eval", &args, true)?;
             p.finish(&key, &settings)?;
         }
     }
@@ -815,8 +865,35 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         args.extend(["--baseline".into(), "sft-qa".into()]);
     }
     p.tabletrace("report", &args, false)?;
+    add_compute_to_summary(&dir, &runs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())?;
     eprintln!("== done in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds each arm's wall time (`train-ARM`, `eval-ARM*` of `compute.json`)
+/// and the shared stages' to `summary.json`.
+fn add_compute_to_summary(dir: &Path, arms: &[String]) -> anyhow::Result<()> {
+    let path = dir.join("summary.json");
+    let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let compute: std::collections::BTreeMap<String, f64> = std::fs::read_to_string(dir.join("compute.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let sum = |pred: &dyn Fn(&str) -> bool| compute.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum::<f64>();
+    for arm in arms {
+        let eval_s = sum(&|k: &str| k == format!("eval-{arm}") || k.starts_with(&format!("eval-{arm}-")));
+        let train_s = sum(&|k: &str| k == format!("train-{arm}"));
+        if let Some(a) = summary["arms"].get_mut(arm) {
+            a["compute"] = serde_json::json!({ "train_seconds": train_s, "eval_seconds": eval_s });
+        }
+    }
+    summary["compute"] = serde_json::json!({
+        "traces_seconds": sum(&|k: &str| k.starts_with("traces-")),
+        "pairs_seconds": sum(&|k: &str| k.starts_with("pairs-")),
+        "note": "wall seconds on this machine, summed over resumed runs (compute.json has every stage)",
+    });
+    tabletrace_train::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]

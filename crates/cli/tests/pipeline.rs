@@ -135,6 +135,8 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
         assert!(arm.get(k).is_some(), "summary.json's sft-qa lacks {k}: {summary}");
     }
     assert!(summary["arms"]["base"].get("adapter").is_none());
+    assert!(arm["compute"]["train_seconds"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(summary["arms"]["base"]["compute"]["eval_seconds"].as_f64().unwrap() > 0.0, "{summary}");
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains("difference from sft-qa") && report.contains("Δ unseen_sql [95% CI]"), "{report}");
     // A second run skips every finished stage.
@@ -142,9 +144,23 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("== train"), "{}", stderr(&o));
     // --from eval redoes evaluation only.
-    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--from", "eval", "--quiet"]);
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--from", "eval", "--quiet", "--to", "eval"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("== eval: base") && !stderr(&o).contains("== train"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stopped after eval"), "{}", stderr(&o));
+    // Changed training settings retrain from scratch: the finished
+    // checkpoints of the old settings are not resumed.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_steps = 1", "max_steps = 2");
+    std::fs::write(&cfg, text).unwrap();
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--quiet", "--to", "train"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("training of other settings: starting afresh"), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(run.join("sft-qa/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64())
+        .collect();
+    assert_eq!(steps.last(), Some(&2), "{metrics}");
 }
 
 #[test]
