@@ -4,7 +4,7 @@
 # on the bundled sample (data/sample/mmqa) — program tracer and the local
 # SmolLM2-135M as generators, preference pairs, LoRA Q&A SFT and CPO on
 # SmolLM2, evaluation of base/SFT/CPO on held-out questions, and the report.
-# About 6 minutes on a 2-core CPU after the first build. Outputs go to runs/default/ (a re-run
+# About 14 minutes on a 2-core CPU after the first build. Outputs go to runs/default/ (a re-run
 # resumes; `tabletrace run --from STAGE` redoes from a stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
