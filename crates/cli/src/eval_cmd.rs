@@ -86,14 +86,28 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
         let want = Split::parse(s).with_context(|| format!("--split {s:?} is not train, dev, val or test"))?;
         ds.questions.retain(|q| q.split == Some(want));
     }
+    if !ds.errors.is_empty() {
+        eprintln!("{}: {} items could not be loaded, e.g. {}", a.data.display(), ds.errors.len(), ds.errors[0]);
+    }
+    // Ids asked for but not loaded are counted as wrong, not dropped (unless --limit subsamples).
+    let mut missing: Vec<String> = Vec::new();
     if let Some(path) = &a.ids {
         let ids = crate::read_ids(path)?;
         ds.questions.retain(|q| ids.contains(q.id.0.as_str()));
+        if a.limit.is_none() {
+            let loaded: std::collections::HashSet<&str> = ds.questions.iter().map(|q| q.id.0.as_str()).collect();
+            missing = ids.iter().filter(|id| !loaded.contains(id.as_str())).cloned().collect();
+            missing.sort();
+        }
     }
     if let Some(n) = a.limit {
         ds.questions = spread_sample(std::mem::take(&mut ds.questions), n);
     }
-    anyhow::ensure!(!ds.questions.is_empty(), "{} has no questions to evaluate", a.data.display());
+    anyhow::ensure!(
+        !ds.questions.is_empty() || !missing.is_empty(),
+        "{} has no questions to evaluate",
+        a.data.display()
+    );
     let prompter = a.prompt.prompter(Some(&a.model))?;
     let tracer = ProgramTracer::default();
     let style = match a.prompt_format {
@@ -108,6 +122,19 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
             eprintln!("question {}: not asked (counted as wrong): {why}", q.id);
         }
         items.push(item);
+    }
+    for id in missing {
+        let why = format!("listed in --ids but not loaded from {} (see the load errors)", a.data.display());
+        eprintln!("question {id}: not asked (counted as wrong): {why}");
+        stats.not_prepared += 1;
+        items.push(EvalItem {
+            id,
+            prompt: String::new(),
+            gold: Answer::Text { text: String::new() },
+            n_tables: 0,
+            kind: Kind::Lookup,
+            not_run: Some(why),
+        });
     }
     Ok((items, stats))
 }

@@ -393,6 +393,8 @@ struct SplitSummary {
     train_databases: usize,
     /// Further sets (`eval_sets/NAME.txt`).
     extra: std::collections::BTreeMap<String, usize>,
+    /// Items of the data that could not be loaded (in no set: their split is unknown).
+    load_errors: Vec<String>,
 }
 
 /// Gold SQL as compared for the unseen-SQL subset: lowercased, whitespace
@@ -512,6 +514,7 @@ fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<SplitSummary> {
         cross_db_databases: cross_dbs.into_iter().collect(),
         train_databases: train_dbs.len(),
         extra,
+        load_errors: ds.errors.iter().map(ToString::to_string).collect(),
     };
     tabletrace_train::write_atomic(&dir.join("split.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
@@ -587,6 +590,13 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             s.cross_db,
             s.cross_db_databases.len()
         );
+        if !s.load_errors.is_empty() {
+            eprintln!(
+                "   {} items could not be loaded (listed in split.json), e.g. {}",
+                s.load_errors.len(),
+                s.load_errors[0]
+            );
+        }
         for (name, n) in &s.extra {
             eprintln!("   eval set {name}: {n} questions");
         }

@@ -175,3 +175,31 @@ fn pipeline_config_errors_name_the_key() {
     let o = tabletrace(&["run", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("trace"), "{}", stderr(&o));
 }
+
+/// An id asked for that the data does not hold is counted as wrong and
+/// named, not dropped from `n`.
+#[test]
+fn ids_that_do_not_load_count_as_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "mmqa_two_table:0\nmmqa_two_table:999999\n").unwrap();
+    let out = dir.path().join("eval.json");
+    let o = tabletrace(&[
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        "data/sample/mmqa/mmqa_two_table.jsonl",
+        "--ids",
+        ids.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("question mmqa_two_table:999999: not asked"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!((v["n"].as_u64(), v["not_run"].as_u64()), (Some(2), Some(1)), "{v}");
+}
