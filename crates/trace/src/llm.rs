@@ -11,7 +11,7 @@ use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Samp
 use crate::cache::{CallCache, CallKey};
 use crate::generate::{gold_answer, question_evidence, Wanted};
 use crate::program::{ProgramTracer, StepCache};
-use crate::prompts::{PromptTemplates, Prompter};
+use crate::prompts::{PromptStyle, PromptTemplates, Prompter};
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
 
 /// Sampling parameters of one request.
@@ -177,7 +177,6 @@ pub fn llm_traces(
         let Ok(db) = TableDb::open(&q.tables) else { continue };
         let Ok(gold) = gold_answer(q, &db, &tracer) else { continue };
         let Ok(tables) = opts.prompter.tables(&db, q) else { continue };
-        let templates = &opts.prompter.templates;
         // Evidence: the tables, schema names, the question, and the gold SQL's executed steps.
         let (mut evidence, names) = question_evidence(q, &db);
         if let Some(t) = q.gold_sql.as_deref().and_then(|sql| tracer.trace(&db, sql, &StepCache::default()).ok()) {
@@ -191,7 +190,7 @@ pub fn llm_traces(
             seed: seed_of(opts.seed, &format!("{}/{polarity}/{k}", q.id)),
         };
         if opts.wanted.positive {
-            let prompt = templates.positive(&q.text, &tables.text);
+            let prompt = opts.prompter.text(q, &tables, PromptStyle::Trace);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
@@ -202,7 +201,7 @@ pub fn llm_traces(
         }
         for k in 0..opts.wanted.negatives {
             let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
-            let prompt = templates.negative(&q.text, &tables.text, et);
+            let prompt = opts.prompter.negative_text(q, &tables, et);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,

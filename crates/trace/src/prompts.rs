@@ -161,17 +161,21 @@ impl Prompter {
     /// The prompt a model reads for a question.
     pub fn prompt(&self, db: &TableDb, q: &Question, style: PromptStyle) -> Result<QuestionPrompt, SqlFailure> {
         let tables = self.tables(db, q)?;
-        let text = match style {
-            PromptStyle::Trace => self.templates.positive(&q.text, &tables.text),
-            PromptStyle::Qa => self.templates.qa(&q.text, &tables.text),
-        };
-        Ok(QuestionPrompt { text, tables })
+        Ok(QuestionPrompt { text: self.text(q, &tables, style), tables })
     }
 
-    /// The prompt asking a generator for a trace with one error of a type.
-    pub fn negative(&self, db: &TableDb, q: &Question, error: ErrorType) -> Result<QuestionPrompt, SqlFailure> {
-        let tables = self.tables(db, q)?;
-        Ok(QuestionPrompt { text: self.templates.negative(&q.text, &tables.text, error), tables })
+    /// The prompt text for tables already rendered by [`Prompter::tables`].
+    pub fn text(&self, q: &Question, tables: &RenderedTables, style: PromptStyle) -> String {
+        match style {
+            PromptStyle::Trace => self.templates.positive(&q.text, &tables.text),
+            PromptStyle::Qa => self.templates.qa(&q.text, &tables.text),
+        }
+    }
+
+    /// The prompt asking a generator for a trace with one error of a type,
+    /// for tables already rendered by [`Prompter::tables`].
+    pub fn negative_text(&self, q: &Question, tables: &RenderedTables, error: ErrorType) -> String {
+        self.templates.negative(&q.text, &tables.text, error)
     }
 }
 
