@@ -33,7 +33,8 @@ use crate::ops;
 pub enum LinearWeight {
     /// `(out, in)` float weight, as checkpoints store it.
     Float(Tensor),
-    /// Q4_1/Q8_0 GGUF blocks, multiplied by [`kernels`](crate::kernels).
+    /// GGUF blocks with a kernel of [`kernels`](crate::kernels) (Q4_1, Q8_0,
+    /// Q5_0 as Q8_0; Q4_K and Q6_K with AVX-512 VNNI).
     Blocks(QuantWeight),
     /// Other GGUF quantisations, multiplied by candle's quantised kernels.
     Quantized(QMatMul),
@@ -325,12 +326,22 @@ impl Projections {
 /// Decode-sized inputs (at most this many rows) take the row kernels.
 const SKINNY_ROWS: usize = 16;
 
-fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
-    match dtype {
-        GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
-        GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-        _ => None,
-    }
+/// GGUF blocks as a weight of [`kernels`], where one takes them: Q4_1 and
+/// Q8_0 as stored, Q5_0 as the Q8_0 blocks with the same values, Q4_K and
+/// Q6_K where the CPU has the VNNI kernel. `None` leaves the weight to
+/// candle's quantised matmul.
+fn block_weight(q: &candle_core::quantized::QTensor) -> Option<QuantWeight> {
+    let (n, k) = q.shape().dims2().ok()?;
+    let data = q.data().ok()?;
+    let (format, data) = match q.dtype() {
+        GgmlDType::Q4_1 => (BlockFormat::Q4_1, data.into_owned()),
+        GgmlDType::Q8_0 => (BlockFormat::Q8_0, data.into_owned()),
+        GgmlDType::Q5_0 => (BlockFormat::Q8_0, kernels::q5_0_to_q8_0(&data)?),
+        GgmlDType::Q4K => (BlockFormat::Q4K, data.into_owned()),
+        GgmlDType::Q6K => (BlockFormat::Q6K, data.into_owned()),
+        _ => return None,
+    };
+    QuantWeight::new(format, data, n, k)
 }
 
 impl Linear {
@@ -338,13 +349,10 @@ impl Linear {
     pub fn load(ck: &mut Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let weight = match ck.quantized.remove(&name) {
-            Some(q) => {
-                let (n, k) = q.shape().dims2()?;
-                match block_format(q.dtype()).and_then(|f| QuantWeight::new(f, q.data().ok()?.into_owned(), n, k)) {
-                    Some(blocks) => LinearWeight::Blocks(blocks),
-                    None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
-                }
-            }
+            Some(q) => match block_weight(&q) {
+                Some(blocks) => LinearWeight::Blocks(blocks),
+                None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            },
             None => LinearWeight::Float(ck.take(&name)?),
         };
         let bias = if bias { Some(ck.take(&format!("{prefix}.bias"))?) } else { None };

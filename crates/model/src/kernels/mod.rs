@@ -22,6 +22,9 @@
 use rayon::prelude::*;
 
 mod interleaved;
+mod kquants;
+
+pub use kquants::q5_0_to_q8_0;
 
 /// Weight rows per parallel task: a few tasks per thread, so that work
 /// balances without paying the pool's dispatch cost hundreds of times per
@@ -1083,29 +1086,46 @@ struct Blocks {
     quants: Vec<u8>,
 }
 
-/// The block formats with kernels here.
+/// The block formats with kernels here. (Q5_0 becomes Q8_0 on load:
+/// [`q5_0_to_q8_0`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     /// 32 weights: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles; `w = d q + m`.
     Q4_1,
     /// 32 weights: f16 scale `d`, 32 signed bytes; `w = d q`.
     Q8_0,
+    /// 256 weights in eight 32-groups with 6-bit scales and minima under f16
+    /// super-scales (see [`kquants`]); the VNNI kernel only.
+    Q4K,
+    /// 256 weights of 6 bits in sixteen 16-groups with i8 scales under an
+    /// f16 super-scale (see [`kquants`]); the VNNI kernel only.
+    Q6K,
 }
 
 impl BlockFormat {
+    /// Weights per GGUF block.
+    fn block_values(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 | BlockFormat::Q8_0 => 32,
+            BlockFormat::Q4K | BlockFormat::Q6K => kquants::SUPER,
+        }
+    }
+
     /// Bytes of one GGUF block.
     fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q4K => kquants::Q4_K_BYTES,
+            BlockFormat::Q6K => kquants::Q6_K_BYTES,
         }
     }
 
-    /// Bytes of a block's quantised values.
+    /// Bytes of a 32-block's quantised values, as the kernels hold them.
     fn quant_bytes(self) -> usize {
         match self {
-            BlockFormat::Q4_1 => 16,
-            BlockFormat::Q8_0 => 32,
+            BlockFormat::Q4_1 | BlockFormat::Q4K => 16,
+            BlockFormat::Q8_0 | BlockFormat::Q6K => 32,
         }
     }
 }
@@ -1163,9 +1183,24 @@ impl QuantWeight {
 
     /// [`QuantWeight::new`] laid out for the kernels of `isa`: interleaved
     /// for VNNI where the rows come in whole chunks of sixteen, natural otherwise.
+    /// K-quants have the interleaved layout only: `None` for them without
+    /// VNNI or where `n % 16 != 0`.
     fn with_isa(isa: Isa, format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
-        let bb = format.block_bytes();
-        if !k.is_multiple_of(32) || data.len() != n * (k / 32) * bb {
+        let (bb, per_block) = (format.block_bytes(), format.block_values());
+        if !k.is_multiple_of(per_block) || data.len() != n * (k / per_block) * bb {
+            return None;
+        }
+        if matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Vnni {
+                let groups = if format == BlockFormat::Q4K {
+                    kquants::q4_k_groups(&data)?
+                } else {
+                    kquants::q6_k_groups(&data)?
+                };
+                let w = interleaved::Interleaved::from_groups(format, &groups, n, k)?;
+                return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Interleaved(w)), n, k });
+            }
             return None;
         }
         let count = n * (k / 32);
@@ -1182,6 +1217,7 @@ impl QuantWeight {
                     blocks.quants.extend_from_slice(&blk[4..]);
                 }
                 BlockFormat::Q8_0 => blocks.quants.extend_from_slice(&blk[2..]),
+                BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants returned above"),
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -1254,12 +1290,12 @@ impl QuantWeight {
             #[cfg(target_arch = "x86_64")]
             Packed::Interleaved(w) => {
                 assert_eq!(isa, Isa::Vnni, "an interleaved weight runs on the VNNI kernel");
-                let xq = interleaved::Q8Natural::quantize(x, m, self.k);
+                let xq = interleaved::Q8Natural::quantize(x, m, self.k, format);
                 // SAFETY: interleaved weights exist only where `detect` found VNNI (and AVX2, FMA, F16C,
                 // AVX-512 F, BW, DQ, VL); `n % 16 == 0`, and `by_weight_columns` splits at multiples of 16;
                 // the kernel stores every activation row of each chunk of its columns.
                 return unsafe {
-                    by_weight_columns(m, self.n, |j0, rows, out| interleaved::vnni::rows(format, w, j0, rows, out, &xq))
+                    by_weight_columns(m, self.n, |j0, rows, out| interleaved::vnni::rows(w, j0, rows, out, &xq))
                 };
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -1308,6 +1344,7 @@ mod portable {
                                 .sum()
                         }
                         BlockFormat::Q8_0 => (0..32).map(|t| qw[b * 32 + t] as i8 as i32 * qx[b * 32 + t] as i32).sum(),
+                        BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants are interleaved only"),
                     };
                     sum += f16(w.scales[j * blocks + b]) * x.d[i * blocks + b] * acc as f32;
                     if format == BlockFormat::Q4_1 {
@@ -1393,6 +1430,7 @@ macro_rules! quant_kernels {
                 match format {
                     BlockFormat::Q4_1 => q4_1::<1, R>(w, j, x, first)[0],
                     BlockFormat::Q8_0 => q8_0::<R>(w, j, x, first),
+                    BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants are interleaved only"),
                 }
             }
 
@@ -2293,6 +2331,7 @@ mod tests {
                     bytes.extend(q.iter().map(|&q| q as u8));
                     deq.extend(q.iter().map(|&q| df * q as f32));
                 }
+                BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants are tested in kquants"),
             }
         }
         (bytes, deq)
