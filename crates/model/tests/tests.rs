@@ -4,6 +4,7 @@
 mod bad_input;
 mod gradients;
 mod lora;
+mod qwen;
 mod reference;
 mod smollm2;
 mod util;
