@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 
-TEXT = "Question: which department headed by an acting manager has the most employees? " * 64
+TEXT = "Question: which department headed by an acting manager has the most employees? " * 256
 
 
 def peak_rss_mib():
@@ -47,7 +47,7 @@ def bench_transformers(path, threads, n_prompt, n_new):
 def bench_llama(path, threads, n_prompt, n_new):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + n_new + 64, n_batch=512, verbose=False)
     ids = llm.tokenize(TEXT.encode(), add_bos=False)[:n_prompt]
     out = {"impl": "llama.cpp", "weights": "gguf", "threads": threads, "prompt_tokens": n_prompt}
 

@@ -35,6 +35,11 @@ pub struct BenchGenerateArgs {
     /// Nucleus mass for sampling.
     #[arg(long, default_value_t = 0.95)]
     top_p: f64,
+    /// Also time N sampled continuations (`--new-tokens` each, temperature
+    /// 0.8 unless `--temperature`) of the `--prompt-tokens` prompt: in one
+    /// call (one prefill shared by the N rows) and as N separate calls.
+    #[arg(long)]
+    samples: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +81,8 @@ pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
     let m = load_model(&a.model, &opts).with_context(|| format!("loading {}", a.model))?;
     // A fixed, deterministic prompt of the requested length.
-    let text = "Question: which department headed by an acting manager has the most employees? ".repeat(64);
+    // (~14 tokens per repetition; tools/bench/model_peers.py uses the same text.)
+    let text = "Question: which department headed by an acting manager has the most employees? ".repeat(256);
     let mut ids = m.tokenizer.encode(&text, true)?;
     anyhow::ensure!(ids.len() >= a.prompt_tokens, "the benchmark text has only {} tokens", ids.len());
     ids.truncate(a.prompt_tokens);
@@ -129,6 +135,29 @@ pub fn run(a: BenchGenerateArgs) -> anyhow::Result<ExitCode> {
         "prefill_tok_s": prefill_tps,
     });
     out.as_object_mut().expect("an object").extend(decode);
+    if let Some(n) = a.samples {
+        // Once each: at these lengths a run takes tens of seconds.
+        let temperature = if a.temperature > 0.0 { a.temperature } else { 0.8 };
+        let opts = |seeds: Vec<u64>| GenerateOptions {
+            max_new_tokens: a.new_tokens,
+            ignore_eos: true,
+            sampling: Sampling::Sample { temperature, top_p: a.top_p, seed: 1 },
+            row_seeds: seeds,
+            ..GenerateOptions::default()
+        };
+        let t = Instant::now();
+        generate(&m.model, &m.tokenizer, &vec![ids.clone(); n], &opts((0..n as u64).collect()))?;
+        let shared = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for seed in 0..n as u64 {
+            generate(&m.model, &m.tokenizer, std::slice::from_ref(&ids), &opts(vec![seed]))?;
+        }
+        let separate = t.elapsed().as_secs_f64();
+        out["samples"] = serde_json::json!({
+            "n": n, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+            "one_call_s": shared, "separate_calls_s": separate, "speedup": separate / shared,
+        });
+    }
     out["peak_rss_mib"] = serde_json::json!(peak_rss_mib());
     println!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -123,11 +123,15 @@ pub struct EvalStage {
     pub batch: usize,
     /// `trace` (the training prompt) or `qa`. Default trace.
     pub prompt_format: String,
+    /// Generate on the GGUF's stored quantisation (`eval --quantized`), the
+    /// adapters beside it as factors. Default false (f32 weights).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quantized: bool,
 }
 
 impl Default for EvalStage {
     fn default() -> Self {
-        EvalStage { limit: 0, max_tokens: 128, batch: 8, prompt_format: "trace".into() }
+        EvalStage { limit: 0, max_tokens: 128, batch: 8, prompt_format: "trace".into(), quantized: false }
     }
 }
 
@@ -852,6 +856,9 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             );
             if cfg.eval.limit > 0 {
                 args.extend(["--limit".into(), cfg.eval.limit.to_string()]);
+            }
+            if cfg.eval.quantized {
+                args.push("--quantized".into());
             }
             p.timed(&key, "eval", &args, true)?;
             p.finish(&key, &settings)?;

@@ -213,6 +213,14 @@ fn unpermute(w: &Tensor, n_head: usize, head_dim: usize) -> Result<Tensor> {
     Ok(w.reshape((n_head, head_dim / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
+/// llama.cpp's q/k permutation of rows `(head, pair, i)` to `(head, i, pair)`
+/// (the inverse of [`unpermute`]): for what meets weights kept in the GGUF's
+/// layout, such as an adapter's `B` beside quantised q/k projections.
+pub(crate) fn permute(w: &Tensor, n_head: usize, head_dim: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    Ok(w.reshape((n_head, 2, head_dim / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
 /// Reads a Hugging Face model folder: `config.json` and `model.safetensors`
 /// or sharded `model-*.safetensors` with `model.safetensors.index.json`.
 pub fn read_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
@@ -291,5 +299,6 @@ mod tests {
             .unwrap();
         let back = unpermute(&gguf, n_head, hd).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        assert_eq!(permute(&hf, n_head, hd).unwrap().to_vec2::<f32>().unwrap(), gguf.to_vec2::<f32>().unwrap());
     }
 }

@@ -302,10 +302,14 @@ fn token_loop(
             opts.max_new_tokens
         )));
     }
-    let mut ids = Vec::with_capacity(b * l);
-    let mut positions = Vec::with_capacity(b * l);
-    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-    for p in prompts {
+    // Rows with the same prompt share one prefill (several samples of one
+    // prompt, as vLLM's `n`): the distinct prompts run once, and each row
+    // continues from a copy of its prompt's cache rows and last logits.
+    let (distinct, row_of) = distinct_prompts(prompts);
+    let mut ids = Vec::with_capacity(distinct.len() * l);
+    let mut positions = Vec::with_capacity(distinct.len() * l);
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(distinct.len());
+    for p in distinct.iter().map(|&i| &prompts[i]) {
         let padding = l - p.len();
         ids.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
         positions.extend((0..l).map(|j| j.saturating_sub(padding) as u32));
@@ -313,10 +317,16 @@ fn token_loop(
     }
     let padded = lens.iter().any(|&n| n != l);
     let mut cache = model.new_cache(l + opts.max_new_tokens);
-    let ids_t = Tensor::from_vec(ids, (b, l), device)?;
-    let pos_t = Tensor::from_vec(positions, (b, l), device)?;
+    let ids_t = Tensor::from_vec(ids, (distinct.len(), l), device)?;
+    let pos_t = Tensor::from_vec(positions, (distinct.len(), l), device)?;
     let mask = if padded { Some(padded_causal_mask(&valid, l, 0, device)?) } else { None };
     let mut logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
+    if distinct.len() < b {
+        cache = cache.expanded(&row_of)?;
+        let idx = Tensor::from_vec(row_of.iter().map(|&r| r as u32).collect::<Vec<_>>(), b, device)?;
+        logits = logits.contiguous()?.index_select(&idx, 0)?;
+        valid = row_of.iter().map(|&r| valid[r].clone()).collect();
+    }
 
     let mut rngs: Vec<Rng> = (0..b)
         .map(|i| match opts.sampling {
@@ -363,6 +373,24 @@ fn token_loop(
         logits = model.forward(&ids_t, &pos_t, mask.as_ref(), Some(&mut cache), true)?;
     }
     Ok(out.into_iter().zip(finish).map(|(tokens, f)| (tokens, f.unwrap_or(FinishReason::Length))).collect())
+}
+
+/// The first row of each distinct prompt, and for each row the index of
+/// its prompt among those.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let row_of = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            *first.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(i);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, row_of)
 }
 
 /// The next token of each row of `logits` `(B, V)`: read in place where

@@ -301,6 +301,15 @@ impl Lora {
         })
     }
 
+    /// `(A, scale · B)`, `(r, in)` and `(out, r)`: the update as two factors,
+    /// for weights it cannot merge into (quantised blocks).
+    pub fn factors(&self, layer: usize, proj: Proj) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match self.pairs.get(&(layer, proj)) {
+            Some(p) => Some((p.a.as_tensor().detach(), (p.b.as_tensor().detach() * self.scale)?)),
+            None => None,
+        })
+    }
+
     fn dropout_mask(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let p = self.config.dropout;
         let seed = *self.dropout.lock().expect("the dropout lock is never poisoned");

@@ -76,6 +76,42 @@ fn a_padded_batch_generates_what_each_row_generates_alone() {
 }
 
 #[test]
+fn samples_of_one_prompt_share_its_prefill_and_equal_rows_run_alone() {
+    use tabletrace_model::{generate, load_model, ChatMessage, GenerateOptions, LoadOptions, Sampling};
+    for quantized in [false, true] {
+        let m = load_model(smollm2().to_str().unwrap(), &LoadOptions { quantized, ..LoadOptions::default() }).unwrap();
+        let ids = |q: &str| {
+            let text = m.tokenizer.apply_chat_template(&[ChatMessage::new("user", q)], true).unwrap();
+            m.tokenizer.encode(&text, true).unwrap()
+        };
+        let (p, q) = (ids("Which table lists the singers?"), ids("Name a colour."));
+        // Four samples of p (one prefill, its cache copied to four rows) beside one row of q.
+        let prompts = vec![p.clone(), p.clone(), q.clone(), p.clone(), p.clone()];
+        let seeds = vec![11, 12, 13, 14, 15];
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            sampling: Sampling::Sample { temperature: 1.0, top_p: 0.95, seed: 0 },
+            row_seeds: seeds.clone(),
+            ..GenerateOptions::default()
+        };
+        let batch = generate(&m.model, &m.tokenizer, &prompts, &opts).unwrap();
+        let distinct: std::collections::HashSet<_> = batch.iter().map(|g| g.tokens.clone()).collect();
+        assert!(distinct.len() >= 3, "the samples differ: {distinct:?}");
+        for (i, prompt) in prompts.iter().enumerate() {
+            let alone = GenerateOptions { row_seeds: vec![seeds[i]], ..opts.clone() };
+            let one = generate(&m.model, &m.tokenizer, std::slice::from_ref(prompt), &alone).unwrap();
+            if quantized {
+                // 8-bit activations: a batch may round differently from a single row,
+                // so only the first sampled token (from the shared prefill's logits) must agree.
+                assert_eq!(batch[i].tokens[0], one[0].tokens[0], "quantized row {i}");
+            } else {
+                assert_eq!(batch[i].tokens, one[0].tokens, "row {i}");
+            }
+        }
+    }
+}
+
+#[test]
 fn stop_strings_cut_the_text() {
     use tabletrace_model::{generate, load_model, ChatMessage, FinishReason, GenerateOptions, LoadOptions};
     let m = load_model(smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap();
@@ -86,4 +122,46 @@ fn stop_strings_cut_the_text() {
     let out = generate(&m.model, &m.tokenizer, &[ids], &opts).unwrap();
     assert_eq!(out[0].finish, FinishReason::Stop);
     assert_eq!(out[0].text, "The capital");
+}
+
+#[test]
+fn an_adapter_on_the_quantised_weights_changes_the_logits_as_on_the_float_ones() {
+    use tabletrace_model::{Lora, LoraConfig, Proj};
+    let ids = [1u32, 4093, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198];
+    let run = |quantized: bool, adapted: bool| {
+        let mut model = Model::new(read_gguf(&smollm2(), quantized).unwrap(), &Device::Cpu).unwrap();
+        if adapted {
+            let cfg =
+                LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: Proj::ALL.to_vec(), use_rslora: false };
+            let lora = Lora::init(&model, &cfg, |layer, proj, side, rows, cols| {
+                (0..rows * cols)
+                    .map(|i| 0.08 * ((i + 5 * layer + 11 * proj as usize + side as usize) as f32 * 0.37).sin())
+                    .collect()
+            })
+            .unwrap();
+            model.merge_adapter(&lora).unwrap();
+        }
+        let t = ids.len();
+        let x = Tensor::from_vec(ids.to_vec(), (1, t), &Device::Cpu).unwrap();
+        let pos = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &Device::Cpu).unwrap();
+        model.forward(&x, &pos, None, None, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let (float, quant) = (run(false, true), run(true, true));
+    let (float_base, quant_base) = (run(false, false), run(true, false));
+    // The adapter's effect on the logits, on each path: the same up to the
+    // quantised paths' own error (8-bit activations), a fraction of the effect
+    // (root mean square over the vocabulary; one that missed a projection
+    // would be off by that projection's share).
+    let effect = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+    let (on_float, on_quant) = (effect(&float, &float_base), effect(&quant, &quant_base));
+    let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    let size = rms(&on_float);
+    let apart = rms(&effect(&on_float, &on_quant));
+    let noise = rms(&effect(&float_base, &quant_base));
+    eprintln!("effect {size}, apart {apart} (RMS); the base paths {noise} apart");
+    assert!(size > 0.3, "the adapter moves the logits (by {size} RMS)");
+    assert!(apart < 0.15 * size, "the adapter's effect differs by {apart} RMS (effect {size})");
+    assert_eq!(argmax(&float), argmax(&quant));
 }
