@@ -432,6 +432,9 @@ impl Linear {
         let weight = match ck.quantized.remove(&name) {
             Some(q) => match block_weight(&q) {
                 Some(blocks) => LinearWeight::Blocks(blocks),
+                // K-quants without the VNNI kernel go to candle's K-quant matmul:
+                // with the AVX2 kernels forced on the Xeon (TABLETRACE_QUANT_KERNELS=avx2),
+                // their f32 values instead gave prefill +14%, decode b1 -7%, +370 MB.
                 None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
             },
             None => LinearWeight::Float(ck.take(&name)?),

@@ -146,7 +146,6 @@ fn an_adapter_on_the_quantised_weights_changes_the_logits_as_on_the_float_ones()
         let pos = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &Device::Cpu).unwrap();
         model.forward(&x, &pos, None, None, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
     let (float, quant) = (run(false, true), run(true, true));
     let (float_base, quant_base) = (run(false, false), run(true, false));

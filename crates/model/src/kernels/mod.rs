@@ -1141,7 +1141,24 @@ enum Isa {
 }
 
 impl Isa {
+    /// The instruction set of the quantised kernels: the best this CPU has,
+    /// or a lower one named by `TABLETRACE_QUANT_KERNELS` (`avx2`, `portable`),
+    /// to measure on one machine what a CPU without AVX-512 VNNI gets.
     fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Isa::best();
+            match std::env::var("TABLETRACE_QUANT_KERNELS").as_deref() {
+                Ok("portable") => Isa::Portable,
+                #[cfg(target_arch = "x86_64")]
+                Ok("avx2") if best != Isa::Portable => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// The best instruction set this CPU has for the quantised kernels.
+    fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             if std::is_x86_feature_detected!("avx512f")
