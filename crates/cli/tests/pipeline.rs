@@ -1,28 +1,27 @@
 //! `tabletrace eval`, `report` and `run` on the bundled sample with SmolLM2:
 //! the documented fields, a resumable run directory, and clear config errors.
 
+use std::path::Path;
+use std::process::Output;
+
 use crate::{stderr, stdout, tabletrace};
+
+/// `tabletrace eval --quiet` of SmolLM2 on a sample file of
+/// data/sample/mmqa/, writing `out`, with `flags` besides.
+fn eval_sample(file: &str, flags: &[&str], out: &Path) -> Output {
+    let data = format!("data/sample/mmqa/{file}");
+    let mut args = vec!["eval", "--model", "smollm2-135m", "--data", &data];
+    args.extend_from_slice(flags);
+    args.extend(["--out", out.to_str().unwrap(), "--quiet"]);
+    tabletrace(&args)
+}
 
 #[test]
 fn eval_json_has_the_documented_fields_and_predictions() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base/eval.json");
-    let o = tabletrace(&[
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--data",
-        "data/sample/mmqa/mmqa_three_table.jsonl",
-        "--limit",
-        "4",
-        "--max-tokens",
-        "24",
-        "--table-tokens",
-        "400",
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o =
+        eval_sample("mmqa_three_table.jsonl", &["--limit", "4", "--max-tokens", "24", "--table-tokens", "400"], &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for k in ["n", "em", "pm", "f1", "by_tables", "by_kind", "labels"] {
@@ -56,20 +55,7 @@ fn over_long_prompts_count_as_wrong_and_never_abort_an_evaluation() {
     let out = dir.path().join("eval.json");
     // SmolLM2's context is 8,192 tokens: 8,150 new tokens leave no room for
     // a prompt with tables of more than a few dozen tokens.
-    let o = tabletrace(&[
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--data",
-        "data/sample/mmqa/mmqa_two_table.jsonl",
-        "--limit",
-        "3",
-        "--max-tokens",
-        "8150",
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = eval_sample("mmqa_two_table.jsonl", &["--limit", "3", "--max-tokens", "8150"], &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!((v["n"].as_u64(), v["not_run"].as_u64(), v["em"].as_f64()), (Some(3), Some(3), Some(0.0)), "{v}");
@@ -184,20 +170,7 @@ fn ids_that_do_not_load_count_as_wrong() {
     let ids = dir.path().join("ids.txt");
     std::fs::write(&ids, "mmqa_two_table:0\nmmqa_two_table:999999\n").unwrap();
     let out = dir.path().join("eval.json");
-    let o = tabletrace(&[
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--data",
-        "data/sample/mmqa/mmqa_two_table.jsonl",
-        "--ids",
-        ids.to_str().unwrap(),
-        "--max-tokens",
-        "4",
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let o = eval_sample("mmqa_two_table.jsonl", &["--ids", ids.to_str().unwrap(), "--max-tokens", "4"], &out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("question mmqa_two_table:999999: not asked"), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();

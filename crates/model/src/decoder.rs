@@ -304,45 +304,27 @@ impl Projections {
     }
 
     /// Adds part `i`'s adapter update `factors[i]` = `(A, scale · B)`, if
-    /// any (see [`Linear::add_low_rank`]).
+    /// any (see [`Linear::add_low_rank`]); a fused projection takes the
+    /// parts' factors stacked ([`LowRank::stacked`]).
     fn add_low_rank(&mut self, factors: &[Option<(Tensor, Tensor)>]) -> Result<()> {
-        let Some(f) = &mut self.fused else {
-            for (p, fac) in self.parts.iter_mut().zip(factors) {
-                if let Some((a, b)) = fac {
-                    p.add_low_rank(a, b)?;
-                }
-            }
-            return Ok(());
-        };
-        if factors.iter().all(Option::is_none) {
-            return Ok(());
-        }
-        if let Some(w) = f.float_weight() {
-            // The parts' dense updates stacked (zeros for parts without one).
-            let (dtype, inp) = (w.dtype(), w.dim(1)?);
-            let parts = factors
-                .iter()
-                .zip(&self.sizes)
-                .map(|(fac, &n)| match fac {
-                    Some((a, b)) => Ok(b.matmul(a)?.to_dtype(dtype)?),
-                    None => Ok(Tensor::zeros((n, inp), dtype, w.device())?),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let delta = Tensor::cat(&parts, 0)?;
-            if let LinearWeight::Float(w) = &mut f.weight {
-                *w = (&*w + delta)?.detach();
-            }
-            return Ok(());
-        }
         let parts = factors
             .iter()
             .map(|fac| fac.as_ref().map(|(a, b)| LowRank::new(a, b)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let stacked = LowRank::stacked(&parts, &self.sizes)?.expect("some part is adapted");
-        f.low_rank = Some(match f.low_rank.take() {
-            Some(old) => old.joined(stacked)?,
-            None => stacked,
-        });
+        match &mut self.fused {
+            Some(f) => {
+                if let Some(stacked) = LowRank::stacked(&parts, &self.sizes)? {
+                    f.add_low_rank(stacked)?;
+                }
+            }
+            None => {
+                for (p, part) in self.parts.iter_mut().zip(parts) {
+                    if let Some(l) = part {
+                        p.add_low_rank(l)?;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -529,18 +511,17 @@ impl Linear {
         })
     }
 
-    /// Adds an adapter's update `b a` (`a (r, in)`, `b (out, r)` scaled):
-    /// merged into a float weight, kept as factors beside a quantised one.
-    fn add_low_rank(&mut self, a: &Tensor, b: &Tensor) -> Result<()> {
+    /// Adds an adapter's update `B A`: merged into a float weight, kept as
+    /// factors beside a quantised one.
+    fn add_low_rank(&mut self, update: LowRank) -> Result<()> {
         match &mut self.weight {
             LinearWeight::Float(w) => {
-                *w = (&*w + b.matmul(a)?.to_dtype(w.dtype())?)?.detach();
+                *w = (&*w + update.b.matmul(&update.a)?.to_dtype(w.dtype())?)?.detach();
             }
             _ => {
-                let new = LowRank::new(a, b)?;
                 self.low_rank = Some(match self.low_rank.take() {
-                    Some(old) => old.joined(new)?,
-                    None => new,
+                    Some(old) => old.joined(update)?,
+                    None => update,
                 });
             }
         }
@@ -857,12 +838,17 @@ impl Cache {
     /// (the same capacity): one prompt's keys and values for several rows
     /// that continue it differently.
     pub fn expanded(&self, rows: &[usize]) -> Result<Cache> {
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let mut idx: Option<Tensor> = None; // on the cache's device, made once
         let mut layers = Vec::with_capacity(self.layers.len());
         for kv in &self.layers {
             let (dim, cap) = (kv.k_cache().dim(), kv.k_cache().max_seq_len());
             let mut new = KvCache::new(dim, cap);
             if let (Some(k), Some(v)) = (kv.k()?, kv.v()?) {
-                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), k.device())?;
+                let idx = match &idx {
+                    Some(i) => i.clone(),
+                    None => idx.insert(Tensor::from_slice(&rows, rows.len(), k.device())?).clone(),
+                };
                 new.append(&k.contiguous()?.index_select(&idx, 0)?, &v.contiguous()?.index_select(&idx, 0)?)?;
             }
             layers.push(new);
@@ -1009,11 +995,11 @@ impl Model {
             };
             layer.self_attn.qkv.add_low_rank(&[f(Proj::Q)?, f(Proj::K)?, f(Proj::V)?])?;
             if let Some((a, b)) = f(Proj::O)? {
-                layer.self_attn.o_proj.add_low_rank(&a, &b)?;
+                layer.self_attn.o_proj.add_low_rank(LowRank::new(&a, &b)?)?;
             }
             layer.mlp.gate_up.add_low_rank(&[f(Proj::Gate)?, f(Proj::Up)?])?;
             if let Some((a, b)) = f(Proj::Down)? {
-                layer.mlp.down_proj.add_low_rank(&a, &b)?;
+                layer.mlp.down_proj.add_low_rank(LowRank::new(&a, &b)?)?;
             }
         }
         Ok(())
@@ -1275,8 +1261,8 @@ mod tests {
         // A second adapter on the same projection adds its update too.
         let mut one = q8_0(&values(32 * k, 0.0), 32, k);
         let (a, b) = factors[0].clone().unwrap();
-        one.add_low_rank(&a, &b).unwrap();
-        one.add_low_rank(&a, &b).unwrap();
+        one.add_low_rank(LowRank::new(&a, &b).unwrap()).unwrap();
+        one.add_low_rank(LowRank::new(&a, &b).unwrap()).unwrap();
         let want = (&base[0] + (x.matmul(&b.matmul(&a).unwrap().t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
         let diff =
             (one.forward(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

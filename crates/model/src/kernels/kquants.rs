@@ -223,19 +223,9 @@ mod tests {
         }
     }
 
-    /// `x (m, k)` times `w (n, k)` transposed, in f64.
-    fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
-            }
-        }
-        out
-    }
-
     #[test]
     fn k_quant_kernels_give_the_product_with_ggml_s_weights() {
+        use crate::kernels::tests::{naive, values};
         use crate::kernels::{quantize_natural, BlockFormat, Isa, QuantWeight};
         if !Isa::available().contains(&Isa::Vnni) {
             // Without VNNI these formats have no kernel: the weight stays with candle.
@@ -245,19 +235,13 @@ mod tests {
         }
         // 13 rows take the 8-, 4- and 1-row paths; 48 weight rows are three chunks of sixteen.
         for (m, n, k) in [(1, 16, 256), (13, 48, 512), (8, 32, 768), (3, 16, 4864)] {
-            let mut seed = 7u32;
-            let x: Vec<f32> = (0..m * k)
-                .map(|_| {
-                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-                })
-                .collect();
+            let x = values(m * k, 7);
             // The activations as the kernel rounds them: the product must be exact up to f32 sums.
             let xq = quantize_natural(&x, m, k);
             let rounded: Vec<f32> = xq.q.iter().enumerate().map(|(i, &q)| q as f32 * xq.d[i / 32]).collect();
             for (format, dtype) in [(BlockFormat::Q4K, GgmlDType::Q4K), (BlockFormat::Q6K, GgmlDType::Q6K)] {
                 let (bytes, deq) = quantized(dtype, n, k, 5);
-                let want = product(&rounded, m, &deq, n, k);
+                let want = naive(&rounded, m, &deq, n, k);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
                 let w = QuantWeight::new(format, bytes.clone(), n, k).unwrap();
                 let got = w.matmul(&x, m);
