@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Peer of tools/bench/train.sh: TRL's CPOTrainer on the same pairs and
-config (SmolLM2-135M f32 from the GGUF, LoRA r=16 on all seven projections,
-one micro-batch of 4 pairs, sigmoid loss), timing each optimizer step.
+config (the model f32 from the GGUF, LoRA r=16 on all seven projections,
+one micro-batch of all pairs, sigmoid loss), timing each optimizer step.
 
-    make  PAIRS:  train_peer.py make GGUF_DIR GGUF OUT.jsonl   (4 pairs: 384 prompt + 128 completion tokens)
-    run   TRL:    train_peer.py trl GGUF_DIR GGUF PAIRS.jsonl THREADS STEPS
+    make  PAIRS:  train_peer.py make GGUF_DIR GGUF OUT.jsonl N PROMPT COMPLETION   (N pairs of that many tokens)
+    run   TRL:    train_peer.py trl GGUF_DIR GGUF PAIRS.jsonl THREADS STEPS MAX_LENGTH
     peak:         train_peer.py peak THREADS   (torch f32 matmul GFLOP/s, 4096²)
 Prints one JSON line.
 """
@@ -21,7 +21,7 @@ def load_tok(d, f):
     return AutoTokenizer.from_pretrained(d, gguf_file=f)
 
 
-def make(d, f, out):
+def make(d, f, out, n, prompt, completion):
     tok = load_tok(d, f)
     rng = random.Random(0)
     words = [w for w in (tok.decode([i]) for i in range(300, 20000)) if w.startswith(" ") and w[1:].isalpha()]
@@ -35,11 +35,12 @@ def make(d, f, out):
         return tok.decode(ids)
 
     with open(out, "w") as fh:
-        for i in range(4):
-            fh.write(json.dumps({"prompt": text(383), "chosen": text(127), "rejected": text(127), "id": f"bench{i}"}) + "\n")
+        for i in range(n):
+            fh.write(json.dumps({"prompt": text(prompt - 1), "chosen": text(completion - 1),
+                                 "rejected": text(completion - 1), "id": f"bench{i}"}) + "\n")
 
 
-def trl(d, f, pairs, threads, steps):
+def trl(d, f, pairs, threads, steps, max_length):
     import torch
     torch.set_num_threads(threads)
     from datasets import Dataset
@@ -64,7 +65,7 @@ def trl(d, f, pairs, threads, steps):
             times.append(time.perf_counter() - self.t)
 
     args = CPOConfig(
-        output_dir=tempfile.mkdtemp(), report_to="none", max_length=1024, per_device_train_batch_size=4,
+        output_dir=tempfile.mkdtemp(), report_to="none", max_length=max_length, per_device_train_batch_size=len(rows),
         max_steps=steps, learning_rate=2e-4, use_cpu=True, logging_steps=1, save_strategy="no",
         dataloader_num_workers=0, beta=0.1,
     )
@@ -99,6 +100,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "peak":
         peak(int(sys.argv[2]))
     elif sys.argv[1] == "make":
-        make(*sys.argv[2:5])
+        make(*sys.argv[2:5], *map(int, sys.argv[5:8]))
     else:
-        trl(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        trl(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]))
