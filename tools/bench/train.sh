@@ -13,6 +13,8 @@
 # PROMPT_TOKENS, COMPLETION_TOKENS and PAIRS (pairs per step) override them.
 #   CKPT="true false" also runs ours without activation checkpointing (needs
 #   far more memory: every layer's attention graph is kept).
+#   PRECISION="f32 bf16": ours with f32 products and with `bf16_products`
+#   (default: both where the CPU has AMX-BF16, else f32).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 home=${TABLETRACE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/tabletrace}
@@ -38,11 +40,14 @@ steps=${STEPS:-4}
 "$py" tools/bench/train_peer.py make "$dir" "$gguf" "$work/pairs.jsonl" "$pairs" "$prompt" "$completion" 2>/dev/null
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $steps steps"
 echo "workload: $model, $pairs pair(s) per step of $prompt prompt + $completion completion tokens"
+precisions=${PRECISION:-f32 $(grep -qw amx_bf16 /proc/cpuinfo && echo bf16)}
 for t in "$@"; do
   for ckpt in ${CKPT:-true}; do
+  for prec in $precisions; do
     cat > "$work/train.toml" <<TOML
+bf16_products = $([ "$prec" = bf16 ] && echo true || echo false)
 train = "$work/pairs.jsonl"
-output_dir = "$work/ours-$t-$ckpt"
+output_dir = "$work/ours-$t-$ckpt-$prec"
 model = "$dir/$gguf"
 batch_size = $pairs
 max_steps = $steps
@@ -54,14 +59,15 @@ r = 16
 alpha = 32.0
 TOML
     RAYON_NUM_THREADS=$t /usr/bin/time -f '%M' -o "$work/rss" target/release/tabletrace train --config "$work/train.toml" --quiet >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
-    python3 - "$work/ours-$t-$ckpt/metrics.jsonl" "$(cat "$work/rss")" "$t" "$ckpt" <<'PY'
+    python3 - "$work/ours-$t-$ckpt-$prec/metrics.jsonl" "$(cat "$work/rss")" "$t" "$ckpt" "$prec" <<'PY'
 import json, sys
 ms = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
 tps = sorted(m["tokens_per_second"] for m in ms[1:]) or [ms[0]["tokens_per_second"]]
 tps = tps[len(tps) // 2]
-print(json.dumps({"impl": "tabletrace" + ("" if sys.argv[4] == "true" else " (no ckpt)"), "threads": int(sys.argv[3]),
-                  "tokens_per_s": tps, "peak_rss_mib": int(sys.argv[2]) / 1024}))
+print(json.dumps({"impl": "tabletrace" + ("" if sys.argv[4] == "true" else " (no ckpt)") + ("" if sys.argv[5] == "f32" else " bf16"),
+                  "threads": int(sys.argv[3]), "tokens_per_s": tps, "peak_rss_mib": int(sys.argv[2]) / 1024}))
 PY
+  done
   done | tee -a "$work/rows"
   OMP_NUM_THREADS=$t /usr/bin/time -f '%M' -o "$work/rss" "$py" tools/bench/train_peer.py trl "$dir" "$gguf" "$work/pairs.jsonl" "$t" "$steps" "$max_length" 2>/dev/null | tail -n1 | tee -a "$work/rows"
   OMP_NUM_THREADS=$t "$py" tools/bench/train_peer.py peak "$t" 2>/dev/null | tail -n1 >> "$work/peaks"
@@ -108,10 +114,11 @@ for r_ in rows:
     print(f"{r_['impl']:<24} {r_['threads']:>7} {r_['tokens_per_s']:9.1f} {r_['peak_rss_mib']:9.0f} {g}")
 for t in sorted({r_["threads"] for r_ in rows}):
     by = {r_["impl"]: r_ for r_ in rows if r_["threads"] == t}
-    if "tabletrace" in by and "trl" in by:
-        ours, trl = by["tabletrace"], by["trl"]
-        print(f"{t} threads: ours {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x TRL's tokens/s "
-              f"at {ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x its peak memory")
+    for name in ("tabletrace", "tabletrace bf16"):
+        if name in by and "trl" in by:
+            ours, trl = by[name], by["trl"]
+            print(f"{t} threads: {name} {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x TRL's tokens/s "
+                  f"at {ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x its peak memory")
 print(f"our step: {ours_flops / 1e9:.0f} GFLOP; 'of peak': against the faster 4096² f32 product below")
 for t, p in sorted(peaks.items()):
     print(f"f32 matmul, {t} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(p.items())))

@@ -93,6 +93,10 @@ pub struct TrainStage {
     pub beta: f64,
     /// `cpu`, or `cuda` / `cuda:N` (a `--features cuda` build). Default cpu.
     pub device: String,
+    /// The layers' frozen products on bf16 AMX tiles (train.toml's
+    /// `bf16_products`; CPUs with AMX-BF16 only). Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_products: bool,
 }
 
 impl Default for TrainStage {
@@ -107,6 +111,7 @@ impl Default for TrainStage {
             max_length: 1024,
             beta: 0.1,
             device: "cpu".into(),
+            bf16_products: false,
         }
     }
 }
@@ -785,6 +790,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             t.beta,
         );
         std::fs::create_dir_all(&out)?;
+        let toml = if t.bf16_products { format!("bf16_products = true\n{toml}") } else { toml };
         let toml_path = out.join("train.toml");
         std::fs::write(&toml_path, toml)?;
         let mut args = vec!["train".to_string(), "--config".into(), toml_path.display().to_string()];

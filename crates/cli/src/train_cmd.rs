@@ -64,6 +64,9 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long)]
     eval_every: Option<usize>,
+    /// The frozen base products on bf16 AMX tiles (`bf16_products` in the TOML).
+    #[arg(long)]
+    bf16_products: bool,
 }
 
 /// The config from TOML, with flags on top.
@@ -93,6 +96,9 @@ pub fn resolve_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(e) = &a.eval {
         c.eval = Some(e.clone());
     }
+    if a.bf16_products {
+        c.bf16_products = true;
+    }
     if let Some(b) = a.beta {
         c.loss.beta = Some(b);
     }
@@ -106,8 +112,11 @@ pub fn resolve_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 pub fn run(args: TrainArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let cfg = resolve_config(&args)?;
     let (device, dtype) = cfg.device()?;
-    let loaded = load_model(&cfg.model, &LoadOptions { device, dtype, ..LoadOptions::default() })
+    let mut loaded = load_model(&cfg.model, &LoadOptions { device, dtype, ..LoadOptions::default() })
         .with_context(|| format!("cannot load the model {:?}", cfg.model))?;
+    if cfg.bf16_products {
+        loaded.model.use_bf16_products().context("bf16_products")?;
+    }
     let bar = Bar::new(quiet);
     let mut trainer = Trainer::new(cfg, &loaded, &bar)?;
     let summary = trainer.run()?;

@@ -27,6 +27,7 @@ mod config;
 mod decoder;
 mod error;
 mod export;
+mod frozen;
 mod generate;
 pub mod kernels;
 mod loader;
@@ -39,6 +40,7 @@ pub use config::{Arch, Llama3RopeScaling, ModelConfig};
 pub use decoder::{causal_mask, padded_causal_mask, Adapter, Cache, Linear, LinearWeight, Model, Proj};
 pub use error::{Error, Result};
 pub use export::{export_merged, hf_config};
+pub use frozen::Frozen;
 pub use generate::{generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling};
 pub use loader::{
     cache_dir, load_model, load_tokenizer, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS,

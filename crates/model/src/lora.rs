@@ -368,7 +368,7 @@ impl Adapter for Lora {
         proj: Proj,
         x: &Tensor,
         base: &Tensor,
-        weight: &Tensor,
+        weight: &crate::Frozen,
     ) -> candle_core::Result<Option<Tensor>> {
         let Some(pair) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
@@ -395,7 +395,7 @@ impl Adapter for Lora {
                     Some(m) => (lora * m.reshape((rows, k))?.to_dtype(a.dtype())?)?,
                     None => lora,
                 };
-                Some((dy.matmul(&weight)? + lora.to_dtype(dy.dtype())?)?.reshape(x_dims.as_slice())?)
+                Some((weight.input_gradient(&dy)? + lora.to_dtype(dy.dtype())?)?.reshape(x_dims.as_slice())?)
             } else {
                 None
             };

@@ -204,8 +204,18 @@ fn plain_linear(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `value` (computed from `x` without a graph) attached to `x`, with
+/// `backward` mapping the value's gradient to `x`'s: a frozen product whose
+/// input gradient another kernel computes.
+pub fn with_input_gradient(x: &Tensor, value: &Tensor, backward: Backward) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value.clone());
+    }
+    attach(x, &value.contiguous()?, "frozen-matmul-grad", backward)
+}
+
 /// `d/dx` of a value computed from `x` outside the graph.
-type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+pub type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Attaches `y`, computed from `x` without a graph, to `x`, with `backward`
 /// mapping the gradient of `y` to the gradient of `x`.

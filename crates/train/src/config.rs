@@ -317,6 +317,14 @@ pub struct TrainConfig {
     /// of six layer inputs per layer on SmolLM2 (~0.9 GB for 4 pairs of 512
     /// tokens). Default true; false for the least memory.
     pub keep_mlp_products: bool,
+    /// The layers' frozen base products (forward values and input
+    /// gradients of the seven projections) on bf16 AMX tiles: inputs
+    /// rounded to bf16, f32 sums; LoRA, its gradients, the optimizer,
+    /// attention and the output layer stay f32. Needs a CPU with AMX-BF16
+    /// (Intel Sapphire Rapids and later); an error elsewhere. Default false:
+    /// f32 products, exact against TRL (README, "The trainer").
+    #[serde(skip_serializing_if = "is_false")]
+    pub bf16_products: bool,
     /// LoRA.
     pub lora: LoraSettings,
     /// Preference loss.
@@ -348,6 +356,7 @@ impl Default for TrainConfig {
             logprob_chunk: 256,
             activation_checkpointing: true,
             keep_mlp_products: true,
+            bf16_products: false,
             device: "cpu".into(),
             lora: LoraSettings::default(),
             loss: LossConfig::default(),
@@ -355,6 +364,12 @@ impl Default for TrainConfig {
             schedule: ScheduleConfig::default(),
         }
     }
+}
+
+/// For `skip_serializing_if`: a setting left at `false` stays out of the
+/// resolved config, so fingerprints of runs before it existed still match.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl TrainConfig {

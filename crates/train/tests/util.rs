@@ -12,3 +12,20 @@ pub fn smollm2() -> &'static LoadedModel {
         load_model(p.to_str().unwrap(), &LoadOptions::default()).unwrap()
     })
 }
+
+/// [`smollm2`] with its layers' products on bf16 AMX tiles; `None` on a CPU
+/// without AMX-BF16.
+pub fn smollm2_bf16() -> Option<&'static LoadedModel> {
+    static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            if !tabletrace_model::kernels::amx_available() {
+                return None;
+            }
+            let p = tabletrace_model::cache_dir().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let mut m = load_model(p.to_str().unwrap(), &LoadOptions::default()).unwrap();
+            m.model.use_bf16_products().unwrap();
+            Some(m)
+        })
+        .as_ref()
+}

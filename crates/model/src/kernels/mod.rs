@@ -21,9 +21,11 @@
 
 use rayon::prelude::*;
 
+mod amx;
 mod interleaved;
 mod kquants;
 
+pub use amx::{available as amx_available, matmul as bf16_matmul, Bf16Tiles};
 pub use kquants::q5_0_to_q8_0;
 
 /// Weight rows per parallel task: a few tasks per thread, so that work
