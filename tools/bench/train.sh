@@ -13,6 +13,7 @@
 # PROMPT_TOKENS, COMPLETION_TOKENS and PAIRS (pairs per step) override them.
 #   CKPT="true false" also runs ours without activation checkpointing (needs
 #   far more memory: every layer's attention graph is kept).
+#   KEEP_MLP=false: ours without keeping the gate/up products (less memory).
 #   PRECISION="f32 bf16": ours with f32 products and with `bf16_products`
 #   (default: both where the CPU has AMX-BF16, else f32).
 set -euo pipefail
@@ -54,6 +55,7 @@ max_steps = $steps
 max_length = $max_length
 save_every = 0
 activation_checkpointing = $ckpt
+keep_mlp_products = ${KEEP_MLP:-true}
 [lora]
 r = 16
 alpha = 32.0
