@@ -276,10 +276,7 @@ impl LayerAdapter<'_> {
     fn with_base(self, proj: Proj, x: &Tensor, base: Tensor, weight: &Frozen) -> Result<Tensor> {
         match self.adapter.project(self.layer, proj, x, &base, weight)? {
             Some(y) => Ok(y),
-            None => {
-                let w = weight.clone();
-                Ok(ops::with_input_gradient(x, &base, Box::new(move |dy| w.input_gradient(dy)))?)
-            }
+            None => weight.attach(x, &base),
         }
     }
 
@@ -597,11 +594,9 @@ impl Linear {
         match &self.weight {
             LinearWeight::Float(w) => Ok(ops::frozen_linear_gradient_only(x, &w.t()?)?),
             LinearWeight::Tiles(t) if self.low_rank.is_none() && x.track_op() => {
-                let frozen = Frozen::Tiles(t.backward.clone());
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().expect("rank > 0") = t.forward.n();
-                let zeros = Tensor::zeros(dims, x.dtype(), x.device())?;
-                Ok(ops::with_input_gradient(x, &zeros, Box::new(move |dy| frozen.input_gradient(dy)))?)
+                Frozen::Tiles(t.backward.clone()).attach(x, &Tensor::zeros(dims, x.dtype(), x.device())?)
             }
             _ => self.forward(x),
         }
@@ -637,12 +632,9 @@ impl Linear {
                     l.add_to(&xs, rows, &mut ys)?;
                     value = Tensor::from_vec(ys, value.dims(), x.device())?;
                 }
-                match x.track_op() && self.low_rank.is_none() {
-                    true => {
-                        let frozen = Frozen::Tiles(t.backward.clone());
-                        ops::with_input_gradient(x, &value, Box::new(move |dy| frozen.input_gradient(dy)))?
-                    }
-                    false => value,
+                match self.low_rank {
+                    None => Frozen::Tiles(t.backward.clone()).attach(x, &value)?,
+                    Some(_) => value,
                 }
             }
             LinearWeight::Blocks(q) => {
@@ -1055,8 +1047,8 @@ impl Model {
     /// Computes the layers' frozen projections on bf16 AMX tiles from now
     /// on (inputs rounded to bf16, f32 sums; the output layer, attention,
     /// adapters and gradients of trained tensors stay f32): 2.5–4× the f32
-    /// products' speed where the CPU has AMX. Packing keeps two bf16 copies
-    /// of each weight beside the f32 one. An error where this CPU or
+    /// products' speed where the CPU has AMX. Two packed bf16 copies of
+    /// each weight replace its f32 values. An error where this CPU or
     /// the weights cannot (no AMX-BF16, quantised or non-CPU weights).
     pub fn use_bf16_products(&mut self) -> Result<()> {
         if !kernels::amx_available() {

@@ -85,6 +85,13 @@ impl Frozen {
         })
     }
 
+    /// `value` (the product `x Wᵀ`, computed without a graph; zeros when
+    /// only gradients are wanted) attached to `x` with its input gradient.
+    pub fn attach(&self, x: &Tensor, value: &Tensor) -> Result<Tensor> {
+        let w = self.clone();
+        Ok(crate::ops::with_input_gradient(x, value, Box::new(move |dy| w.input_gradient(dy)))?)
+    }
+
     /// `dy W` for `dy (rows, out)`.
     pub fn input_gradient(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
         match self {

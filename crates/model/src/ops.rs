@@ -182,11 +182,8 @@ pub fn frozen_linear_gradient_only(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
 /// graph; any value when only gradients are wanted) attached to `x` with
 /// the product's backward.
 pub fn frozen_linear_with_value(x: &Tensor, value: &Tensor, rhs: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(value.clone());
-    }
     let rhs_t = rhs.t()?;
-    attach(x, &value.contiguous()?, "frozen-matmul-grad", Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
+    with_input_gradient(x, value, Box::new(move |grad: &Tensor| plain_linear(grad, &rhs_t)))
 }
 
 /// `x @ rhs` with `x` flattened to 2-D and reshaped back.

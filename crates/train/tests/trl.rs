@@ -105,6 +105,17 @@ fn tokenisation_matches_trl_for_standard_and_conversational_rows() {
     }
 }
 
+/// The loss settings of one of the fixture's cases.
+fn case_loss(case: &Value) -> LossConfig {
+    LossConfig {
+        loss_type: LossType::parse(case["loss_type"].as_str().unwrap()),
+        beta: case["beta"].as_f64(),
+        cpo_alpha: case["cpo_alpha"].as_f64(),
+        label_smoothing: case["label_smoothing"].as_f64().unwrap_or(0.0),
+        simpo_gamma: case["simpo_gamma"].as_f64(),
+    }
+}
+
 fn close(name: &str, got: f64, want: f64) {
     let tol = 1e-4 * want.abs().max(1e-2);
     assert!((got - want).abs() <= tol, "{name}: ours {got}, TRL {want} (|Δ| {})", (got - want).abs());
@@ -153,14 +164,7 @@ fn cpo_losses_metrics_and_gradients_match_trl() {
     let chosen_tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let loss_cfg = LossConfig {
-            loss_type: LossType::parse(case["loss_type"].as_str().unwrap()),
-            beta: case["beta"].as_f64(),
-            cpo_alpha: case["cpo_alpha"].as_f64(),
-            label_smoothing: case["label_smoothing"].as_f64().unwrap_or(0.0),
-            simpo_gamma: case["simpo_gamma"].as_f64(),
-        };
-        let params = loss_cfg.resolve(Method::Cpo);
+        let params = case_loss(case).resolve(Method::Cpo);
         // One forward per case (a chunk size that does not divide the rows, to exercise chunking).
         let adapter: &dyn Adapter = &lora;
         let scored = score(&m.model, Some(adapter), &seqs, true, m.tokenizer.pad_id(), 37).unwrap();
@@ -333,14 +337,7 @@ fn bf16_products_stay_close_to_trl_and_to_the_f32_gradients() {
     let seqs = batch_sequences(&ex.iter().collect::<Vec<_>>());
     let tokens: usize = seqs[..2].iter().map(|s| s.scored()).sum();
     let case = &meta["cases"].as_array().unwrap()[0];
-    let params = LossConfig {
-        loss_type: LossType::parse(case["loss_type"].as_str().unwrap()),
-        beta: case["beta"].as_f64(),
-        cpo_alpha: case["cpo_alpha"].as_f64(),
-        label_smoothing: case["label_smoothing"].as_f64().unwrap_or(0.0),
-        simpo_gamma: case["simpo_gamma"].as_f64(),
-    }
-    .resolve(Method::Cpo);
+    let params = case_loss(case).resolve(Method::Cpo);
     let vocab = m.model.config().vocab_size;
     let vars: Vec<Tensor> = lora.named_vars().iter().map(|(_, v)| v.as_tensor().clone()).collect();
     let adapter: &dyn Adapter = &lora;

@@ -312,16 +312,12 @@ unsafe fn block(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::values;
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
+    /// The largest absolute difference.
+    fn max_error(got: &[f32], want: &[f64]) -> f64 {
+        got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max)
     }
 
     /// The product of the bf16-rounded operands in f64.
@@ -347,15 +343,13 @@ mod tests {
             let w = values(n * k, 2);
             let fwd = Bf16Tiles::transposed_weight(&w, n, k).unwrap();
             let got = matmul(&a, m, &fwd);
-            let want = reference(&a, m, k, |p, j| w[j * k + p], n);
-            let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+            let err = max_error(&got, &reference(&a, m, k, |p, j| w[j * k + p], n));
             assert!(err < 1e-3, "{m}×{k}×{n}: max error {err}");
             // dy · W: the same weight as the right-hand side untransposed.
             let dy = values(m * n, 3);
             let bwd = Bf16Tiles::weight(&w, n, k).unwrap();
             let got = matmul(&dy, m, &bwd);
-            let want = reference(&dy, m, n, |p, j| w[p * k + j], k);
-            let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+            let err = max_error(&got, &reference(&dy, m, n, |p, j| w[p * k + j], k));
             assert!(err < 1e-3, "{m}×{n}×{k} (dy·W): max error {err}");
         }
     }
@@ -388,7 +382,7 @@ mod tests {
         let right = matmul(&a, m, &Bf16Tiles::transposed_weight(&w, k, k).unwrap());
         let wrong = matmul(&a, m, &Bf16Tiles::weight(&w, k, k).unwrap());
         let want = reference(&a, m, k, |p, j| w[j * k + p], k);
-        let close = |c: &[f32]| c.iter().zip(&want).all(|(g, w)| (*g as f64 - w).abs() < 1e-3);
+        let close = |c: &[f32]| max_error(c, &want) < 1e-3;
         assert!(close(&right) && !close(&wrong));
     }
 }
