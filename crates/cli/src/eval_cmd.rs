@@ -1,6 +1,5 @@
 //! `tabletrace eval` and `tabletrace report`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -259,6 +258,7 @@ pub fn load_with_adapter(model: &str, adapter: Option<&Path>, quantized: bool) -
 }
 
 pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    crate::output::prepare(&a.out, "--out")?;
     let (items, prompts) = eval_items(&a)?;
     let m = load_with_adapter(&a.model, a.adapter.as_deref(), a.quantized)?;
     let opts = EvalOptions { batch_size: a.batch, max_new_tokens: a.max_tokens, chat_template: !a.no_chat_template };
@@ -275,20 +275,7 @@ pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         "max_tokens": a.max_tokens, "chat_template": !a.no_chat_template, "prompts": prompts,
         "seconds": t0.elapsed().as_secs_f64(),
     });
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let preds_path = a.out.with_file_name("predictions.jsonl");
-    let tmp = preds_path.with_extension("jsonl.tmp");
-    {
-        let mut f =
-            std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?);
-        for p in &predictions {
-            writeln!(f, "{}", serde_json::to_string(p)?)?;
-        }
-        f.flush()?;
-    }
-    std::fs::rename(&tmp, &preds_path)?;
+    crate::output::write_jsonl(&a.out.with_file_name("predictions.jsonl"), &predictions)?;
     let text = serde_json::to_string_pretty(&report)?;
     tabletrace_train::write_atomic(&a.out, text.as_bytes())?;
     println!("{text}");

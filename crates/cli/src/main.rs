@@ -4,10 +4,13 @@ mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod lock;
+mod output;
 mod pairs_cmd;
 mod progress;
 mod prompt_args;
 mod run_cmd;
+mod signals;
 mod traces_cmd;
 mod train_cmd;
 

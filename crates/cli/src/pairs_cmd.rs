@@ -1,7 +1,7 @@
 //! `tabletrace pairs`: preference pairs from validated traces.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,6 +84,7 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
     let (Some(traces_path), Some(data), Some(out)) = (&a.traces, &a.data, &a.out) else {
         bail!("pairs needs --traces, --data and --out (or the `score` subcommand)");
     };
+    crate::output::prepare(out, "--out")?;
     let traces = read_traces(traces_path)?;
     if traces.is_empty() {
         bail!("{} holds no traces", traces_path.display());
@@ -138,18 +139,7 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
             *report.error_types.entry(e.to_string()).or_default() += 1;
         }
     }
-    let tmp = out.with_extension("jsonl.tmp");
-    {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
-        for p in &pairs {
-            serde_json::to_writer(&mut f, &pair_json(p, a.format == PairFormat::Conversational))?;
-            f.write_all(b"\n")?;
-        }
-        f.flush()?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    crate::output::write_jsonl(out, pairs.iter().map(|p| pair_json(p, a.format == PairFormat::Conversational)))?;
     let report_path = out.with_extension("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
     eprintln!(

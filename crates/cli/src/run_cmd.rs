@@ -5,8 +5,9 @@
 //! directory, and leaves a `.done` file holding the stage's resolved
 //! settings. A re-run skips stages whose `.done` matches, and resumes
 //! interrupted ones (the LLM call cache, training checkpoints); `--from
-//! STAGE` redoes from there. Ctrl-C stops the child; the run directory
-//! stays resumable.
+//! STAGE` redoes from there. Ctrl-C stops the child; a signal sent to this
+//! process alone is passed on to the child, which is waited for; the run
+//! directory stays resumable. One process at a time holds a run directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,6 +32,16 @@ pub struct TracesStage {
     pub max_tokens: usize,
     /// LLM prompts per batch. Default 8.
     pub batch: usize,
+    /// Share of an LLM generator's calls that may fail without failing the
+    /// stage (`traces --max-failed`); report.md then says how many failed.
+    /// Default 0: any failed call fails the stage, and a re-run retries the
+    /// failed calls only.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_failed: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TracesStage {
@@ -41,6 +52,7 @@ impl Default for TracesStage {
             llm_questions: 8,
             max_tokens: 160,
             batch: 8,
+            max_failed: 0.0,
         }
     }
 }
@@ -97,6 +109,26 @@ pub struct TrainStage {
     /// `bf16_products`; CPUs with AMX-BF16 only). Default false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub bf16_products: bool,
+    /// A checkpoint every this many steps (train.toml's `save_every`); a
+    /// stopped trainer (Ctrl-C, SIGTERM) also writes one at the end of its
+    /// current step, so this bounds only what a kill -9 or a crash loses.
+    /// Not part of the stage's settings: changing it resumes, not restarts.
+    /// Default 4.
+    #[serde(skip_serializing_if = "is_default_save_every")]
+    pub save_every: usize,
+}
+
+const DEFAULT_SAVE_EVERY: usize = 4;
+
+fn is_default_save_every(n: &usize) -> bool {
+    *n == DEFAULT_SAVE_EVERY
+}
+
+impl TrainStage {
+    /// The settings that change what training produces (the stage's fingerprint).
+    fn result_settings(&self) -> TrainStage {
+        TrainStage { save_every: DEFAULT_SAVE_EVERY, ..self.clone() }
+    }
 }
 
 impl Default for TrainStage {
@@ -112,6 +144,7 @@ impl Default for TrainStage {
             beta: 0.1,
             device: "cpu".into(),
             bf16_products: false,
+            save_every: DEFAULT_SAVE_EVERY,
         }
     }
 }
@@ -265,11 +298,62 @@ impl PipelineConfig {
                 bail!("config: train.methods: {m:?} is not a method (cpo, simpo, cpo-simpo, hinge, ipo, sft-qa, sft-trace)");
             }
         }
+        if !(0.0..=1.0).contains(&self.traces.max_failed) {
+            bail!("config: traces.max_failed: {} is not a share in [0, 1]", self.traces.max_failed);
+        }
+        if self.train.save_every == 0 {
+            bail!("config: train.save_every: 0; give a number of steps (a stopped trainer also saves)");
+        }
         if self.traces.generators.is_empty() {
             bail!("config: traces.generators: at least one generator is needed");
         }
         if self.train_split.is_some() != self.eval_split.is_some() {
             bail!("config: set both train_split and eval_split, or neither (then eval_fraction is held out)");
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// Checks what the stages will need from this machine — the data and
+    /// database paths, the model and every local generator's model, the
+    /// splits' names — so that a typo fails now, not after hours of stages.
+    fn check_environment(&self) -> anyhow::Result<()> {
+        let path_exists = |key: &str, p: &Path| -> anyhow::Result<()> {
+            if !p.exists() {
+                bail!("config: {key}: {} does not exist", p.display());
+            }
+            Ok(())
+        };
+        path_exists("data", &self.data)?;
+        if let Some(d) = &self.db_dir {
+            path_exists("db_dir", d)?;
+        }
+        for (i, s) in self.eval_sets.iter().enumerate() {
+            path_exists(&format!("eval_sets[{i}].data"), &s.data)?;
+            if let Some(d) = &s.db_dir {
+                path_exists(&format!("eval_sets[{i}].db_dir"), d)?;
+            }
+        }
+        for (key, split) in [("train_split", &self.train_split), ("eval_split", &self.eval_split)] {
+            if let Some(s) = split {
+                if tabletrace_data::Split::parse(s).is_none() {
+                    bail!("config: {key}: {s:?} is not a split (train, val, test)");
+                }
+            }
+        }
+        tabletrace_model::resolve(&self.model).map_err(|e| anyhow::anyhow!("config: model: {e}"))?;
+        for g in &self.traces.generators {
+            if g == "program" {
+                continue;
+            }
+            if let Some(spec) = g.strip_prefix("local:") {
+                tabletrace_model::resolve(spec).map_err(|e| anyhow::anyhow!("config: traces.generators: {g}: {e}"))?;
+            } else if g.starts_with("http:") {
+                tabletrace_trace::parse_http_spec(g).map_err(|e| anyhow::anyhow!("config: traces.generators: {e}"))?;
+            } else {
+                bail!("config: traces.generators: {g:?} is not program, local:MODEL or http:URL[,URL…]#MODEL");
+            }
         }
         Ok(())
     }
@@ -327,6 +411,7 @@ impl Pipeline {
     /// command. With `hide_stdout`, the child's stdout (JSON results) is kept
     /// off the terminal.
     fn tabletrace(&self, stage: &str, args: &[String], hide_stdout: bool) -> anyhow::Result<()> {
+        stopped(stage)?;
         let mut cmd = Command::new(&self.exe);
         if self.quiet {
             cmd.arg("--quiet");
@@ -335,7 +420,9 @@ impl Pipeline {
         if hide_stdout {
             cmd.stdout(std::process::Stdio::null());
         }
-        let status = cmd.status().with_context(|| format!("stage {stage}: cannot start {}", self.exe.display()))?;
+        let status = crate::signals::run_child(&mut cmd)
+            .with_context(|| format!("stage {stage}: cannot start {}", self.exe.display()))?;
+        stopped(stage)?;
         if !status.success() {
             bail!(
                 "stage {stage} failed ({status}): tabletrace {}\nfix the cause and run again: finished stages are kept",
@@ -383,6 +470,18 @@ impl Pipeline {
         }
         v
     }
+}
+
+/// An error when a signal asked the pipeline to stop (the child got it too).
+fn stopped(stage: &str) -> anyhow::Result<()> {
+    if let Some(sig) = crate::signals::received() {
+        bail!(
+            "stopped by {} during stage {stage}: run the same command again to resume (finished stages, the LLM call \
+             cache and training checkpoints are kept)",
+            crate::signals::name(sig)
+        );
+    }
+    Ok(())
 }
 
 /// What the data stage wrote: the sizes of every question set.
@@ -480,6 +579,23 @@ fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<SplitSummary> {
             train_dbs.insert(db);
         }
     }
+    if let (Some(t), Some(e)) = (&cfg.train_split, &cfg.eval_split) {
+        // A split the data does not have is named as such, not as an empty split.
+        let mut have: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for q in &ds.questions {
+            *have.entry(q.split.map_or("none".to_string(), |s| s.to_string())).or_default() += 1;
+        }
+        let listed = have.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
+        for (key, name) in [("train_split", t), ("eval_split", e)] {
+            let want = tabletrace_data::Split::parse(name);
+            if !ds.questions.iter().any(|q| q.split.is_some() && q.split == want) {
+                bail!(
+                    "config: {key} = {name:?}: {} has no question of that split (it has: {listed})",
+                    cfg.data.display()
+                );
+            }
+        }
+    }
     anyhow::ensure!(
         !train.is_empty() && !eval.is_empty(),
         "the split left {} training and {} held-out questions",
@@ -541,8 +657,14 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         cfg.run_dir = d;
     }
     cfg.validate()?;
+    cfg.check_environment()?;
     let dir = cfg.run_dir.clone();
+    if dir.exists() && !dir.is_dir() {
+        bail!("run_dir {} is a file, not a folder: set run_dir (or --run-dir) to a folder", dir.display());
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    let _lock = crate::lock::DirLock::acquire(&dir, "tabletrace run")?;
+    crate::signals::install(false);
     // An unwritable run directory is reported now, not after hours of work.
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").with_context(|| format!("the run directory {} is not writable", dir.display()))?;
@@ -653,6 +775,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             args.extend(p.prompt_args(true));
             if g != "program" {
                 args.extend(["--limit".into(), cfg.traces.llm_questions.to_string()]);
+                args.extend(["--max-failed".into(), cfg.traces.max_failed.to_string()]);
             }
             p.timed(&format!("traces-{g}"), "traces", &args, false)?;
             parts.push(out);
@@ -756,7 +879,8 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     // train
     for method in &cfg.train.methods {
         let out = dir.join(method);
-        let settings = (&pairs_settings, &cfg.model, &cfg.train, method);
+        let train_settings = cfg.train.result_settings();
+        let settings = (&pairs_settings, &cfg.model, &train_settings, method);
         let key = format!("train-{method}");
         if p.done(&key, &settings) {
             continue;
@@ -774,7 +898,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         let t = &cfg.train;
         let toml = format!(
             "method = {method:?}\nmodel = {:?}\ntrain = {:?}\noutput_dir = {:?}\nmax_steps = {}\nbatch_size = {}\n\
-             grad_accum = {}\nmax_length = {}\nsave_every = 4\ndevice = {:?}\n[lora]\nr = {}\nalpha = {}\n[optim]\nlr = {}\n\
+             grad_accum = {}\nmax_length = {}\nsave_every = {}\ndevice = {:?}\n[lora]\nr = {}\nalpha = {}\n[optim]\nlr = {}\n\
              [loss]\nbeta = {}\n",
             cfg.model,
             pairs.display().to_string(),
@@ -783,6 +907,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             t.batch_size,
             t.grad_accum,
             t.max_length,
+            t.save_every,
             t.device,
             t.lora_r,
             2.0 * t.lora_r as f64,
@@ -831,7 +956,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 &cfg.eval,
                 prompt_settings,
                 set,
-                adapter.as_ref().map(|_| (&pairs_settings, &cfg.train)),
+                adapter.as_ref().map(|_| (&pairs_settings, cfg.train.result_settings())),
             );
             let key = if set.is_empty() { format!("eval-{name}") } else { format!("eval-{name}-{set}") };
             if p.done(&key, &settings) {
@@ -888,9 +1013,40 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         args.extend(["--baseline".into(), "sft-qa".into()]);
     }
     p.tabletrace("report", &args, false)?;
+    note_failed_calls(&dir, cfg.traces.max_failed)?;
     add_compute_to_summary(&dir, &runs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())?;
     eprintln!("== done in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says in report.md's first lines how many LLM calls failed (possible only
+/// where `traces.max_failed` allows it): the pairs were made without them.
+fn note_failed_calls(dir: &Path, max_failed: f64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(dir.join("traces").join("traces.jsonl")) else { return Ok(()) };
+    let mut calls: std::collections::BTreeMap<String, (usize, usize)> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(t) = serde_json::from_str::<tabletrace_data::Trace>(line) else { continue };
+        if t.generator == "program" {
+            continue;
+        }
+        let e = calls.entry(t.generator.clone()).or_default();
+        e.1 += 1;
+        e.0 += usize::from(t.invalid_reason.as_deref().is_some_and(|r| r.starts_with("generation failed")));
+    }
+    let failed: Vec<String> =
+        calls.iter().filter(|(_, (f, _))| *f > 0).map(|(g, (f, n))| format!("{f} of {n} calls to {g}")).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let path = dir.join("report.md");
+    let report = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let note = format!(
+        "> **Failed LLM calls:** {} failed (allowed by traces.max_failed = {max_failed}); their questions have no \
+         trace from that generator. Run again with traces redone (`--from traces`) to retry them.\n\n",
+        failed.join(", ")
+    );
+    tabletrace_train::write_atomic(&path, (note + &report).as_bytes())?;
+    Ok(())
 }
 
 /// Adds each arm's wall time (`train-ARM`, `eval-ARM*` of `compute.json`)

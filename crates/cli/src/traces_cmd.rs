@@ -1,6 +1,5 @@
 //! `tabletrace traces`: reasoning traces for every question of a dataset.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -82,12 +81,22 @@ pub struct TracesArgs {
     /// Trace only the first N questions (in file order).
     #[arg(long)]
     limit: Option<usize>,
+    /// Share of an LLM generator's calls that may fail (after retries)
+    /// without failing the command. Failed calls are recorded as invalid
+    /// traces with their reason and never cached, so a next run asks again.
+    /// A generator whose calls all fail is an error whatever this says.
+    #[arg(long, default_value_t = 0.0)]
+    max_failed: f64,
     /// Output JSON lines, written atomically.
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    crate::output::prepare(&a.out, "--out")?;
+    if !(0.0..=1.0).contains(&a.max_failed) {
+        bail!("--max-failed {} is not a share in [0, 1]", a.max_failed);
+    }
     for g in &a.generators {
         if g != "program" && !g.starts_with("local:") && !g.starts_with("http:") {
             bail!("generator {g:?} is not available (use program, local:MODEL or http:URL[,URL…]#MODEL)");
@@ -119,6 +128,8 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let mut traces: Vec<Trace> = Vec::new();
     let mut failed = 0usize;
     let mut not_whole = 0usize;
+    // Generators whose failed calls exceed --max-failed: (generator, failed, calls, first reason).
+    let mut too_many_failed = Vec::new();
     for g in &a.generators {
         if g == "program" {
             bar.start(ds.questions.len() as u64, "program");
@@ -166,28 +177,22 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             };
             let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar).map_err(anyhow::Error::msg)?;
             eprintln!(
-                "{g}: {} requests, {} from the cache {}, {} failed",
+                "{g}: {} requests, {} from the cache {}, {} failed, {} not run (prompt longer than the context)",
                 stats.requests,
                 stats.cached,
                 cache_path.display(),
-                stats.failed
+                stats.failed,
+                stats.not_run
             );
+            let calls = stats.requests - stats.cached - stats.not_run;
+            if stats.failed as f64 > a.max_failed * calls as f64 {
+                too_many_failed.push((g.clone(), stats.failed, calls, stats.first_failure.clone().unwrap_or_default()));
+            }
             traces.extend(t);
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let tmp = a.out.with_extension("jsonl.tmp");
-    {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
-        for t in &traces {
-            serde_json::to_writer(&mut f, t)?;
-            f.write_all(b"\n")?;
-        }
-        f.flush()?;
-    }
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::output::write_jsonl(&a.out, &traces)?;
     eprintln!(
         "{} questions ({} not traced by the program tracer, {not_whole} of them because their tables exceed \
          --table-tokens {}) in {secs:.1} s ({:.0}/s); wrote {}",
@@ -220,6 +225,14 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 qs.len()
             );
         }
+    }
+    if let Some((g, failed, calls, why)) = too_many_failed.first() {
+        bail!(
+            "{g}: {failed} of {calls} calls failed (more than --max-failed {}), e.g. {why}; {} holds them as invalid \
+             traces, and the answers that came are cached: run again to retry only the failed calls",
+            a.max_failed,
+            a.out.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

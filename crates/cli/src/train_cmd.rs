@@ -111,6 +111,7 @@ pub fn resolve_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
 
 pub fn run(args: TrainArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let cfg = resolve_config(&args)?;
+    let _lock = crate::lock::DirLock::acquire(&cfg.output_dir, "tabletrace train")?;
     let (device, dtype) = cfg.device()?;
     let mut loaded = load_model(&cfg.model, &LoadOptions { device, dtype, ..LoadOptions::default() })
         .with_context(|| format!("cannot load the model {:?}", cfg.model))?;
@@ -118,8 +119,16 @@ pub fn run(args: TrainArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         loaded.model.use_bf16_products().context("bf16_products")?;
     }
     let bar = Bar::new(quiet);
+    crate::signals::install(true);
     let mut trainer = Trainer::new(cfg, &loaded, &bar)?;
-    let summary = trainer.run()?;
+    trainer.stop_when(crate::signals::stop_flag());
+    let summary = match trainer.run() {
+        Err(e @ tabletrace_train::Error::Stopped { .. }) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(130));
+        }
+        other => other?,
+    };
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
 }

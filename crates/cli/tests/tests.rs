@@ -4,6 +4,7 @@
 mod chat;
 mod data;
 mod pipeline;
+mod reliability;
 mod resume;
 mod traces;
 mod train;

@@ -2,7 +2,10 @@
 //! server, Ollama, hosted APIs): several endpoints with load spreading,
 //! bounded concurrency, per-request time-outs, and retries with exponential
 //! backoff and jitter on 429, 5xx, time-outs and unreadable answers. The API
-//! key is read from an environment variable and never written anywhere.
+//! key is read from an environment variable and never written anywhere: a
+//! server text kept in an error (which traces store) has the key and anything
+//! shaped like an `Authorization` header redacted. A 401 or 403 is not
+//! retried and says which variable holds the key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -86,7 +89,8 @@ impl HttpLlm {
         }
     }
 
-    /// One request with retries; the error names the endpoint and the last failure.
+    /// One request with retries; the error names the endpoint and the last
+    /// failure, with the API key and authorization headers redacted.
     fn request(&self, prompt: &str, p: &LlmParams, jitter: &Mutex<u64>) -> Result<String, String> {
         let body = serde_json::json!({
             "model": self.model,
@@ -97,9 +101,12 @@ impl HttpLlm {
             "seed": p.seed,
             "n": 1,
         });
-        let key = self.opts.api_key_env.as_deref().and_then(|v| std::env::var(v).ok());
+        let key_env = self.opts.api_key_env.as_deref();
+        let key = key_env.and_then(|v| std::env::var(v).ok()).filter(|k| !k.is_empty());
         let mut last = String::new();
+        let mut attempts = 0;
         for attempt in 0..=self.opts.retries {
+            attempts += 1;
             let base = &self.endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()];
             let mut req = self.agent.post(&Self::url(base)).set("Content-Type", "application/json");
             if let Some(k) = &key {
@@ -121,11 +128,21 @@ impl HttpLlm {
                 },
                 Err(ureq::Error::Status(code, resp)) => {
                     let detail: String = resp.into_string().unwrap_or_default().chars().take(200).collect();
-                    last = format!("{base}: HTTP {code}: {detail}");
+                    let detail = redact(&detail, key.as_deref());
+                    last = if code == 401 || code == 403 {
+                        let hint = match (key_env, &key) {
+                            (Some(v), Some(_)) => format!("check the API key in ${v}"),
+                            (Some(v), None) => format!("${v} is not set: set it to the server's API key"),
+                            (None, _) => "no API key is sent (no key variable is configured)".to_string(),
+                        };
+                        format!("{base}: HTTP {code}, the server refused the request ({hint}): {detail}")
+                    } else {
+                        format!("{base}: HTTP {code}: {detail}")
+                    };
                     code == 429 || code >= 500
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    last = format!("{base}: {t}");
+                    last = format!("{base}: {}", redact(&t.to_string(), key.as_deref()));
                     true
                 }
             };
@@ -139,8 +156,45 @@ impl HttpLlm {
             drop(j);
             std::thread::sleep(wait + extra);
         }
-        Err(format!("failed after {} attempts: {last}", self.opts.retries + 1))
+        Err(if attempts == 1 { last } else { format!("failed after {attempts} attempts: {last}") })
     }
+}
+
+/// `text` with the API key, `Bearer` tokens and the values of
+/// `Authorization` / `api-key` headers replaced by `[redacted]` (servers echo
+/// requests in their errors). A value runs to the next quote, comma, brace,
+/// backslash or line end.
+pub fn redact(text: &str, key: Option<&str>) -> String {
+    let mut out = match key {
+        Some(k) if k.len() >= 4 => text.replace(k, "[redacted]"),
+        _ => text.to_string(),
+    };
+    for marker in ["authorization", "api-key", "bearer "] {
+        let mut from = 0;
+        while let Some(at) = out[from..].to_ascii_lowercase().find(marker) {
+            let start = from + at + marker.len();
+            // Skip what separates a header's name from its value: `: `, `":"`, `\":\"`.
+            let rest = &out[start..];
+            let skipped = rest.len() - rest.trim_start_matches([' ', '"', '\\', ':', '=']).len();
+            if marker != "bearer " && !rest[..skipped].contains([':', '=']) {
+                from = start; // the word, not a header
+                continue;
+            }
+            let value_start = start + skipped;
+            let value_end =
+                out[value_start..].find(['"', ',', '}', '\n', '\r', '\\']).map_or(out.len(), |e| value_start + e);
+            let value = &out[value_start..value_end];
+            let replacement =
+                if value.to_ascii_lowercase().starts_with("bearer ") { "Bearer [redacted]" } else { "[redacted]" };
+            if value.is_empty() || value == replacement {
+                from = value_end.max(start);
+                continue;
+            }
+            out.replace_range(value_start..value_end, replacement);
+            from = value_start + replacement.len();
+        }
+    }
+    out
 }
 
 impl Llm for HttpLlm {
@@ -186,5 +240,25 @@ mod tests {
         assert!(parse_http_spec("http:ftp://x#m").unwrap_err().contains("must start with http"));
         assert_eq!(HttpLlm::url("http://h:1/v1"), "http://h:1/v1/chat/completions");
         assert_eq!(HttpLlm::url("http://h:1"), "http://h:1/v1/chat/completions");
+    }
+
+    #[test]
+    fn keys_and_authorization_values_are_redacted() {
+        let key = "sk-test-123456";
+        let cases = [
+            ("invalid key sk-test-123456", "invalid key [redacted]"),
+            (
+                "{\"error\": \"bad header Authorization: Bearer abc.def\"}",
+                "{\"error\": \"bad header Authorization: Bearer [redacted]\"}",
+            ),
+            ("{\"authorization\": \"Bearer xyz\", \"a\": 1}", "{\"authorization\": \"Bearer [redacted]\", \"a\": 1}"),
+            ("got bearer qwerty\nbye", "got bearer [redacted]\nbye"),
+            ("api-key=abc, ok", "api-key=[redacted], ok"),
+            ("no authorization given", "no authorization given"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(redact(text, Some(key)), want, "{text}");
+        }
+        assert!(!redact("echo: Bearer sk-test-123456", Some(key)).contains("sk-test"));
     }
 }

@@ -40,6 +40,13 @@ pub trait Llm {
     /// failed. `done(i, result)` is called as soon as prompt `i` is answered
     /// (from any thread), so that callers can store it before the rest finish.
     fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>>;
+    /// Whether a prompt and `max_tokens` new tokens fit the model's context,
+    /// or why not. Checked before batching, so that a prompt that cannot fit
+    /// is its own question's failure alone. Default: fits (a server that
+    /// disagrees answers with an error for that request only).
+    fn fits(&self, _prompt: &str, _max_tokens: usize) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The embedded model on tabletrace's runtime, generating in batches.
@@ -61,6 +68,18 @@ impl Llm for LocalLlm {
         &self.name
     }
 
+    fn fits(&self, prompt: &str, max_tokens: usize) -> Result<(), String> {
+        let ids = self.encode(prompt)?;
+        let context = self.model.model.config().max_position_embeddings;
+        if ids.len() + max_tokens > context {
+            return Err(format!(
+                "a prompt of {} tokens plus {max_tokens} new tokens exceeds the model's context of {context} tokens",
+                ids.len()
+            ));
+        }
+        Ok(())
+    }
+
     fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>> {
         let mut out: Vec<Result<String, String>> = Vec::with_capacity(prompts.len());
         // Rows of one batch share temperature, top-p and length; seeds are per row.
@@ -75,17 +94,7 @@ impl Llm for LocalLlm {
             {
                 j += 1;
             }
-            let encoded: Result<Vec<Vec<u32>>, String> = prompts[i..j]
-                .iter()
-                .map(|p| {
-                    let text = self
-                        .model
-                        .tokenizer
-                        .apply_chat_template(&[ChatMessage::new("user", p.clone())], true)
-                        .map_err(|e| e.to_string())?;
-                    self.model.tokenizer.encode(&text, true).map_err(|e| e.to_string())
-                })
-                .collect();
+            let encoded: Result<Vec<Vec<u32>>, String> = prompts[i..j].iter().map(|p| self.encode(p)).collect();
             let sampling = if p0.temperature <= 0.0 {
                 Sampling::Greedy
             } else {
@@ -109,6 +118,18 @@ impl Llm for LocalLlm {
             i = j;
         }
         out
+    }
+}
+
+impl LocalLlm {
+    /// A prompt as the user message of the model's chat template, in token ids.
+    fn encode(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        let text = self
+            .model
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", prompt.to_string())], true)
+            .map_err(|e| e.to_string())?;
+        self.model.tokenizer.encode(&text, true).map_err(|e| e.to_string())
     }
 }
 
@@ -154,8 +175,14 @@ pub struct LlmRunStats {
     pub requests: usize,
     /// Answered from the cache.
     pub cached: usize,
-    /// Failed calls (recorded as invalid traces with the reason).
+    /// Failed calls (recorded as invalid traces with the reason; not
+    /// cached, so a next run asks again).
     pub failed: usize,
+    /// Requests not sent because the prompt does not fit the model's
+    /// context (each recorded as its question's invalid trace).
+    pub not_run: usize,
+    /// The first failed call's reason.
+    pub first_failure: Option<String>,
 }
 
 fn seed_of(base: u64, text: &str) -> u64 {
@@ -224,9 +251,17 @@ pub fn llm_traces(
     for r in &requests {
         let hit = cache.get(&key(r))?.and_then(|v| v.into_iter().next());
         stats.cached += usize::from(hit.is_some());
-        completions.push(hit.map(Ok));
+        let completion = match hit {
+            Some(text) => Some(Ok(text)),
+            None => llm.fits(&r.prompt, r.params.max_tokens).err().map(|why| {
+                stats.not_run += 1;
+                Err(format!("not run: {why}"))
+            }),
+        };
+        completions.push(completion);
     }
-    reporter.start((requests.len() - stats.cached) as u64, &format!("{}:{}", llm.backend(), llm.model()));
+    reporter
+        .start((requests.len() - stats.cached - stats.not_run) as u64, &format!("{}:{}", llm.backend(), llm.model()));
     let missing: Vec<usize> = (0..requests.len()).filter(|&i| completions[i].is_none()).collect();
     for chunk in missing.chunks(opts.chunk.max(1)) {
         let prompts: Vec<String> = chunk.iter().map(|&i| requests[i].prompt.clone()).collect();
@@ -246,14 +281,25 @@ pub fn llm_traces(
             return Err(e);
         }
         for (&i, result) in chunk.iter().zip(results) {
-            stats.failed += usize::from(result.is_err());
+            if let Err(e) = &result {
+                stats.failed += 1;
+                stats.first_failure.get_or_insert_with(|| e.clone());
+            }
             completions[i] = Some(result);
         }
         reporter.advance(chunk.len() as u64);
     }
     reporter.finish();
-
     let generator = format!("{}:{}", llm.backend(), llm.model());
+    if !missing.is_empty() && stats.failed == missing.len() {
+        // A generator that is down must not silently leave a study without its traces.
+        return Err(format!(
+            "{generator}: all {} calls failed, e.g. {}; answers already cached are kept: fix the cause and run again",
+            stats.failed,
+            stats.first_failure.as_deref().unwrap_or("?")
+        ));
+    }
+
     let mut positives_by_q: HashMap<usize, Vec<String>> = HashMap::new();
     for (r, c) in requests.iter().zip(&completions) {
         if let (Polarity::Positive, Some(Ok(t))) = (r.polarity, c) {
@@ -276,6 +322,7 @@ pub fn llm_traces(
                 };
                 (text, v)
             }
+            Err(e) if e.starts_with("not run: ") => (String::new(), Err(e)),
             Err(e) => (String::new(), Err(format!("generation failed: {e}"))),
         };
         traces.push(Trace {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tabletrace_trace::{HttpLlm, HttpOptions, Llm, LlmParams};
 
-/// Serves `script[i]` as the i-th answer (status, body), then the last one forever.
+/// Serves `script[i]` as the i-th answer (status, body), then the last one
+/// forever; `{auth}` in a body is replaced by the request's Authorization
+/// header (servers that echo it exist).
 fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
@@ -20,6 +22,7 @@ fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
             let Ok(mut stream) = stream else { continue };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut len = 0usize;
+            let mut auth = String::new();
             loop {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -28,11 +31,15 @@ fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
                 if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if line.to_ascii_lowercase().starts_with("authorization:") {
+                    auth = line["authorization:".len()..].trim().to_string();
+                }
             }
             let mut body = vec![0u8; len];
             let _ = reader.read_exact(&mut body);
             let i = counter.fetch_add(1, Ordering::SeqCst);
             let (status, text) = script[i.min(script.len() - 1)].clone();
+            let text = text.replace("{auth}", &auth);
             let resp = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
             let _ = stream.write_all(resp.as_bytes());
         }
@@ -102,4 +109,18 @@ fn requests_spread_over_endpoints() {
     assert!(out.iter().all(|r| r.is_ok()));
     assert_eq!(hits_a.load(Ordering::SeqCst), 3);
     assert_eq!(hits_b.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_refused_key_is_not_retried_and_never_stored() {
+    // A 401 whose body echoes the request's Authorization header.
+    let (addr, hits) = server(vec![(401, "{\"error\": \"invalid credentials: {auth}\"}".into())]);
+    let var = "TABLETRACE_TEST_KEY_401";
+    std::env::set_var(var, "sk-secret-0123456789");
+    let llm = HttpLlm::new(vec![addr], "m".into(), HttpOptions { api_key_env: Some(var.into()), ..opts() });
+    let e = llm.complete(&["x".into()], &params(), &|_, _| {}).remove(0).unwrap_err();
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "a 401 is not retried");
+    assert!(!e.contains("sk-secret"), "the key leaked: {e}");
+    assert!(e.contains("Bearer [redacted]") && e.contains("HTTP 401") && e.contains(var), "{e}");
+    assert!(!e.contains("attempts"), "one request, not 'after N attempts': {e}");
 }

@@ -3,37 +3,51 @@
 
 use std::path::PathBuf;
 
+use tabletrace_data::Question;
 use tabletrace_data::{load, LoadOptions, Polarity, Silent};
 use tabletrace_model::load_model;
-use tabletrace_trace::{llm_traces, CallCache, LlmRunOptions, LocalLlm, Wanted};
+use tabletrace_trace::{llm_traces, CallCache, HttpLlm, HttpOptions, LlmRunOptions, LocalLlm, Wanted};
 
-#[test]
-fn local_generator_records_caches_and_resumes() {
+fn smollm2() -> LocalLlm {
     let model = tabletrace_model::cache_dir().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.is_file(), "{} is missing: run scripts/fetch-models.sh", model.display());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut qs = load(&root.join("data/sample/mmqa/mmqa_two_table.jsonl"), &LoadOptions::default()).unwrap().questions;
-    qs.truncate(2);
-    let llm = LocalLlm {
+    LocalLlm {
         model: load_model(model.to_str().unwrap(), &Default::default()).unwrap(),
         name: "smollm2-135m".into(),
         batch: 4,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
-    let opts = LlmRunOptions {
-        wanted: Wanted { positive: true, negatives: 1 },
+    }
+}
+
+fn sample(n: usize) -> Vec<Question> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut qs = load(&root.join("data/sample/mmqa/mmqa_two_table.jsonl"), &LoadOptions::default()).unwrap().questions;
+    qs.truncate(n);
+    qs
+}
+
+fn run_options(wanted: Wanted, max_tokens: usize) -> LlmRunOptions {
+    LlmRunOptions {
+        wanted,
         temperature_positive: 0.0,
         temperature_negative: 0.7,
         top_p: 0.95,
-        max_tokens: 12,
+        max_tokens,
         seed: 1,
         chunk: 4,
         prompter: tabletrace_trace::Prompter {
             budget: tabletrace_data::Budget { max_rows_per_table: Some(5), max_tokens: Some(3000) },
             ..Default::default()
         },
-    };
+    }
+}
+
+#[test]
+fn local_generator_records_caches_and_resumes() {
+    let qs = sample(2);
+    let llm = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let opts = run_options(Wanted { positive: true, negatives: 1 }, 12);
     let (traces, stats) = llm_traces(&qs, &llm, &cache, &opts, &Silent).unwrap();
     assert_eq!(stats.requests, 4);
     assert_eq!(stats.cached, 0);
@@ -54,4 +68,41 @@ fn local_generator_records_caches_and_resumes() {
     let (again, stats) = llm_traces(&qs, &llm, &cache, &opts, &Silent).unwrap();
     assert_eq!(stats.cached, 4);
     assert_eq!(again, traces);
+}
+
+#[test]
+fn a_prompt_too_long_for_the_context_fails_its_question_alone() {
+    let mut qs = sample(3);
+    // The middle question's prompt is far beyond SmolLM2's 8,192-token context.
+    qs[1].text = format!("{} Which one?", "Which department is the largest of all? ".repeat(1200));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let opts = run_options(Wanted { positive: true, negatives: 0 }, 4);
+    let (traces, stats) = llm_traces(&qs, &smollm2(), &cache, &opts, &Silent).unwrap();
+    assert_eq!((stats.requests, stats.not_run, stats.failed), (3, 1, 0));
+    assert_eq!(traces.len(), 3);
+    let long = &traces[1];
+    assert_eq!(long.question_id, qs[1].id.0);
+    let why = long.invalid_reason.as_deref().unwrap();
+    assert!(why.starts_with("not run: a prompt of") && why.contains("exceeds the model's context"), "{why}");
+    for t in [&traces[0], &traces[2]] {
+        assert!(!t.text.is_empty(), "{}: {:?}", t.question_id, t.invalid_reason);
+        assert!(!t.invalid_reason.as_deref().unwrap_or("").contains("tokens"), "{:?}", t.invalid_reason);
+    }
+    assert_eq!(cache.len(), 2, "the long prompt is not cached: it was never asked");
+}
+
+#[test]
+fn a_generator_whose_calls_all_fail_is_an_error_naming_the_cause() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(); // closed
+    let llm = HttpLlm::new(
+        vec![format!("http://127.0.0.1:{port}")],
+        "m".into(),
+        HttpOptions { retries: 0, api_key_env: None, ..HttpOptions::default() },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let e = llm_traces(&sample(2), &llm, &cache, &run_options(Wanted { positive: true, negatives: 1 }, 8), &Silent)
+        .unwrap_err();
+    assert!(e.contains("http:m: all 4 calls failed") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
 }

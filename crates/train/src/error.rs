@@ -47,6 +47,16 @@ pub enum Error {
         /// `loss` or `gradient`.
         what: &'static str,
     },
+    /// Asked to stop (a signal): the steps done so far are in a checkpoint.
+    #[error("stopped after step {step} of {total}: checkpoint {checkpoint}; run the same command again to resume")]
+    Stopped {
+        /// Optimizer steps done.
+        step: usize,
+        /// Steps of the whole run.
+        total: usize,
+        /// The checkpoint that holds them.
+        checkpoint: PathBuf,
+    },
     /// The model runtime failed.
     #[error(transparent)]
     Model(#[from] tabletrace_model::Error),

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -102,6 +103,7 @@ pub struct Trainer<'a> {
     eval: Vec<Example>,
     lora: Lora,
     reporter: &'a dyn Reporter,
+    stop: Option<&'a AtomicBool>,
 }
 
 impl<'a> Trainer<'a> {
@@ -152,7 +154,14 @@ impl<'a> Trainer<'a> {
             )));
         }
         let lora = Lora::new(&loaded.model, &cfg.lora.resolve()?, cfg.seed)?;
-        Ok(Trainer { loss: cfg.loss.resolve(cfg.method), cfg, loaded, train, eval, lora, reporter })
+        Ok(Trainer { loss: cfg.loss.resolve(cfg.method), cfg, loaded, train, eval, lora, reporter, stop: None })
+    }
+
+    /// Stops at the end of the step during which `flag` becomes true (a
+    /// signal handler sets it), after writing a checkpoint of the steps
+    /// done: [`Trainer::run`] then returns [`Error::Stopped`].
+    pub fn stop_when(&mut self, flag: &'a AtomicBool) {
+        self.stop = Some(flag);
     }
 
     /// The adapter being trained.
@@ -368,13 +377,19 @@ impl<'a> Trainer<'a> {
             if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done < total && !self.eval.is_empty() {
                 self.log_eval(&mut metrics_file, done)?;
             }
-            if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total {
+            let stop = done < total && self.stop.is_some_and(|f| f.load(Ordering::SeqCst));
+            if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total || stop {
                 metrics_file.flush().map_err(io(&out))?;
                 self.save_checkpoint(
                     &out,
                     &opt,
                     TrainerState { step: done, total_steps: total, fingerprint: fingerprint.clone() },
                 )?;
+            }
+            if stop {
+                self.reporter.finish();
+                let checkpoint = out.join("checkpoints").join(format!("step-{done}"));
+                return Err(Error::Stopped { step: done, total, checkpoint });
             }
         }
         self.reporter.finish();
