@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tabletrace_data::{load, Answer, LoadOptions, Provenance, Question, Split, TableDb};
 use tabletrace_eval::{evaluate, EvalItem, EvalOptions, Kind};
-use tabletrace_model::{load_model, LoadedModel, Lora};
+use tabletrace_model::{load_model, LoadedModel};
 use tabletrace_trace::{gold_answer, ProgramTracer, PromptStyle, Prompter};
 
 use crate::progress::Bar;
@@ -251,7 +251,7 @@ pub fn load_with_adapter(model: &str, adapter: Option<&Path>, quantized: bool) -
     let opts = tabletrace_model::LoadOptions { quantized, ..Default::default() };
     let mut m = load_model(model, &opts).with_context(|| format!("cannot load the model {model:?}"))?;
     if let Some(dir) = adapter {
-        let lora = Lora::load(dir, &m.model).with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+        let lora = crate::adapter::load(dir, model, &m.model)?;
         m.model.merge_adapter(&lora)?;
     }
     Ok(m)

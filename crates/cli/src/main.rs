@@ -1,5 +1,6 @@
 //! The `tabletrace` binary: flags and glue over the library crates.
 
+mod adapter;
 mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;

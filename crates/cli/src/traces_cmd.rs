@@ -217,9 +217,14 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             let valid = qs.len();
             qs.sort();
             qs.dedup();
-            let faith = ts.iter().map(|t| t.faithfulness).sum::<f64>() / ts.len() as f64;
+            // Faithfulness of the traces that have text: a failed call has none to judge.
+            let answered: Vec<f64> = ts.iter().filter(|t| !t.text.is_empty()).map(|t| t.faithfulness).collect();
+            let faith = match answered.len() {
+                0 => "no trace with text".to_string(),
+                n => format!("mean faithfulness {:.2} of {n} with text", answered.iter().sum::<f64>() / n as f64),
+            };
             eprintln!(
-                "  {g:<24} {:<8} {valid} valid of {} ({} questions), mean faithfulness {faith:.2}",
+                "  {g:<24} {:<8} {valid} valid of {} ({} questions), {faith}",
                 format!("{p:?}").to_lowercase(),
                 ts.len(),
                 qs.len()

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use tabletrace_model::{load_model, Adapter, LoadOptions, Lora};
+use tabletrace_model::{load_model, Adapter, LoadOptions};
 use tabletrace_train::examples::{read_rows, tokenize, Example, SftTarget};
 use tabletrace_train::objective::{preference_loss, score, MetricSums};
 use tabletrace_train::{LossConfig, LossType, Method, TrainConfig, Trainer};
@@ -180,9 +180,7 @@ pub fn score_pairs(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     .resolve(Method::Cpo);
     let m = load_model(&a.model, &LoadOptions::default()).with_context(|| format!("cannot load {:?}", a.model))?;
     let lora = match &a.adapter {
-        Some(dir) => {
-            Some(Lora::load(dir, &m.model).with_context(|| format!("cannot load the adapter {}", dir.display()))?)
-        }
+        Some(dir) => Some(crate::adapter::load(dir, &a.model, &m.model)?),
         None => None,
     };
     if let Some(l) = &lora {
@@ -263,8 +261,7 @@ pub struct MergeArgs {
 /// Merges an adapter into its base and writes a Hugging Face folder.
 pub fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
     let m = load_model(&a.model, &LoadOptions::default()).with_context(|| format!("cannot load {:?}", a.model))?;
-    let lora =
-        Lora::load(&a.adapter, &m.model).with_context(|| format!("cannot load the adapter {}", a.adapter.display()))?;
+    let lora = crate::adapter::load(&a.adapter, &a.model, &m.model)?;
     tabletrace_model::export_merged(&a.model, Some(&lora), &m.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote {} (load it with --model {})", a.out.display(), a.out.display());

@@ -50,6 +50,14 @@ pub enum Error {
         /// What was found and what was expected.
         hint: String,
     },
+    /// The path was read, but nothing in it loaded.
+    #[error("{path}: nothing loaded: {why}")]
+    NothingLoaded {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why (empty, or every item failed: the first failure).
+        why: String,
+    },
     /// A question's data is inconsistent (a table it names is missing, a
     /// database file is absent, a field has an unusable value).
     #[error("question {question_id}: {message}")]

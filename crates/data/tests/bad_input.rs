@@ -83,7 +83,8 @@ fn missing_database_file_is_a_load_error_naming_it() {
         .replace("\"spider_db_id\": \"department_management\"", "\"spider_db_id\": \"nowhere_db\"");
     assert!(line.contains("nowhere_db"), "the fixture line names department_management");
     let path = dir.path().join("q.jsonl");
-    std::fs::write(&path, line).unwrap();
+    let good = text.lines().nth(1).unwrap();
+    std::fs::write(&path, format!("{line}\n{good}\n")).unwrap();
     let opts = LoadOptions { db_dir: Some(sample().join("spider/database")), ..Default::default() };
     let ds = load(&path, &opts).unwrap();
     assert_eq!(ds.errors.len(), 1);
@@ -95,9 +96,9 @@ fn missing_database_file_is_a_load_error_naming_it() {
     let spider = dir.path().join("spider.json");
     std::fs::write(&spider, r#"[{"question": "How many?", "query": "SELECT count(*) FROM t", "db_id": "ghost_db"}]"#)
         .unwrap();
-    let ds = load(&spider, &LoadOptions { db_dir: Some(dir.path().to_path_buf()), ..Default::default() }).unwrap();
-    assert_eq!(ds.errors.len(), 1);
-    assert!(ds.errors[0].message.contains("ghost_db.sqlite"), "{}", ds.errors[0]);
+    // Its only question fails, so nothing loads: the error carries the reason.
+    let e = load(&spider, &LoadOptions { db_dir: Some(dir.path().to_path_buf()), ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("none of its 1 items loaded") && e.to_string().contains("ghost_db.sqlite"), "{e}");
 }
 
 #[test]
@@ -227,4 +228,44 @@ fn unknown_format_and_missing_path_say_what_was_expected() {
     std::fs::write(&p, b"not a database at all, just text").unwrap();
     let msg = load(&p, &LoadOptions::default()).unwrap_err().to_string();
     assert!(msg.contains("fake.sqlite") && msg.contains("not a database"), "{msg}");
+}
+
+#[test]
+fn a_csv_folder_with_keys_json_loads_through_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dept.csv"), "id,name\n1,Treasury\n2,Defense\n").unwrap();
+    std::fs::write(dir.path().join("head.csv"), "id,dept_id,age\n1,1,56\n2,2,61\n").unwrap();
+    std::fs::write(
+        dir.path().join("keys.json"),
+        r#"{"primary_keys": {"dept": ["id"]}, "foreign_keys": [{"from": "head.dept_id", "to": "dept.id"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("questions.jsonl"), "{\"id\": 1, \"question\": \"How many heads?\"}\n").unwrap();
+    let ds = load(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!((ds.questions.len(), ds.errors.len()), (1, 0), "{:?}", ds.errors);
+    let TableSource::Inline { db, .. } = &ds.questions[0].tables else { panic!("CSV tables are inline") };
+    assert_eq!(db.foreign_keys.len(), 1);
+}
+
+#[test]
+fn nothing_loaded_is_an_error_and_a_json_array_named_jsonl_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let msg = load(&empty, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("empty.jsonl: nothing loaded") && msg.contains("is the file empty?"), "{msg}");
+    // Every line fails: the error says so with the first failure.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"a\": 1}\n{\"a\": 2}\n").unwrap();
+    let msg = load(&bad, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(
+        msg.contains("bad.jsonl: nothing loaded: none of its 2 items loaded; the first: ")
+            && msg.contains("bad.jsonl:1"),
+        "{msg}"
+    );
+    // A pretty-printed JSON array saved as .jsonl: one error naming the format.
+    let array = dir.path().join("records.jsonl");
+    std::fs::copy(sample().join("mmqa/mmqa_two_table_original_records.json"), &array).unwrap();
+    let msg = load(&array, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("records.jsonl") && msg.contains("holds a JSON array, not JSON lines"), "{msg}");
 }

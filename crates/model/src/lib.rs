@@ -43,7 +43,8 @@ pub use export::{export_merged, hf_config};
 pub use frozen::Frozen;
 pub use generate::{generate, generate_tokens, sample, FinishReason, GenerateOptions, Generation, Rng, Sampling};
 pub use loader::{
-    cache_dir, load_model, load_tokenizer, resolve, KnownModel, LoadOptions, LoadedModel, ModelSource, KNOWN_MODELS,
+    cache_dir, load_model, load_tokenizer, resolve, same_model, KnownModel, LoadOptions, LoadedModel, ModelSource,
+    KNOWN_MODELS,
 };
 pub use lora::{peft_name, Lora, LoraConfig, LoraPair};
 pub use tokenizer::{render_chat_template, ChatMessage, Tokenizer};

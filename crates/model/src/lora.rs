@@ -208,6 +208,17 @@ impl Lora {
         std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
     }
 
+    /// The base model an adapter folder names (`base_model_name_or_path`), if any.
+    pub fn base_model(dir: &Path) -> Result<Option<String>> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io { path: cfg_path.clone(), source })?;
+        let peft: PeftConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+            source_name: cfg_path.display().to_string(),
+            message: format!("not a PEFT adapter config: {e}"),
+        })?;
+        Ok(peft.base_model_name_or_path.filter(|b| !b.is_empty()))
+    }
+
     /// Loads a PEFT LoRA adapter from `dir` for `model`, checking that every
     /// tensor fits the model's projections (an adapter for another base
     /// model is refused, naming the first tensor that does not fit).

@@ -46,6 +46,8 @@ pub enum Row {
     Preference {
         /// Question id or `line N`.
         id: String,
+        /// 1-based line in the data file.
+        line: usize,
         /// Prompt text.
         prompt: String,
         /// Preferred completion.
@@ -57,6 +59,8 @@ pub enum Row {
     Completion {
         /// Question id or `line N`.
         id: String,
+        /// 1-based line in the data file.
+        line: usize,
         /// Prompt text.
         prompt: String,
         /// Completion text.
@@ -64,6 +68,18 @@ pub enum Row {
         /// Whether the row was conversational (no EOS text appended: the template ends the turn).
         conversational: bool,
     },
+}
+
+impl Row {
+    /// Where the row is, for reports: `ID (line N)`, or `line N` for a row without an id.
+    pub fn place(&self) -> String {
+        let (Row::Preference { id, line, .. } | Row::Completion { id, line, .. }) = self;
+        if *id == format!("line {line}") {
+            id.clone()
+        } else {
+            format!("{id} (line {line})")
+        }
+    }
 }
 
 /// A tokenised row.
@@ -139,7 +155,7 @@ pub struct TokenizeReport {
     pub kept: usize,
     /// Rows whose completion was cut to fit `max_length`.
     pub truncated: usize,
-    /// Rows skipped: `(id, reason)`.
+    /// Rows skipped: `(ID (line N), reason)`.
     pub skipped: Vec<(String, String)>,
 }
 
@@ -202,9 +218,9 @@ pub fn parse_row(v: &Value, line: usize, tokenizer: &Tokenizer) -> Result<Row, S
             v[k].as_str().map(str::to_string).ok_or_else(|| format!("{k:?} must be a string like \"prompt\""))
         };
         return Ok(if is_pref {
-            Row::Preference { id, prompt: p.into(), chosen: text("chosen")?, rejected: text("rejected")? }
+            Row::Preference { id, line, prompt: p.into(), chosen: text("chosen")?, rejected: text("rejected")? }
         } else {
-            Row::Completion { id, prompt: p.into(), completion: text("completion")?, conversational: false }
+            Row::Completion { id, line, prompt: p.into(), completion: text("completion")?, conversational: false }
         });
     }
     let prompt_msgs = messages(prompt, "prompt")?;
@@ -226,9 +242,9 @@ pub fn parse_row(v: &Value, line: usize, tokenizer: &Tokenizer) -> Result<Row, S
     }
     let tail = |t: &String| t[prompt_text.len()..].to_string();
     Ok(if is_pref {
-        Row::Preference { id, chosen: tail(&full[0]), rejected: tail(&full[1]), prompt: prompt_text }
+        Row::Preference { id, line, chosen: tail(&full[0]), rejected: tail(&full[1]), prompt: prompt_text }
     } else {
-        Row::Completion { id, completion: tail(&full[0]), prompt: prompt_text, conversational: true }
+        Row::Completion { id, line, completion: tail(&full[0]), prompt: prompt_text, conversational: true }
     })
 }
 
@@ -268,9 +284,9 @@ pub fn tokenize(
     let mut report = TokenizeReport::default();
     for row in rows {
         let example = match row {
-            Row::Preference { id, prompt, chosen, rejected } if preference => {
+            Row::Preference { id, prompt, chosen, rejected, .. } if preference => {
                 if chosen.trim().is_empty() || rejected.trim().is_empty() {
-                    report.skipped.push((id.clone(), "empty chosen or rejected completion".into()));
+                    report.skipped.push((row.place(), "empty chosen or rejected completion".into()));
                     continue;
                 }
                 let mut seqs = Vec::with_capacity(2);
@@ -295,7 +311,7 @@ pub fn tokenize(
                     let n = seqs[0].0.len();
                     report
                         .skipped
-                        .push((id.clone(), format!("the prompt alone has {n} tokens, max_length is {max_length}")));
+                        .push((row.place(), format!("the prompt alone has {n} tokens, max_length is {max_length}")));
                     continue;
                 }
                 report.truncated += truncated as usize;
@@ -319,14 +335,14 @@ pub fn tokenize(
                     (Row::Preference { .. }, SftTarget::Answer) => match final_answer_line(chosen) {
                         Some(line) => line.to_string(),
                         None => {
-                            report.skipped.push((id.clone(), "the chosen trace has no \"Final answer:\" line".into()));
+                            report.skipped.push((row.place(), "the chosen trace has no \"Final answer:\" line".into()));
                             continue;
                         }
                     },
                     _ => chosen.clone(),
                 };
                 if target.trim().is_empty() {
-                    report.skipped.push((id.clone(), "empty completion".into()));
+                    report.skipped.push((row.place(), "empty completion".into()));
                     continue;
                 }
                 let eos_text = tokenizer.eos_token();
@@ -339,9 +355,10 @@ pub fn tokenize(
                 let mut ids = tokenizer.encode(&format!("{prompt}{completion}"), false)?;
                 let start = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
                 if start >= max_length {
-                    report
-                        .skipped
-                        .push((id.clone(), format!("the prompt alone has {start} tokens, max_length is {max_length}")));
+                    report.skipped.push((
+                        row.place(),
+                        format!("the prompt alone has {start} tokens, max_length is {max_length}"),
+                    ));
                     continue;
                 }
                 if ids.len() > max_length {
@@ -349,7 +366,7 @@ pub fn tokenize(
                     report.truncated += 1;
                 }
                 if ids.len() == start {
-                    report.skipped.push((id.clone(), "the completion has no tokens".into()));
+                    report.skipped.push((row.place(), "the completion has no tokens".into()));
                     continue;
                 }
                 Example::Completion { id: id.clone(), seq: Sequence { ids, completion_start: start } }

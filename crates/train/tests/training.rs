@@ -180,7 +180,7 @@ fn bad_rows_are_reported_with_file_and_line_or_skipped_with_a_reason() {
         format!(
             "{}\n{}\n",
             serde_json::json!({"prompt": prompt, "chosen": "x", "rejected": "y"}),
-            serde_json::json!({"prompt": "q", "chosen": "", "rejected": "y"})
+            serde_json::json!({"prompt": "q", "chosen": "", "rejected": "y", "metadata": {"question_id": "q:7"}})
         ),
     )
     .unwrap();
@@ -192,4 +192,6 @@ fn bad_rows_are_reported_with_file_and_line_or_skipped_with_a_reason() {
         serde_json::from_str(&std::fs::read_to_string(c.output_dir.join("tokenize_report.json")).unwrap()).unwrap();
     let reasons = report["skipped"].to_string();
     assert!(reasons.contains("the prompt alone has") && reasons.contains("empty chosen"), "{reasons}");
+    // Each skipped row is named with its line: `line N`, or `ID (line N)`.
+    assert!(reasons.contains("\"line 1\"") && reasons.contains("\"q:7 (line 2)\""), "{reasons}");
 }

@@ -87,8 +87,8 @@ fn tokenisation_matches_trl_for_standard_and_conversational_rows() {
     let sft_rows: Vec<Row> = rows(&meta, "rows")
         .into_iter()
         .map(|r| match r {
-            Row::Preference { id, prompt, chosen, .. } => {
-                Row::Completion { id, prompt, completion: chosen, conversational: false }
+            Row::Preference { id, line, prompt, chosen, .. } => {
+                Row::Completion { id, line, prompt, completion: chosen, conversational: false }
             }
             r => r,
         })
@@ -191,8 +191,8 @@ fn sft_loss_and_gradients_match_trl() {
     let sft_rows: Vec<Row> = rows(&meta, "rows")
         .into_iter()
         .map(|r| match r {
-            Row::Preference { id, prompt, chosen, .. } => {
-                Row::Completion { id, prompt, completion: chosen, conversational: false }
+            Row::Preference { id, line, prompt, chosen, .. } => {
+                Row::Completion { id, line, prompt, completion: chosen, conversational: false }
             }
             r => r,
         })

@@ -56,6 +56,15 @@ fn key_hints(rec: &J) -> KeyHints {
 /// tables are missing, become load errors.
 pub fn load_mmqa_jsonl(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let bytes = read_bytes(path)?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        // One error for the file, not one per line of a pretty-printed array.
+        return Err(crate::Error::UnknownFormat {
+            path: path.to_path_buf(),
+            hint: "the file holds a JSON array, not JSON lines (one record per line): name it .json, or write one \
+                   record per line"
+                .into(),
+        });
+    }
     let stem = stem(path);
     let db_dir = resolve_db_dir(path, opts);
     let mut names = TableNames::default();

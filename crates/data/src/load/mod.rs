@@ -110,8 +110,21 @@ impl Dataset {
 ///
 /// A file that cannot be read or parsed as a whole is an `Err`; single
 /// questions that fail (a missing database, a table the file lacks) are
-/// collected in [`Dataset::errors`] and loading goes on.
+/// collected in [`Dataset::errors`] and loading goes on. Nothing loaded at
+/// all (an empty file, or every item failed) is an `Err` too.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    let out = load_any(path, opts)?;
+    if out.questions.is_empty() && out.databases.is_empty() {
+        let why = match out.errors.first() {
+            Some(first) => format!("none of its {} items loaded; the first: {first}", out.errors.len()),
+            None => "it holds no questions or tables (is the file empty?)".to_string(),
+        };
+        return Err(Error::NothingLoaded { path: path.to_path_buf(), why });
+    }
+    Ok(out)
+}
+
+fn load_any(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let mut out = Dataset::default();
     if path.is_dir() {
         load_dir(path, opts, &mut out, 0)?;
@@ -145,7 +158,7 @@ fn load_dir(dir: &Path, opts: &LoadOptions, out: &mut Dataset, depth: usize) -> 
             if name != "database" && depth < 3 {
                 load_dir(p, opts, out, depth + 1)?;
             }
-        } else if name == "tables.json" || (has_csv && name == "questions.jsonl") {
+        } else if name == "tables.json" || (has_csv && (name == "questions.jsonl" || name == "keys.json")) {
             continue;
         } else if has_ext(p, &["jsonl", "json", "sqlite", "db", "sqlite3"]) {
             let (format, part) = load_file(p, opts)?;
