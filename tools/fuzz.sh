@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-1000000}"
 TABLETRACE_FUZZ_RUNS="$runs" cargo test --release --offline -p tabletrace-trace --test integration fuzz -- \
-  --nocapture --test-threads 1 2>&1 | grep -E '^fuzz |findings in|test result'
+  --nocapture --test-threads 1 2>&1 | grep -oE 'fuzz [a-z]+: .*|[0-9]+ findings in.*|test result.*'
