@@ -217,12 +217,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             let valid = qs.len();
             qs.sort();
             qs.dedup();
-            // Faithfulness of the traces that have text: a failed call has none to judge.
-            let answered: Vec<f64> = ts.iter().filter(|t| !t.text.is_empty()).map(|t| t.faithfulness).collect();
-            let faith = match answered.len() {
-                0 => "no trace with text".to_string(),
-                n => format!("mean faithfulness {:.2} of {n} with text", answered.iter().sum::<f64>() / n as f64),
-            };
+            let faith = faithfulness_summary(&ts);
             eprintln!(
                 "  {g:<24} {:<8} {valid} valid of {} ({} questions), {faith}",
                 format!("{p:?}").to_lowercase(),
@@ -240,4 +235,39 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Mean faithfulness of the traces that have text: a failed call or a prompt
+/// that was not run has none to judge (its stored 1.0 would flatter the mean).
+fn faithfulness_summary(traces: &[&Trace]) -> String {
+    let answered: Vec<f64> = traces.iter().filter(|t| !t.text.is_empty()).map(|t| t.faithfulness).collect();
+    match answered.len() {
+        0 => "no trace with text".to_string(),
+        n => format!("mean faithfulness {:.2} of {n} with text", answered.iter().sum::<f64>() / n as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_traces_do_not_count_in_the_faithfulness_mean() {
+        let trace = |text: &str, faithfulness: f64| Trace {
+            question_id: "q".into(),
+            generator: "http:m".into(),
+            polarity: Polarity::Positive,
+            text: text.into(),
+            final_answer: None,
+            valid: false,
+            invalid_reason: None,
+            error_type: None,
+            faithfulness,
+            prompt: String::new(),
+            params: serde_json::Value::Null,
+        };
+        let (ok, failed) = (trace("Step 1: …", 0.5), trace("", 1.0));
+        assert_eq!(faithfulness_summary(&[&ok, &failed, &failed]), "mean faithfulness 0.50 of 1 with text");
+        assert_eq!(faithfulness_summary(&[&failed]), "no trace with text");
+    }
 }
