@@ -38,6 +38,26 @@ pub struct TracesStage {
     /// failed calls only.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_failed: f64,
+    /// LLM generators sample this many traces per question with the
+    /// training prompt (`traces --on-policy`): the model's own correct
+    /// traces are positives, its wrong ones negatives — with program
+    /// positives, heterogeneous pairs of on-policy negatives. Default 0
+    /// (prompted positives and negatives).
+    #[serde(skip_serializing_if = "is_zero_count")]
+    pub on_policy: usize,
+    /// Local generators run on the GGUF's stored quantisation (`traces
+    /// --quantized`). Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quantized: bool,
+    /// A LoRA adapter for the local generators (`traces --adapter`), e.g. the
+    /// trace-SFT adapter of an earlier run, to sample on-policy traces from
+    /// the warm-started model. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
+}
+
+fn is_zero_count(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -53,6 +73,9 @@ impl Default for TracesStage {
             max_tokens: 160,
             batch: 8,
             max_failed: 0.0,
+            on_policy: 0,
+            quantized: false,
+            adapter: None,
         }
     }
 }
@@ -116,6 +139,11 @@ pub struct TrainStage {
     /// Default 4.
     #[serde(skip_serializing_if = "is_default_save_every")]
     pub save_every: usize,
+    /// Start every method from this adapter (train.toml's `init_adapter`),
+    /// e.g. a trace-SFT adapter of an earlier run: the warm start of
+    /// iterative preference optimisation. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 const DEFAULT_SAVE_EVERY: usize = 4;
@@ -145,6 +173,7 @@ impl Default for TrainStage {
             device: "cpu".into(),
             bf16_products: false,
             save_every: DEFAULT_SAVE_EVERY,
+            init_adapter: None,
         }
     }
 }
@@ -343,6 +372,13 @@ impl PipelineConfig {
             }
         }
         tabletrace_model::resolve(&self.model).map_err(|e| anyhow::anyhow!("config: model: {e}"))?;
+        for (key, dir) in [("traces.adapter", &self.traces.adapter), ("train.init_adapter", &self.train.init_adapter)] {
+            if let Some(dir) = dir {
+                if !dir.join("adapter_config.json").is_file() {
+                    bail!("config: {key}: {} holds no adapter_config.json", dir.display());
+                }
+            }
+        }
         for g in &self.traces.generators {
             if g == "program" {
                 continue;
@@ -470,6 +506,12 @@ impl Pipeline {
         }
         v
     }
+}
+
+/// `s` as a TOML basic string (Rust's `{:?}` escapes some characters, e.g.
+/// `\u{…}`, in ways TOML rejects).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 /// An error when a signal asked the pipeline to stop (the child got it too).
@@ -776,6 +818,15 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             if g != "program" {
                 args.extend(["--limit".into(), cfg.traces.llm_questions.to_string()]);
                 args.extend(["--max-failed".into(), cfg.traces.max_failed.to_string()]);
+                if cfg.traces.on_policy > 0 {
+                    args.extend(["--on-policy".into(), cfg.traces.on_policy.to_string()]);
+                }
+                if cfg.traces.quantized {
+                    args.push("--quantized".into());
+                }
+                if let Some(dir) = &cfg.traces.adapter {
+                    args.extend(["--adapter".into(), dir.display().to_string()]);
+                }
             }
             p.timed(&format!("traces-{g}"), "traces", &args, false)?;
             parts.push(out);
@@ -916,6 +967,10 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         );
         std::fs::create_dir_all(&out)?;
         let toml = if t.bf16_products { format!("bf16_products = true\n{toml}") } else { toml };
+        let toml = match &t.init_adapter {
+            Some(dir) => format!("init_adapter = {}\n{toml}", toml_string(&dir.display().to_string())),
+            None => toml,
+        };
         let toml_path = out.join("train.toml");
         std::fs::write(&toml_path, toml)?;
         let mut args = vec!["train".to_string(), "--config".into(), toml_path.display().to_string()];

@@ -1,13 +1,12 @@
 //! `tabletrace traces`: reasoning traces for every question of a dataset.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tabletrace_data::{load, Polarity, Reporter, Trace};
-use tabletrace_model::{load_model, LoadOptions};
 use tabletrace_trace::{
     llm_traces, parse_http_spec, program_traces, CallCache, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
     ProgramTracer, Wanted, NOT_WHOLE,
@@ -62,12 +61,24 @@ pub struct TracesArgs {
     /// Run the embedded model on the GGUF's stored quantisation.
     #[arg(long)]
     quantized: bool,
+    /// A LoRA adapter for the local model (e.g. a trace-SFT adapter, to
+    /// sample on-policy traces from the warm-started model). It is part of
+    /// the generator's name in the call cache, with a digest of its weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Which traces to make.
     #[arg(long, value_enum, default_value_t = PolarityArg::Both)]
     polarity: PolarityArg,
     /// Negatives per question at most.
     #[arg(long, default_value_t = 2)]
     negatives: usize,
+    /// LLM generators sample N traces per question with the training prompt
+    /// itself (at --temperature) instead of being asked for positives and
+    /// negatives: a sample reaching the gold answer is a positive, one
+    /// reaching a wrong answer of the same kind a negative (the model's own
+    /// mistakes). A local model prefills each prompt once for its samples.
+    #[arg(long, default_value_t = 0)]
+    on_policy: usize,
     /// Seed for choosing perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -148,9 +159,12 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         } else {
             let llm: Box<dyn Llm> = match g.strip_prefix("local:") {
                 Some(spec) => {
-                    let opts = LoadOptions { quantized: a.quantized, ..LoadOptions::default() };
-                    let model = load_model(spec, &opts).with_context(|| format!("loading model {spec}"))?;
-                    Box::new(LocalLlm { model, name: spec.to_string(), batch: a.batch })
+                    let model = crate::eval_cmd::load_with_adapter(spec, a.adapter.as_deref(), a.quantized)?;
+                    Box::new(LocalLlm {
+                        model,
+                        name: local_name(spec, a.adapter.as_deref(), a.quantized)?,
+                        batch: a.batch,
+                    })
                 }
                 None => {
                     let (endpoints, model) = parse_http_spec(g).map_err(anyhow::Error::msg)?;
@@ -167,6 +181,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             let cache = CallCache::open(&cache_path).map_err(anyhow::Error::msg)?;
             let run = LlmRunOptions {
                 wanted,
+                on_policy: a.on_policy,
                 temperature_positive: a.temperature_positive,
                 temperature_negative: a.temperature,
                 top_p: 0.95,
@@ -202,14 +217,16 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         ds.questions.len() as f64 / secs.max(1e-9),
         a.out.display()
     );
-    for g in &a.generators {
-        // The name traces carry: `http:MODEL` for an HTTP generator (endpoints are deployment detail).
-        let g = &match parse_http_spec(g) {
-            Ok((_, model)) => format!("http:{model}"),
-            Err(_) => g.clone(),
-        };
+    // The names traces carry (`http:MODEL`, `local:SPEC+adapter:…`), in order of appearance.
+    let mut names: Vec<&str> = Vec::new();
+    for t in &traces {
+        if !names.contains(&t.generator.as_str()) {
+            names.push(&t.generator);
+        }
+    }
+    for g in names {
         for p in [Polarity::Positive, Polarity::Negative] {
-            let ts: Vec<&Trace> = traces.iter().filter(|t| &t.generator == g && t.polarity == p).collect();
+            let ts: Vec<&Trace> = traces.iter().filter(|t| t.generator == g && t.polarity == p).collect();
             if ts.is_empty() {
                 continue;
             }
@@ -235,6 +252,26 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A local generator's name in traces and in the call cache: the model spec,
+/// then `+adapter:DIGEST` (the first 8 bytes of the adapter weights' SHA-256,
+/// so a retrained adapter at the same path is not answered from the cache)
+/// and `+quantized` (its replies differ from the f32 weights').
+fn local_name(spec: &str, adapter: Option<&Path>, quantized: bool) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut name = spec.to_string();
+    if let Some(dir) = adapter {
+        let weights = dir.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
+        let digest = sha2::Sha256::digest(&bytes);
+        name.push_str("+adapter:");
+        name.extend(digest.iter().take(8).map(|b| format!("{b:02x}")));
+    }
+    if quantized {
+        name.push_str("+quantized");
+    }
+    Ok(name)
 }
 
 /// Mean faithfulness of the traces that have text: a failed call or a prompt

@@ -176,3 +176,34 @@ fn ids_that_do_not_load_count_as_wrong() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!((v["n"].as_u64(), v["not_run"].as_u64()), (Some(2), Some(1)), "{v}");
 }
+
+/// `[traces] on_policy` samples the local model with the training prompt;
+/// the samples are sorted by their own answers and paired heterogeneously.
+#[test]
+fn on_policy_samples_reach_the_pairs_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("pipeline.toml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run_dir = {:?}\ndata = \"data/sample/mmqa/mmqa_two_table.jsonl\"\neval_fraction = 0.1\ntable_tokens = 500\n\
+             [traces]\ngenerators = [\"program\", \"local:smollm2-135m\"]\nllm_questions = 2\non_policy = 3\nmax_tokens = 48\n\
+             quantized = true\n[train]\nmethods = [\"cpo\"]\nmax_steps = 1\n",
+            run.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--to", "pairs", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sampled: Vec<serde_json::Value> = std::fs::read_to_string(run.join("traces/traces-1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sampled.len(), 6, "3 samples of each of 2 questions");
+    assert!(sampled
+        .iter()
+        .all(|t| t["params"]["on_policy"] == true && t["generator"] == "local:smollm2-135m+quantized"));
+    assert!(run.join("pairs/pairs.jsonl").is_file());
+}

@@ -142,8 +142,16 @@ pub fn negative_prompt(question: &str, tables: &str, error: ErrorType) -> String
 /// Options of an LLM trace run.
 #[derive(Debug, Clone)]
 pub struct LlmRunOptions {
-    /// Which traces.
+    /// Which traces, asked for by prompt: a positive with the trace prompt,
+    /// negatives with a prompt asking for one mistake of a given type.
+    /// Ignored when `on_policy` is set.
     pub wanted: Wanted,
+    /// On-policy sampling instead: this many samples per question with the
+    /// training prompt itself (the one pairs are made with) at
+    /// `temperature_negative`; a sample reaching the gold answer is a
+    /// positive, one reaching a wrong answer of the same kind a negative —
+    /// the model's own mistakes, plausible by construction. 0: off.
+    pub on_policy: usize,
     /// Temperature of positives (0: greedy).
     pub temperature_positive: f64,
     /// Temperature of negatives.
@@ -162,7 +170,10 @@ pub struct LlmRunOptions {
 
 struct Request {
     question: usize,
+    /// For an on-policy sample, decided by its answer; here a placeholder.
     polarity: Polarity,
+    /// An on-policy sample (see [`LlmRunOptions::on_policy`]).
+    on_policy: bool,
     error: Option<ErrorType>,
     prompt: String,
     params: LlmParams,
@@ -216,11 +227,27 @@ pub fn llm_traces(
             max_tokens: opts.max_tokens,
             seed: seed_of(opts.seed, &format!("{}/{polarity}/{k}", q.id)),
         };
+        if opts.on_policy > 0 {
+            // Consecutive, so that a local model prefills the prompt once for all samples.
+            let prompt = opts.prompter.text(q, &tables, PromptStyle::Trace);
+            for k in 0..opts.on_policy {
+                requests.push(Request {
+                    question: qi,
+                    polarity: Polarity::Positive,
+                    on_policy: true,
+                    error: None,
+                    prompt: prompt.clone(),
+                    params: params("sample", k, opts.temperature_negative),
+                });
+            }
+            continue;
+        }
         if opts.wanted.positive {
             let prompt = opts.prompter.text(q, &tables, PromptStyle::Trace);
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
+                on_policy: false,
                 error: None,
                 prompt,
                 params: params("positive", 0, opts.temperature_positive),
@@ -232,6 +259,7 @@ pub fn llm_traces(
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,
+                on_policy: false,
                 error: Some(et),
                 prompt,
                 params: params("negative", k, opts.temperature_negative),
@@ -302,14 +330,26 @@ pub fn llm_traces(
 
     let mut positives_by_q: HashMap<usize, Vec<String>> = HashMap::new();
     for (r, c) in requests.iter().zip(&completions) {
-        if let (Polarity::Positive, Some(Ok(t))) = (r.polarity, c) {
+        if let (Polarity::Positive, false, Some(Ok(t))) = (r.polarity, r.on_policy, c) {
             positives_by_q.entry(r.question).or_default().push(t.clone());
         }
     }
     let mut traces = Vec::with_capacity(requests.len());
     for (r, c) in requests.iter().zip(completions) {
         let (gold, evidence, names) = &context[&r.question];
+        let mut polarity = r.polarity;
         let (text, valid) = match c.expect("every request was answered") {
+            Ok(text) if r.on_policy => {
+                // The sample's own answer decides what it is.
+                let v = match validate_positive(&text, gold) {
+                    Ok(()) => Ok(()),
+                    Err(_) => {
+                        polarity = Polarity::Negative;
+                        validate_llm_negative(&text, gold, names, &[])
+                    }
+                };
+                (text, v)
+            }
             Ok(text) => {
                 let v = match r.polarity {
                     Polarity::Positive => validate_positive(&text, gold),
@@ -328,7 +368,7 @@ pub fn llm_traces(
         traces.push(Trace {
             question_id: questions[r.question].id.to_string(),
             generator: generator.clone(),
-            polarity: r.polarity,
+            polarity,
             final_answer: extract_final_answer(&text),
             faithfulness: faithfulness(&text, evidence),
             valid: valid.is_ok(),
@@ -336,7 +376,11 @@ pub fn llm_traces(
             error_type: r.error,
             text,
             prompt: r.prompt.clone(),
-            params: serde_json::json!({"model": llm.model(), "backend": llm.backend(), "sampling": r.params}),
+            params: if r.on_policy {
+                serde_json::json!({"model": llm.model(), "backend": llm.backend(), "sampling": r.params, "on_policy": true})
+            } else {
+                serde_json::json!({"model": llm.model(), "backend": llm.backend(), "sampling": r.params})
+            },
         });
     }
     Ok((traces, stats))

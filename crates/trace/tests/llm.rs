@@ -28,6 +28,7 @@ fn sample(n: usize) -> Vec<Question> {
 fn run_options(wanted: Wanted, max_tokens: usize) -> LlmRunOptions {
     LlmRunOptions {
         wanted,
+        on_policy: 0,
         temperature_positive: 0.0,
         temperature_negative: 0.7,
         top_p: 0.95,
@@ -105,4 +106,31 @@ fn a_generator_whose_calls_all_fail_is_an_error_naming_the_cause() {
     let e = llm_traces(&sample(2), &llm, &cache, &run_options(Wanted { positive: true, negatives: 1 }, 8), &Silent)
         .unwrap_err();
     assert!(e.contains("http:m: all 4 calls failed") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
+}
+
+#[test]
+fn on_policy_samples_are_sorted_by_their_own_answers() {
+    let qs = sample(2);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let opts = LlmRunOptions { on_policy: 3, ..run_options(Wanted { positive: true, negatives: 2 }, 24) };
+    let (traces, stats) = llm_traces(&qs, &smollm2(), &cache, &opts, &Silent).unwrap();
+    assert_eq!(stats.requests, 6, "3 samples per question, no prompted positives or negatives");
+    assert_eq!(traces.len(), 6);
+    for t in &traces {
+        assert_eq!(t.params["on_policy"], true);
+        // The training prompt itself: no request for a mistake.
+        assert!(t.prompt.contains("Question:") && !t.prompt.contains("one subtle mistake"), "{}", t.prompt);
+        assert!(t.error_type.is_none());
+        // A positive is a sample that reached gold; anything else is a negative.
+        let reached_gold = t.polarity == Polarity::Positive;
+        assert!(!reached_gold || t.valid, "a positive sample is valid by construction");
+        if t.polarity == Polarity::Negative && !t.valid {
+            assert!(t.invalid_reason.is_some());
+        }
+    }
+    // Samples of one question differ by their seed.
+    let seeds: std::collections::HashSet<String> =
+        traces.iter().map(|t| t.params["sampling"]["seed"].to_string()).collect();
+    assert_eq!(seeds.len(), 6);
 }

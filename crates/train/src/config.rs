@@ -325,6 +325,12 @@ pub struct TrainConfig {
     /// f32 products, exact against TRL (README, "The trainer").
     #[serde(skip_serializing_if = "is_false")]
     pub bf16_products: bool,
+    /// Start from this adapter's weights (a PEFT folder with the same rank,
+    /// alpha and target modules) instead of a fresh LoRA init, e.g. CPO
+    /// warm-started from a trace-SFT adapter. The optimizer starts afresh.
+    /// Part of the fingerprint by its path. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
     /// LoRA.
     pub lora: LoraSettings,
     /// Preference loss.
@@ -357,6 +363,7 @@ impl Default for TrainConfig {
             activation_checkpointing: true,
             keep_mlp_products: true,
             bf16_products: false,
+            init_adapter: None,
             device: "cpu".into(),
             lora: LoraSettings::default(),
             loss: LossConfig::default(),

@@ -154,6 +154,9 @@ impl<'a> Trainer<'a> {
             )));
         }
         let lora = Lora::new(&loaded.model, &cfg.lora.resolve()?, cfg.seed)?;
+        if let Some(dir) = &cfg.init_adapter {
+            warm_start(&lora, dir, &loaded.model)?;
+        }
         Ok(Trainer { loss: cfg.loss.resolve(cfg.method), cfg, loaded, train, eval, lora, reporter, stop: None })
     }
 
@@ -482,6 +485,45 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> 
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
     Ok(Some((dir, state)))
+}
+
+/// Sets `lora`'s weights to those of the adapter in `dir`, which must have
+/// the same scale (alpha / r) and the same adapted projections.
+fn warm_start(lora: &Lora, dir: &Path, model: &tabletrace_model::Model) -> Result<()> {
+    let bad = |message: String| Error::Config { key: "init_adapter".into(), message };
+    let init = Lora::load(dir, model)?;
+    if (init.config().scale() - lora.config().scale()).abs() > 1e-9 * lora.config().scale().abs().max(1.0) {
+        return Err(bad(format!(
+            "{}: its scale alpha/r is {}, the config's {}: use the same lora.r and lora.alpha",
+            dir.display(),
+            init.config().scale(),
+            lora.config().scale()
+        )));
+    }
+    let values: HashMap<String, Tensor> =
+        init.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let ours: std::collections::BTreeSet<String> = lora.named_vars().into_iter().map(|(n, _)| n).collect();
+    let theirs: std::collections::BTreeSet<String> = values.keys().cloned().collect();
+    if ours != theirs {
+        let missing = ours.difference(&theirs).next().or_else(|| theirs.difference(&ours).next());
+        return Err(bad(format!(
+            "{}: it adapts other projections or another rank than the config (first difference: {})",
+            dir.display(),
+            missing.map_or("?", String::as_str)
+        )));
+    }
+    for (name, var) in lora.named_vars() {
+        if var.as_tensor().dims() != values[&name].dims() {
+            return Err(bad(format!(
+                "{}: {name} has shape {:?}, the config's {:?}: use the same lora.r",
+                dir.display(),
+                values[&name].dims(),
+                var.as_tensor().dims()
+            )));
+        }
+    }
+    lora.assign(&values)?;
+    Ok(())
 }
 
 /// Drops metric lines past `step` (written after the checkpoint a run resumes from).

@@ -195,3 +195,38 @@ fn bad_rows_are_reported_with_file_and_line_or_skipped_with_a_reason() {
     // Each skipped row is named with its line: `line N`, or `ID (line N)`.
     assert!(reasons.contains("\"line 1\"") && reasons.contains("\"q:7 (line 2)\""), "{reasons}");
 }
+
+#[test]
+fn a_warm_start_begins_from_the_given_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sft = config(dir.path(), "sft");
+    sft.method = Method::SftTrace;
+    sft.max_steps = 2;
+    Trainer::new(sft.clone(), smollm2(), &Silent).unwrap().run().unwrap();
+    let adapter = sft.output_dir.join("adapter");
+
+    let mut cpo = config(dir.path(), "cpo");
+    cpo.init_adapter = Some(adapter.clone());
+    let warm = Trainer::new(cpo.clone(), smollm2(), &Silent).unwrap();
+    let saved = Lora::load(&adapter, &smollm2().model).unwrap();
+    let saved: std::collections::HashMap<String, Vec<f32>> = saved
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    for (name, var) in warm.lora().named_vars() {
+        assert_eq!(var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), saved[&name], "{name}");
+    }
+    // A fresh init differs (B starts at zero; after training it does not).
+    let fresh = Trainer::new(config(dir.path(), "fresh"), smollm2(), &Silent).unwrap();
+    assert!(fresh
+        .lora()
+        .named_vars()
+        .iter()
+        .any(|(n, v)| { v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap() != saved[n] }));
+    // Another rank is refused, naming the key.
+    cpo.lora.r = 8;
+    cpo.output_dir = dir.path().join("cpo8");
+    let e = Trainer::new(cpo, smollm2(), &Silent).err().unwrap().to_string();
+    assert!(e.contains("init_adapter") && e.contains(&adapter.display().to_string()), "{e}");
+}
