@@ -194,11 +194,20 @@ pub struct EvalStage {
     /// adapters beside it as factors. Default false (f32 weights).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub quantized: bool,
+    /// Evaluate the base model too. Default true; false for a run whose
+    /// arms are compared with another run's base and baselines (same split
+    /// and settings), so that the base is not evaluated twice.
+    #[serde(skip_serializing_if = "is_true")]
+    pub base: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for EvalStage {
     fn default() -> Self {
-        EvalStage { limit: 0, max_tokens: 128, batch: 8, prompt_format: "trace".into(), quantized: false }
+        EvalStage { limit: 0, max_tokens: 128, batch: 8, prompt_format: "trace".into(), quantized: false, base: true }
     }
 }
 
@@ -987,7 +996,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
 
     // eval: every arm on the held-out questions, the cross-database set
     // (when databases are held out) and each further set.
-    let mut runs = vec![("base".to_string(), None)];
+    let mut runs = if cfg.eval.base { vec![("base".to_string(), None)] } else { Vec::new() };
     runs.extend(cfg.train.methods.iter().map(|m| (m.clone(), Some(dir.join(m).join("adapter")))));
     let sets_dir = dir.join("eval_sets");
     let mut sets: Vec<(String, Vec<String>, PathBuf)> = vec![(String::new(), p.data_args(), dir.join("eval_ids.txt"))];
@@ -1145,7 +1154,7 @@ mod tests {
         let cfg: PipelineConfig = toml::from_str(EMBEDDED_DEFAULT).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.model, "smollm2-135m");
-        for preset in ["mmqa-qwen-cpu.toml", "mmqa-qwen-pilot.toml", "gpu-vllm.toml"] {
+        for preset in ["mmqa-qwen-cpu.toml", "mmqa-qwen-onpolicy.toml", "mmqa-qwen-pilot.toml", "gpu-vllm.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(preset);
             let text = std::fs::read_to_string(&path).unwrap();
             let cfg: PipelineConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{preset}: {e}"));
