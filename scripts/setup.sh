@@ -18,3 +18,13 @@ scripts/fetch-models.sh smollm2-135m qwen2.5-coder-0.5b
 # AVX2/FMA/F16C into a venv in the cache, ~6 minutes): the real server the
 # HTTP-generator tests run against on 127.0.0.1.
 scripts/setup-peers.sh llama
+# Chromium (Debian's package) for the test that loads report.html in a real
+# headless browser. Needs apt and root (as in CI); elsewhere install it yourself.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+  else
+    echo "note: chromium is not installed (apt-get install chromium): the report.html browser test will fail" >&2
+  fi
+fi

@@ -301,6 +301,9 @@ pub struct ReportArgs {
     /// The run that differences are taken from (a run folder's name). Default: the first run.
     #[arg(long)]
     pub baseline: Option<String>,
+    /// Preference pairs (TRL JSONL) to browse in report.html, chosen beside rejected.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
 }
 
 pub fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
@@ -315,8 +318,9 @@ pub fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
         cmp.subsets.push((name.to_string(), crate::read_ids(Path::new(file))?));
     }
     let md = tabletrace_eval::report::write_report_comparing(&runs, &cmp, &out)?;
+    tabletrace_eval::html::write_html(&runs, &cmp, a.pairs.as_deref(), &out)?;
     print!("{md}");
-    eprintln!("wrote {}", out.join("report.md").display());
+    eprintln!("wrote {} and {}", out.join("report.md").display(), out.join("report.html").display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1076,6 +1076,9 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     if cfg.train.methods.iter().any(|m| m == "sft-qa") {
         args.extend(["--baseline".into(), "sft-qa".into()]);
     }
+    if pairs.is_file() {
+        args.extend(["--pairs".into(), pairs.display().to_string()]);
+    }
     p.tabletrace("report", &args, false)?;
     note_failed_calls(&dir, cfg.traces.max_failed)?;
     add_compute_to_summary(&dir, &runs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())?;

@@ -50,13 +50,23 @@ fn a_signal_to_run_alone_stops_its_trainer_which_saves_its_steps_and_resumes() {
     let cfg = small_pipeline(dir.path(), "[\"program\"]", "max_steps = 10\nsave_every = 100");
     let run = dir.path().join("run");
     let metrics = run.join("sft-qa/metrics.jsonl");
-    let mut parent = Command::new(env!("CARGO_BIN_EXE_tabletrace"))
-        .args(["run", cfg.to_str().unwrap(), "--to", "train", "--quiet"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tabletrace"));
+    cmd.args(["run", cfg.to_str().unwrap(), "--to", "train", "--quiet"])
         .current_dir(root())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    // A test harness started in the background (`cmd &` in a script) runs
+    // with SIGINT ignored, and tabletrace keeps an inherited ignore; this
+    // test is about a user's Ctrl-C or kill -INT, so the run starts with the
+    // default disposition.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut parent = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
     while steps(&metrics).len() < 2 {
         assert!(Instant::now() < deadline, "no training step after 600 s");

@@ -5,6 +5,7 @@ mod chat;
 mod data;
 mod pipeline;
 mod reliability;
+mod report_html;
 mod resume;
 mod traces;
 mod train;

@@ -11,6 +11,8 @@
 //! - [`compare`] scores runs on subsets of their questions and gives paired
 //!   bootstrap intervals of their differences.
 //! - [`report`] compares run directories side by side in Markdown with PNG charts.
+//! - [`html`] writes the same as one self-contained page to browse, with every
+//!   question, each run's answer, filters, and the preference pairs.
 //!
 //! ```no_run
 //! use tabletrace_eval::{evaluate, EvalItem, EvalOptions, Kind};
@@ -33,6 +35,7 @@
 
 pub mod compare;
 mod eval;
+pub mod html;
 pub mod report;
 
 pub use eval::{evaluate, extract_answer, Breakdown, EvalItem, EvalOptions, EvalReport, Kind, Prediction};
