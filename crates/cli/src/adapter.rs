@@ -1,8 +1,13 @@
-//! Loading a LoRA adapter for a model named on the command line.
+//! LoRA adapters on the command line: loading one for a named model, and
+//! `tabletrace adapter cast` (an adapter's weights in another precision,
+//! e.g. f16 to commit a study's adapters at half the size).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
+use candle_core::DType;
+use clap::{Args, ValueEnum};
 use tabletrace_model::{Lora, Model};
 
 /// Loads the adapter in `dir` for `model` (given as `spec`). An adapter whose
@@ -26,6 +31,52 @@ fn base_mismatch(dir: &Path, spec: &str) -> anyhow::Result<Option<String>> {
             dir.display()
         )
     }))
+}
+
+/// Precisions an adapter can be stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Args)]
+pub struct CastArgs {
+    /// The PEFT LoRA adapter folder.
+    adapter: PathBuf,
+    /// The precision of the copy's weights.
+    #[arg(long, value_enum)]
+    dtype: Precision,
+    /// Output folder (adapter_config.json and adapter_model.safetensors); PEFT
+    /// and `tabletrace eval --adapter` read it (tabletrace computes in f32).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes a copy of an adapter with its weights in another precision.
+pub fn cast(a: CastArgs) -> anyhow::Result<ExitCode> {
+    let dtype = match a.dtype {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+    };
+    let weights = a.adapter.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", weights.display()))?;
+    let cast = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let config = a.adapter.join("adapter_config.json");
+    std::fs::copy(&config, a.out.join("adapter_config.json"))
+        .with_context(|| format!("copying {}", config.display()))?;
+    let out = a.out.join("adapter_model.safetensors");
+    candle_core::safetensors::save(&cast, &out).with_context(|| format!("writing {}", out.display()))?;
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    eprintln!("wrote {} ({:.1} MB, {} tensors in {dtype:?})", a.out.display(), size as f64 / 1e6, cast.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ enum Command {
 enum AdapterCommand {
     /// Merge an adapter into its base model and write config.json, model.safetensors and the tokenizer.
     Merge(train_cmd::MergeArgs),
+    /// Copy an adapter with its weights in another precision (f16 halves it).
+    Cast(adapter::CastArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval_cmd::run(args, cli.quiet),
         Command::Run(args) => run_cmd::run(args, cli.quiet),
         Command::Adapter { command: AdapterCommand::Merge(args) } => train_cmd::merge(args),
+        Command::Adapter { command: AdapterCommand::Cast(args) } => adapter::cast(args),
         Command::Report(args) => eval_cmd::report(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
         Command::Bench { command: BenchCommand::Matmul(args) } => bench_cmd::matmul(args),

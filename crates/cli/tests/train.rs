@@ -135,4 +135,13 @@ fn merged_export_loads_as_a_hugging_face_folder_and_answers_like_the_adapter() {
         "adapter {with_adapter}, merged folder {from_folder}"
     );
     assert!((with_adapter - base).abs() > 1e-3, "training changed nothing");
+    // An f16 copy of the adapter is half the size and scores within f16 rounding.
+    let half = dir.path().join("adapter-f16");
+    let o =
+        tabletrace(&["adapter", "cast", adapter.to_str().unwrap(), "--dtype", "f16", "--out", half.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let size = |d: &std::path::Path| std::fs::metadata(d.join("adapter_model.safetensors")).unwrap().len() as f64;
+    assert!((size(&half) / size(&adapter) - 0.5).abs() < 0.01, "{} vs {}", size(&half), size(&adapter));
+    let with_half = score(&["--model", "smollm2-135m", "--adapter", half.to_str().unwrap()]);
+    assert!((with_half - with_adapter).abs() < 1e-3 * with_adapter.abs(), "f16 {with_half}, f32 {with_adapter}");
 }
