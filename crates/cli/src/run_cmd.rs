@@ -1128,7 +1128,14 @@ fn add_compute_to_summary(dir: &Path, arms: &[String]) -> anyhow::Result<()> {
     let sum = |pred: &dyn Fn(&str) -> bool| compute.iter().filter(|(k, _)| pred(k)).map(|(_, v)| v).sum::<f64>();
     for arm in arms {
         let eval_s = sum(&|k: &str| k == format!("eval-{arm}") || k.starts_with(&format!("eval-{arm}-")));
-        let train_s = sum(&|k: &str| k == format!("train-{arm}"));
+        // A training split over sessions may have been killed before the
+        // pipeline could count its time: the steps' own seconds count then.
+        let steps_s: f64 = std::fs::read_to_string(dir.join(arm).join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step_seconds")?.as_f64())
+            .sum();
+        let train_s = sum(&|k: &str| k == format!("train-{arm}")).max(steps_s);
         if let Some(a) = summary["arms"].get_mut(arm) {
             a["compute"] = serde_json::json!({ "train_seconds": train_s, "eval_seconds": eval_s });
         }

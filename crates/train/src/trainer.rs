@@ -372,6 +372,8 @@ impl<'a> Trainer<'a> {
             line.insert("learning_rate".into(), lr.into());
             line.insert("grad_norm".into(), norm.into());
             line.insert("tokens_per_second".into(), (sums.tokens as f64 / secs.max(1e-9)).into());
+            // Wall seconds of this step: summed, the compute of a run split over sessions.
+            line.insert("step_seconds".into(), secs.into());
             last = line.iter().filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f))).collect();
             writeln!(metrics_file, "{}", serde_json::Value::Object(line)).map_err(io(&out.join("metrics.jsonl")))?;
             self.reporter.message(&format!("loss {:.4}", sums.loss));

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Puts a study's committed, finished training arms back into its run
+# directory, so that `tabletrace run` on a new machine skips them instead of
+# training again (the run directory itself is not committed):
+#   scripts/restore-study.sh docs/study/mmqa-qwen-protocol/arms runs/mmqa-qwen
+# Each ARMS/<arm>/ holds what training left (adapter in f16, metrics,
+# configs) and train.done, the pipeline's marker of the arm's settings. The
+# data, traces and pairs stages redo themselves (about a minute,
+# deterministic, same settings); the adapter is the committed f16 copy
+# (tabletrace computes in f32; it is the adapter summary.json names).
+set -euo pipefail
+arms="${1:?usage: scripts/restore-study.sh ARMS_DIR RUN_DIR}"
+run="${2:?usage: scripts/restore-study.sh ARMS_DIR RUN_DIR}"
+mkdir -p "$run"
+for dir in "$arms"/*/; do
+  arm="$(basename "$dir")"
+  if [ ! -f "$dir/train.done" ] || [ ! -f "$dir/adapter/adapter_model.safetensors" ]; then
+    echo "skip $arm: no train.done or adapter" >&2
+    continue
+  fi
+  if [ -f "$run/.train-$arm.done" ] && [ -f "$run/$arm/adapter/adapter_model.safetensors" ]; then
+    echo "keep $arm: already trained in $run"
+    continue
+  fi
+  rm -rf "${run:?}/$arm"
+  mkdir -p "$run/$arm"
+  cp -r "$dir/adapter" "$run/$arm/adapter"
+  for f in metrics.jsonl train.toml train_config.json tokenize_report.json curves.png; do
+    [ -f "$dir/$f" ] && cp "$dir/$f" "$run/$arm/$f"
+  done
+  cp "$dir/train.done" "$run/$arm/.train-settings"
+  cp "$dir/train.done" "$run/.train-$arm.done"
+  echo "restored $arm into $run/$arm"
+done
