@@ -210,7 +210,7 @@ fn eval_item(
         }
         Err(f) => {
             stats.not_prepared += 1;
-            unprepared(format!("its tables cannot be rendered: {}", f.message), Some(gold))
+            unprepared(f.to_string(), Some(gold))
         }
     }
 }

@@ -96,9 +96,8 @@ pub fn run(a: PairsArgs) -> anyhow::Result<ExitCode> {
     let mut prompts = HashMap::new();
     for q in ds.questions.iter().filter(|q| wanted.contains(q.id.0.as_str())) {
         let db = TableDb::open(&q.tables).map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
-        let prompt = prompter
-            .prompt(&db, q, PromptStyle::Trace)
-            .map_err(|f| anyhow::anyhow!("question {}: {}", q.id, f.message))?;
+        let prompt =
+            prompter.prompt(&db, q, PromptStyle::Trace).map_err(|f| anyhow::anyhow!("question {}: {f}", q.id))?;
         prompts.insert(q.id.0.clone(), prompt.text);
     }
     let policy = match a.policy {

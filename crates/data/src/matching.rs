@@ -321,24 +321,35 @@ pub fn token_f1(prediction: &str, gold: &Answer) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
-/// The answer on the last `Final answer:` line (case-insensitive; Markdown
-/// emphasis, a repeated label and a trailing period removed), if there is
-/// one. Trace validation and evaluation both read answers with it.
+/// The answer a line gives after a `Final answer` label (case-insensitive;
+/// Markdown emphasis, a repeated label and a trailing period removed), if it
+/// is such a line with a non-empty answer.
+fn labelled_answer(line: &str) -> Option<&str> {
+    let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
+    let mut found = false;
+    // Small models repeat the label ("Final answer: Final answer: x").
+    while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
+        l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
+        found = true;
+    }
+    if !found {
+        return None;
+    }
+    let v = l.trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
+    (!v.is_empty()).then_some(v)
+}
+
+/// The answer on the last `Final answer:` line (see [`final_answer_line`]),
+/// if there is one. Trace validation and evaluation both read answers with it.
 pub fn extract_final_answer(text: &str) -> Option<String> {
-    text.lines().rev().find_map(|line| {
-        let mut l = line.trim().trim_start_matches(['*', '#', ' ']);
-        let mut found = false;
-        // Small models repeat the label ("Final answer: Final answer: x").
-        while let Some(rest) = l.to_ascii_lowercase().strip_prefix("final answer").map(str::len) {
-            l = l[l.len() - rest..].trim_start_matches(['*', ':', ' ']);
-            found = true;
-        }
-        if !found {
-            return None;
-        }
-        let v = l.trim_end_matches(['*', ' ']).trim_end_matches('.').trim();
-        (!v.is_empty()).then(|| v.to_string())
-    })
+    text.lines().rev().find_map(labelled_answer).map(str::to_string)
+}
+
+/// The last line that gives a final answer, whole and trimmed (label
+/// included): the target of Q&A SFT. The same lines as [`extract_final_answer`]
+/// reads (case-insensitive label, Markdown emphasis, a repeated label).
+pub fn final_answer_line(text: &str) -> Option<&str> {
+    text.lines().rev().find(|l| labelled_answer(l).is_some()).map(str::trim)
 }
 
 /// All scores of one prediction against one gold answer.
@@ -377,6 +388,19 @@ mod tests {
     }
     fn t(s: &str) -> Value {
         Value::Text(s.to_string())
+    }
+
+    #[test]
+    fn the_final_answer_line_is_the_one_the_answer_is_read_from() {
+        let t = "Step 1: …\n**Final Answer:** Treasury.\nThanks!";
+        assert_eq!(final_answer_line(t), Some("**Final Answer:** Treasury."));
+        assert_eq!(extract_final_answer(t).as_deref(), Some("Treasury"));
+        assert_eq!(
+            final_answer_line("a\nFinal answer: 3\nFinal answer:\n"),
+            Some("Final answer: 3"),
+            "an empty answer is none"
+        );
+        assert_eq!(final_answer_line("no answer here"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Samp
 use crate::cache::{CallCache, CallKey};
 use crate::generate::{gold_answer, question_evidence, Wanted};
 use crate::program::{ProgramTracer, StepCache};
-use crate::prompts::{PromptStyle, PromptTemplates, Prompter};
+use crate::prompts::{PromptStyle, Prompter};
 use crate::validate::{extract_final_answer, faithfulness, matches_gold, Evidence};
 
 /// Sampling parameters of one request.
@@ -133,12 +133,6 @@ impl LocalLlm {
     }
 }
 
-/// The prompt asking for a convincing trace with one error of a given type
-/// (built-in template).
-pub fn negative_prompt(question: &str, tables: &str, error: ErrorType) -> String {
-    PromptTemplates::default().negative(question, tables, error)
-}
-
 /// Options of an LLM trace run.
 #[derive(Debug, Clone)]
 pub struct LlmRunOptions {
@@ -229,7 +223,8 @@ pub fn llm_traces(
         };
         if opts.on_policy > 0 {
             // Consecutive, so that a local model prefills the prompt once for all samples.
-            let prompt = opts.prompter.text(q, &tables, PromptStyle::Trace);
+            let prompt =
+                opts.prompter.text(q, &tables, PromptStyle::Trace).map_err(|e| format!("question {}: {e}", q.id))?;
             for k in 0..opts.on_policy {
                 requests.push(Request {
                     question: qi,
@@ -243,7 +238,8 @@ pub fn llm_traces(
             continue;
         }
         if opts.wanted.positive {
-            let prompt = opts.prompter.text(q, &tables, PromptStyle::Trace);
+            let prompt =
+                opts.prompter.text(q, &tables, PromptStyle::Trace).map_err(|e| format!("question {}: {e}", q.id))?;
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
@@ -255,7 +251,7 @@ pub fn llm_traces(
         }
         for k in 0..opts.wanted.negatives {
             let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
-            let prompt = opts.prompter.negative_text(q, &tables, et);
+            let prompt = opts.prompter.negative_text(q, &tables, et).map_err(|e| format!("question {}: {e}", q.id))?;
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,

@@ -79,19 +79,41 @@ impl PromptTemplates {
         .map_err(|e| format!("does not render: {e}"))
     }
 
+    // Templates are checked with placeholder values when loaded, but a user
+    // template can still fail on real ones (a filter that needs a number, a
+    // branch taken only for long tables): rendering returns the error.
+
     /// The positive prompt (also the training and evaluation prompt).
-    pub fn positive(&self, question: &str, tables: &str) -> String {
-        self.render(&self.positive, question, tables, None).expect("checked when loaded")
+    pub fn positive(&self, question: &str, tables: &str) -> Result<String, String> {
+        self.render(&self.positive, question, tables, None).map_err(|e| format!("positive.jinja {e}"))
     }
 
     /// The Q&A prompt (the answer alone).
-    pub fn qa(&self, question: &str, tables: &str) -> String {
-        self.render(&self.qa, question, tables, None).expect("checked when loaded")
+    pub fn qa(&self, question: &str, tables: &str) -> Result<String, String> {
+        self.render(&self.qa, question, tables, None).map_err(|e| format!("qa.jinja {e}"))
     }
 
     /// The negative prompt for an error type.
-    pub fn negative(&self, question: &str, tables: &str, error: ErrorType) -> String {
-        self.render(&self.negative, question, tables, Some(error)).expect("checked when loaded")
+    pub fn negative(&self, question: &str, tables: &str, error: ErrorType) -> Result<String, String> {
+        self.render(&self.negative, question, tables, Some(error)).map_err(|e| format!("negative.jinja {e}"))
+    }
+}
+
+/// Why a question's prompt could not be built.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptError {
+    /// Its tables could not be read or rendered.
+    Tables(SqlFailure),
+    /// A template failed on this question's values.
+    Template(String),
+}
+
+impl std::fmt::Display for PromptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PromptError::Tables(e) => write!(f, "its tables cannot be rendered: {}", e.message),
+            PromptError::Template(e) => write!(f, "its prompt cannot be built: {e}"),
+        }
     }
 }
 
@@ -159,13 +181,14 @@ impl Prompter {
     }
 
     /// The prompt a model reads for a question.
-    pub fn prompt(&self, db: &TableDb, q: &Question, style: PromptStyle) -> Result<QuestionPrompt, SqlFailure> {
-        let tables = self.tables(db, q)?;
-        Ok(QuestionPrompt { text: self.text(q, &tables, style), tables })
+    pub fn prompt(&self, db: &TableDb, q: &Question, style: PromptStyle) -> Result<QuestionPrompt, PromptError> {
+        let tables = self.tables(db, q).map_err(PromptError::Tables)?;
+        let text = self.text(q, &tables, style).map_err(PromptError::Template)?;
+        Ok(QuestionPrompt { text, tables })
     }
 
     /// The prompt text for tables already rendered by [`Prompter::tables`].
-    pub fn text(&self, q: &Question, tables: &RenderedTables, style: PromptStyle) -> String {
+    pub fn text(&self, q: &Question, tables: &RenderedTables, style: PromptStyle) -> Result<String, String> {
         match style {
             PromptStyle::Trace => self.templates.positive(&q.text, &tables.text),
             PromptStyle::Qa => self.templates.qa(&q.text, &tables.text),
@@ -174,7 +197,7 @@ impl Prompter {
 
     /// The prompt asking a generator for a trace with one error of a type,
     /// for tables already rendered by [`Prompter::tables`].
-    pub fn negative_text(&self, q: &Question, tables: &RenderedTables, error: ErrorType) -> String {
+    pub fn negative_text(&self, q: &Question, tables: &RenderedTables, error: ErrorType) -> Result<String, String> {
         self.templates.negative(&q.text, &tables.text, error)
     }
 }
@@ -186,17 +209,27 @@ mod tests {
     #[test]
     fn built_in_templates_render_and_overrides_are_checked() {
         let t = PromptTemplates::default();
-        let p = t.positive("Who?", "Table: x\n");
+        let p = t.positive("Who?", "Table: x\n").unwrap();
         assert!(p.starts_with("You are given the following tables.\n\nTable: x\n\nQuestion: Who?"), "{p}");
         assert!(p.ends_with("starts with \"Final answer:\"."));
-        let n = t.negative("Who?", "Table: x\n", ErrorType::FlippedFilter);
+        let n = t.negative("Who?", "Table: x\n", ErrorType::FlippedFilter).unwrap();
         assert!(n.contains("apply one condition the wrong way round"), "{n}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("positive.jinja"), "Q: {{ question }} T: {{ tables }}").unwrap();
         let t = PromptTemplates::load(Some(dir.path())).unwrap();
-        assert_eq!(t.positive("a", "b"), "Q: a T: b");
+        assert_eq!(t.positive("a", "b").unwrap(), "Q: a T: b");
         std::fs::write(dir.path().join("negative.jinja"), "{{ no_such_variable }}").unwrap();
         let e = PromptTemplates::load(Some(dir.path())).unwrap_err();
         assert!(e.contains("negative.jinja") && e.contains("does not render"), "{e}");
+        // Passes the check with placeholders, fails on a real question: an error, not a panic.
+        std::fs::remove_file(dir.path().join("negative.jinja")).unwrap();
+        std::fs::write(
+            dir.path().join("positive.jinja"),
+            "{% if question|length > 20 %}{{ missing }}{% endif %}{{ question }}",
+        )
+        .unwrap();
+        let t = PromptTemplates::load(Some(dir.path())).unwrap();
+        let e = t.positive("Which department has the largest budget?", "T").unwrap_err();
+        assert!(e.contains("positive.jinja") && e.contains("does not render"), "{e}");
     }
 }

@@ -259,10 +259,9 @@ fn tokenized_answer(tokenizer: &Tokenizer, prompt: &str, answer: &str) -> Result
     Ok((full[..start].to_vec(), full[start..].to_vec()))
 }
 
-/// The chosen trace's `Final answer: …` line (the Q&A SFT target).
-pub fn final_answer_line(trace: &str) -> Option<&str> {
-    trace.lines().rev().map(str::trim).find(|l| l.to_ascii_lowercase().starts_with("final answer"))
-}
+/// The chosen trace's `Final answer: …` line (the Q&A SFT target): the
+/// data layer's, so that training and evaluation read the same lines.
+pub use tabletrace_data::matching::final_answer_line;
 
 /// Tokenises rows for `method`'s kind of training.
 ///
