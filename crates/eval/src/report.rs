@@ -92,6 +92,15 @@ pub fn load_runs_with_sets(dirs: &[PathBuf], sets: &[String]) -> Result<Vec<Run>
     if runs.is_empty() {
         return Err(Error::Empty("no run directories given".into()));
     }
+    // Runs of different run directories may share a folder name (`cpo`):
+    // those are named `PARENT/NAME` (`mmqa-qwen-onpolicy/cpo`).
+    let names: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
+    for r in &mut runs {
+        if names.iter().filter(|n| **n == r.name).count() > 1 {
+            let parent = r.dir.parent().and_then(|p| p.file_name()).map(|p| p.to_string_lossy().into_owned());
+            r.name = format!("{}/{}", parent.unwrap_or_else(|| ".".into()), r.name);
+        }
+    }
     Ok(runs)
 }
 
@@ -319,4 +328,59 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<String> {
     let path = out.join("report.md");
     std::fs::write(&path, &md).map_err(|e| Error::File { path, message: e.to_string() })?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder with an eval.json and predictions: `right` says which of q0..qN it got right.
+    fn run(dir: &Path, right: &[bool]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let preds: Vec<String> = right
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                serde_json::json!({"id": format!("q{i}"), "prompt": "", "output": "", "answer": "", "gold": "",
+                    "n_tables": 2, "kind": "count", "em": r, "pm": 0.0, "f1": 0.0, "num": r})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("predictions.jsonl"), preds.join("\n")).unwrap();
+        let em = right.iter().filter(|r| **r).count() as f64 / right.len() as f64;
+        let eval = serde_json::json!({"n": right.len(), "em": em, "pm": 0.0, "f1": 0.0, "num": em, "by_tables": {},
+            "by_kind": {}, "labels": "executed", "no_final_line": 0, "setup": {"adapter": "a", "eval_args": ["--x"]}});
+        std::fs::write(dir.join("eval.json"), eval.to_string()).unwrap();
+    }
+
+    #[test]
+    fn runs_are_compared_on_subsets_with_the_baseline_and_named_uniquely() {
+        let d = tempfile::tempdir().unwrap();
+        run(&d.path().join("a/sft-qa"), &[true, false, false, true]);
+        run(&d.path().join("a/cpo"), &[true, true, false, false]);
+        run(&d.path().join("b/cpo"), &[true, true, true, true]);
+        let dirs: Vec<PathBuf> = ["a/sft-qa", "a/cpo", "b/cpo"].iter().map(|p| d.path().join(p)).collect();
+        let runs = load_runs(&dirs).unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["sft-qa", "a/cpo", "b/cpo"]);
+        let subset: HashSet<String> = ["q1", "q2"].iter().map(|s| s.to_string()).collect();
+        let cmp =
+            Comparison { subsets: vec![("unseen".into(), subset)], sets: vec![], baseline: Some("sft-qa".into()) };
+        let (base, columns, rows) = compare(&runs, &cmp).unwrap();
+        assert_eq!((base.as_str(), columns.clone()), ("sft-qa", vec!["all".to_string(), "unseen".to_string()]));
+        // a/cpo: 2/4 overall like the baseline; on {q1, q2} 1/2 against 0/2.
+        assert_eq!((rows[1][0].em, rows[1][1].em, rows[1][1].n), (0.5, 0.5, 2));
+        let d1 = rows[1][1].vs_baseline.as_ref().unwrap();
+        assert_eq!((d1.wins, d1.losses), (1, 0));
+        assert!((d1.diff - 0.5).abs() < 1e-12);
+        assert!(rows[0][0].vs_baseline.is_none(), "no difference for the baseline itself");
+        let summary = summary_json(&runs, &columns, &rows);
+        assert_eq!(summary["arms"]["b/cpo"]["em"], 1.0);
+        assert_eq!(summary["arms"]["b/cpo"]["em_unseen"], 1.0);
+        assert_eq!(summary["arms"]["a/cpo"]["n_unseen"], 2);
+        assert_eq!(summary["arms"]["sft-qa"]["eval_args"], serde_json::json!(["--x"]));
+        // An unknown baseline is named.
+        let bad = Comparison { baseline: Some("dpo".into()), ..cmp };
+        assert!(compare(&runs, &bad).unwrap_err().to_string().contains("\"dpo\""));
+    }
 }
