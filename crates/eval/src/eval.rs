@@ -332,6 +332,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reports_average_every_score_overall_by_table_count_and_by_kind() {
+        let p = |id: &str, n_tables: usize, kind: Kind, em: bool, pm: f64, f1: f64, not_run: bool| Prediction {
+            id: id.into(),
+            prompt: String::new(),
+            output: String::new(),
+            answer: String::new(),
+            gold: String::new(),
+            n_tables,
+            kind,
+            em,
+            pm,
+            f1,
+            num: em,
+            not_run: not_run.then(|| "too long".to_string()),
+        };
+        let ps = [
+            p("a", 2, Kind::Count, true, 1.0, 1.0, false),
+            p("b", 2, Kind::List, false, 0.5, 0.25, false),
+            p("c", 3, Kind::Count, false, 0.0, 0.5, false),
+            p("d", 3, Kind::Count, false, 0.0, 0.0, true),
+        ];
+        let r = EvalReport::from_predictions(&ps, "executed", 1);
+        assert_eq!((r.n, r.em, r.pm, r.f1, r.num), (4, 0.25, 0.375, 0.4375, 0.25));
+        assert_eq!((r.not_run, r.no_final_line), (1, 1));
+        let two = &r.by_tables["2"];
+        assert_eq!((two.n, two.em, two.pm, two.f1), (2, 0.5, 0.75, 0.625));
+        let three = &r.by_tables["3"];
+        assert_eq!((three.n, three.em, three.f1), (2, 0.0, 0.25), "a not-run question counts as wrong, in n");
+        let count = &r.by_kind["count"];
+        assert_eq!((count.n, count.em, count.pm), (3, 1.0 / 3.0, 1.0 / 3.0));
+        assert_eq!(r.by_kind["list"].n, 1);
+        assert!(!r.by_kind.contains_key("lookup"), "kinds without questions are left out");
+    }
+
+    #[test]
     fn answers_are_extracted_from_the_final_line() {
         assert_eq!(extract_answer("step 1\n**Final answer:** Paris.\n"), ("Paris".into(), true));
         assert_eq!(extract_answer("I think\n42\n\n"), ("42".into(), false));
