@@ -19,4 +19,5 @@ echo
 echo "== 2. the pipeline on the embedded default (runs/default)"
 $bin run
 echo
-echo "Report: runs/default/report.md (charts: runs/default/accuracy.png, training.png)"
+echo "Report: runs/default/report.md (charts: runs/default/accuracy.png, training.png);"
+echo "browse every question, answer and pair: runs/default/report.html"
