@@ -321,6 +321,12 @@ impl<'a> Trainer<'a> {
         let named: Vec<(String, candle_core::Var)> =
             self.lora.named_vars().into_iter().map(|(n, v)| (n, v.clone())).collect();
         let var_tensors: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        if start < total && self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) {
+            // Asked to stop while setting up: nothing new to save.
+            self.reporter.finish();
+            let checkpoint = latest_checkpoint(&out)?.map_or_else(|| out.join("checkpoints"), |(dir, _)| dir);
+            return Err(Error::Stopped { step: start, total, checkpoint });
+        }
         for step in start..total {
             let (epoch, in_epoch) = (step / per_epoch, step % per_epoch);
             let order = epoch_order(self.train.len(), cfg.seed, epoch);

@@ -230,3 +230,19 @@ fn a_warm_start_begins_from_the_given_adapter() {
     let e = Trainer::new(cpo, smollm2(), &Silent).err().unwrap().to_string();
     assert!(e.contains("init_adapter") && e.contains(&adapter.display().to_string()), "{e}");
 }
+
+#[test]
+fn a_stop_asked_before_the_first_step_ends_the_run_at_once() {
+    // (A stop asked during training saves the steps done: crates/cli/tests/reliability.rs.)
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), "stop");
+    let asked = std::sync::atomic::AtomicBool::new(true);
+    let mut t = Trainer::new(c.clone(), smollm2(), &Silent).unwrap();
+    t.stop_when(&asked);
+    match t.run() {
+        Err(tabletrace_train::Error::Stopped { step: 0, total: 4, .. }) => {}
+        other => panic!("expected a stop at step 0 of 4, got {other:?}"),
+    }
+    assert!(!c.output_dir.join("checkpoints").exists(), "nothing to save before the first step");
+    assert!(!c.output_dir.join("adapter").exists());
+}
