@@ -461,6 +461,9 @@ impl TrainConfig {
         c.eval_every = 0;
         c.save_every = 0;
         c.keep_checkpoints = 0;
+        // Memory against recomputation: the same gradients either way, so a
+        // run may resume with the other setting.
+        c.keep_mlp_products = true;
         c.max_steps = 0;
         let text = serde_json::to_string(&c).expect("the config serialises");
         let d = Sha256::digest(text.as_bytes());
@@ -496,8 +499,8 @@ mod tests {
         let l = LossConfig { cpo_alpha: Some(0.5), ..Default::default() }.resolve(Method::Cpo);
         assert_eq!((l.loss_type, l.beta, l.cpo_alpha), (LossType::Sigmoid, 0.1, 0.5));
         let a = TrainConfig { train: "a".into(), output_dir: "x".into(), ..Default::default() };
-        let b = TrainConfig { output_dir: "y".into(), save_every: 7, ..a.clone() };
-        assert_eq!(a.fingerprint(), b.fingerprint());
+        let b = TrainConfig { output_dir: "y".into(), save_every: 7, keep_mlp_products: false, ..a.clone() };
+        assert_eq!(a.fingerprint(), b.fingerprint(), "where outputs go, how often, and memory vs recomputation");
         let c = TrainConfig { seed: 1, ..a.clone() };
         assert_ne!(a.fingerprint(), c.fingerprint());
     }
