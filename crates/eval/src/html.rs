@@ -57,6 +57,23 @@ fn read_predictions(dir: &Path) -> Result<Vec<Prediction>> {
         .collect()
 }
 
+/// Five horizontal grid lines from 0 to `max` across `left..w`, each with
+/// its tick label; `y` maps a value to its height.
+fn grid_lines(svg: &mut String, left: f64, w: f64, max: f64, y: impl Fn(f64) -> f64, label: impl Fn(f64) -> String) {
+    for k in 0..=4 {
+        let v = max * k as f64 / 4.0;
+        let _ = write!(
+            svg,
+            "<line x1=\"{left}\" x2=\"{w}\" y1=\"{0:.1}\" y2=\"{0:.1}\" class=\"grid\"/><text x=\"{1}\" y=\"{2:.1}\" \
+             class=\"tick\">{3}</text>",
+            y(v),
+            left - 4.0,
+            y(v) + 4.0,
+            label(v)
+        );
+    }
+}
+
 /// A grouped bar chart of EM per column (all, subsets, sets), one bar per run.
 fn em_chart(runs: &[Run], columns: &[String], rows: &[Vec<Scored>]) -> String {
     let (w, h, left, bottom, top) = (760.0, 260.0, 40.0, 40.0, 20.0);
@@ -68,18 +85,13 @@ fn em_chart(runs: &[Run], columns: &[String], rows: &[Vec<Scored>]) -> String {
     let mut svg = format!(
         "<svg class=\"chart\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"exact match by question set\">"
     );
-    for k in 0..=4 {
-        let v = max * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            "<line x1=\"{left}\" x2=\"{w}\" y1=\"{0:.1}\" y2=\"{0:.1}\" class=\"grid\"/><text x=\"{1}\" y=\"{2:.1}\" \
-             class=\"tick\">{3}</text>",
-            y(v),
-            left - 4.0,
-            y(v) + 4.0,
-            if max < 0.2 { format!("{:.1}", v * 100.0) } else { format!("{:.0}", v * 100.0) }
-        );
-    }
+    grid_lines(&mut svg, left, w, max, y, |v| {
+        if max < 0.2 {
+            format!("{:.1}", v * 100.0)
+        } else {
+            format!("{:.0}", v * 100.0)
+        }
+    });
     for (c, name) in columns.iter().enumerate() {
         let x0 = left + c as f64 * group + group * 0.1;
         for (r, scores) in rows.iter().enumerate() {
@@ -146,18 +158,7 @@ fn loss_chart(runs: &[Run]) -> Option<String> {
     let py = |y: f64| top + (h - top - bottom) * (1.0 - y / ymax);
     let mut svg =
         format!("<svg class=\"chart\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"training loss by step\">");
-    for k in 0..=4 {
-        let v = ymax * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            "<line x1=\"{left}\" x2=\"{w}\" y1=\"{0:.1}\" y2=\"{0:.1}\" class=\"grid\"/><text x=\"{1}\" y=\"{2:.1}\" \
-             class=\"tick\">{3:.2}</text>",
-            py(v),
-            left - 4.0,
-            py(v) + 4.0,
-            v
-        );
-    }
+    grid_lines(&mut svg, left, w, ymax, py, |v| format!("{v:.2}"));
     for (i, points) in &curves {
         let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
         let _ = write!(
