@@ -277,7 +277,7 @@ pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     });
     crate::output::write_jsonl(&a.out.with_file_name("predictions.jsonl"), &predictions)?;
     let text = serde_json::to_string_pretty(&report)?;
-    tabletrace_train::write_atomic(&a.out, text.as_bytes())?;
+    tabletrace_data::write_atomic(&a.out, text.as_bytes())?;
     println!("{text}");
     Ok(ExitCode::SUCCESS)
 }

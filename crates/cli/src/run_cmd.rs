@@ -457,7 +457,7 @@ impl Pipeline {
     }
 
     fn finish(&self, stage: &str, settings: &impl Serialize) -> anyhow::Result<()> {
-        tabletrace_train::write_atomic(&self.marker(stage), digest(settings).as_bytes())?;
+        tabletrace_data::write_atomic(&self.marker(stage), digest(settings).as_bytes())?;
         Ok(())
     }
 
@@ -505,7 +505,7 @@ impl Pipeline {
         let mut all: std::collections::BTreeMap<String, f64> =
             std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         *all.entry(key.to_string()).or_default() += seconds;
-        tabletrace_train::write_atomic(&path, serde_json::to_string_pretty(&all)?.as_bytes())?;
+        tabletrace_data::write_atomic(&path, serde_json::to_string_pretty(&all)?.as_bytes())?;
         Ok(())
     }
 
@@ -579,7 +579,7 @@ fn unit_hash(key: &str) -> f64 {
 
 fn write_ids(path: &Path, ids: &[String]) -> anyhow::Result<()> {
     let text = if ids.is_empty() { String::new() } else { ids.join("\n") + "\n" };
-    tabletrace_train::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    tabletrace_data::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -701,7 +701,7 @@ fn split_ids(cfg: &PipelineConfig, dir: &Path) -> anyhow::Result<SplitSummary> {
         extra,
         load_errors: ds.errors.iter().map(ToString::to_string).collect(),
     };
-    tabletrace_train::write_atomic(&dir.join("split.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tabletrace_data::write_atomic(&dir.join("split.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
 }
 
@@ -729,7 +729,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").with_context(|| format!("the run directory {} is not writable", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
-    tabletrace_train::write_atomic(&dir.join("pipeline.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    tabletrace_data::write_atomic(&dir.join("pipeline.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let exe = std::env::current_exe().context("cannot find the tabletrace binary")?;
     let p = Pipeline { cfg: cfg.clone(), dir: dir.clone(), exe, quiet };
     if let Some(from) = &a.from {
@@ -853,7 +853,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         for part in &parts {
             all.push_str(&std::fs::read_to_string(part)?);
         }
-        tabletrace_train::write_atomic(&traces, all.as_bytes())?;
+        tabletrace_data::write_atomic(&traces, all.as_bytes())?;
         p.finish("traces", &traces_settings)?;
     }
 
@@ -927,7 +927,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             );
             used = format!("heterogeneous ({} pairs) + homogeneous ({} pairs)", lines.len(), added.len());
             lines.extend(added);
-            tabletrace_train::write_atomic(&pairs, (lines.join("\n") + "\n").as_bytes())?;
+            tabletrace_data::write_atomic(&pairs, (lines.join("\n") + "\n").as_bytes())?;
         }
         if lines.is_empty() {
             bail!(
@@ -963,7 +963,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
         }
         std::fs::create_dir_all(&out)?;
-        tabletrace_train::write_atomic(&started, digest(&settings).as_bytes())?;
+        tabletrace_data::write_atomic(&started, digest(&settings).as_bytes())?;
         let t = &cfg.train;
         let toml = format!(
             "method = {method:?}\nmodel = {:?}\ntrain = {:?}\noutput_dir = {:?}\nmax_steps = {}\nbatch_size = {}\n\
@@ -1122,7 +1122,7 @@ fn note_failed_calls(dir: &Path, max_failed: f64) -> anyhow::Result<()> {
          trace from that generator. Run again with traces redone (`--from traces`) to retry them.\n\n",
         failed.join(", ")
     );
-    tabletrace_train::write_atomic(&path, (note + &report).as_bytes())?;
+    tabletrace_data::write_atomic(&path, (note + &report).as_bytes())?;
     Ok(())
 }
 
@@ -1155,7 +1155,7 @@ fn add_compute_to_summary(dir: &Path, arms: &[String]) -> anyhow::Result<()> {
         "pairs_seconds": sum(&|k: &str| k.starts_with("pairs-")),
         "note": "wall seconds on this machine, summed over resumed runs (compute.json has every stage)",
     });
-    tabletrace_train::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tabletrace_data::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(())
 }
 

@@ -41,6 +41,7 @@
 mod answer;
 mod check;
 mod error;
+mod files;
 mod load;
 pub mod matching;
 pub mod mojibake;
@@ -55,6 +56,7 @@ mod value;
 pub use answer::{Answer, ResultSet};
 pub use check::{check, CheckIssue, CheckReport};
 pub use error::{Error, Result};
+pub use files::write_atomic;
 pub use load::{
     load, load_csv_dir, load_mmqa_jsonl, load_mmqa_records, load_spider, load_sqlite_file, Dataset, Format, LoadError,
     LoadOptions, SourceSummary,

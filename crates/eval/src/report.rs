@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use tabletrace_train::plot::{bar_chart, line_charts, Panel, Series};
+use tabletrace_plot::{bar_chart, line_charts, Panel, Series};
 
 use crate::compare::{paired_bootstrap, Difference, Outcomes, RESAMPLES};
 use crate::{Error, EvalReport, Prediction, Result};

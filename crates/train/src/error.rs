@@ -14,6 +14,9 @@ pub enum Error {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// Writing a file through `tabletrace-data` failed (names the file).
+    #[error(transparent)]
+    Data(#[from] tabletrace_data::Error),
     /// A data row is malformed.
     #[error("{path}:{line}: {message}")]
     Row {

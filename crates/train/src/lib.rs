@@ -9,7 +9,7 @@
 //!   (chunked token log-probs) and computes TRL's losses and metrics.
 //! - [`Trainer`] runs the loop: accumulation normalised as one big batch,
 //!   AdamW, clipping, schedule, evaluation, checkpoints and exact resume,
-//!   metrics JSONL with TRL's names, and a PNG of the curves ([`plot`]).
+//!   metrics JSONL with TRL's names, and a PNG of the curves ([`training_curves`], drawn by `tabletrace-plot`).
 //!
 //! ```no_run
 //! use tabletrace_model::{load_model, LoadOptions};
@@ -24,15 +24,16 @@
 #![deny(missing_docs)]
 
 mod config;
+mod curves;
 mod error;
 pub mod examples;
 pub mod objective;
 pub mod optim;
-pub mod plot;
 mod trainer;
 
 pub use config::{
     LoraSettings, LossConfig, LossParams, LossType, Method, OptimConfig, ScheduleConfig, ScheduleKind, TrainConfig,
 };
+pub use curves::training_curves;
 pub use error::{Error, Result};
-pub use trainer::{latest_checkpoint, write_atomic, TrainSummary, Trainer, TrainerState};
+pub use trainer::{latest_checkpoint, TrainSummary, Trainer, TrainerState};

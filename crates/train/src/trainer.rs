@@ -29,12 +29,13 @@ use serde::{Deserialize, Serialize};
 use tabletrace_data::Reporter;
 use tabletrace_model::{LoadedModel, Lora};
 
+use tabletrace_data::write_atomic;
+
 use crate::config::{LossParams, TrainConfig};
 use crate::error::{io, Error, Result};
 use crate::examples::{batch_sequences, read_rows, tokenize, Example, SftTarget, TokenizeReport};
 use crate::objective::{preference_loss, sft_loss, Batch, MetricSums};
 use crate::optim::{clip, global_norm, learning_rate, AdamW};
-use crate::plot;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,13 +86,6 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
         v.swap(i, j.min(i));
     }
     v
-}
-
-/// Atomically writes `text` to `path` (temporary file, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// The trainer for one run.
@@ -412,7 +406,7 @@ impl<'a> Trainer<'a> {
         self.lora.save(&tmp, &cfg.model)?;
         let _ = std::fs::remove_dir_all(&adapter_dir);
         std::fs::rename(&tmp, &adapter_dir).map_err(io(&adapter_dir))?;
-        if let Err(e) = plot::training_curves(&out.join("metrics.jsonl"), &out.join("curves.png")) {
+        if let Err(e) = crate::curves::training_curves(&out.join("metrics.jsonl"), &out.join("curves.png")) {
             tracing::warn!("cannot draw the training curves: {e}");
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -467,7 +461,7 @@ fn write_report(out: &Path, report: &TokenizeReport) -> Result<()> {
     if !report.skipped.is_empty() {
         tracing::warn!("{} rows skipped while tokenising (see tokenize_report.json)", report.skipped.len());
     }
-    write_atomic(&out.join("tokenize_report.json"), serde_json::to_string_pretty(report).expect("json").as_bytes())
+    Ok(write_atomic(&out.join("tokenize_report.json"), serde_json::to_string_pretty(report).expect("json").as_bytes())?)
 }
 
 fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
@@ -550,7 +544,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    write_atomic(path, body.as_bytes())
+    Ok(write_atomic(path, body.as_bytes())?)
 }
 
 /// Carries a trainer error through the model's checkpointed backward.

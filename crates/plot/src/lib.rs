@@ -1,9 +1,21 @@
-//! PNG line charts without a plotting stack: a small rasteriser with a
-//! built-in 5×7 font, enough for training curves and comparison charts.
+//! PNG charts without a plotting stack: a small rasteriser with a built-in
+//! 5×7 font, enough for training curves and comparison charts. Used by
+//! `tabletrace-train` (loss and margin curves) and `tabletrace-eval` (the
+//! report's accuracy charts).
+//!
+//! ```no_run
+//! use tabletrace_plot::{line_charts, Panel, Series};
+//! let loss = Series { name: "train".into(), points: vec![(1.0, 0.9), (2.0, 0.7)] };
+//! let panel = Panel { title: "LOSS".into(), x_label: "STEP".into(), series: vec![loss] };
+//! line_charts(&[panel], std::path::Path::new("curves.png")).unwrap();
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+
+pub use error::{Error, Result};
 
 use std::path::Path;
-
-use crate::error::{io, Error, Result};
 
 /// One line of a chart.
 #[derive(Debug, Clone)]
@@ -103,7 +115,7 @@ fn tick_label(v: f64) -> String {
 /// Draws panels side by side into a PNG.
 pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
     if panels.is_empty() {
-        return Err(Error::Setup("nothing to plot".into()));
+        return Err(Error::Empty);
     }
     let mut cv = Canvas::new(PANEL_W * panels.len(), PANEL_H);
     for (p, panel) in panels.iter().enumerate() {
@@ -179,7 +191,7 @@ pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
 /// values in `[0, 1]` drawn as percentages.
 pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>)], path: &Path) -> Result<()> {
     if categories.is_empty() || series.is_empty() {
-        return Err(Error::Setup("nothing to plot".into()));
+        return Err(Error::Empty);
     }
     let w = (160 + categories.len() * (series.len() * 36 + 40)).max(560);
     let mut cv = Canvas::new(w, PANEL_H);
@@ -224,47 +236,14 @@ pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>
 fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
     {
-        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::Io { path: tmp.clone(), source: e })?;
         let mut enc = png::Encoder::new(std::io::BufWriter::new(file), cv.w as u32, cv.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| Error::Setup(format!("{}: {e}", tmp.display())))?;
-        w.write_image_data(&cv.px).map_err(|e| Error::Setup(format!("{}: {e}", tmp.display())))?;
+        let mut w = enc.write_header().map_err(|e| Error::Png { path: tmp.clone(), source: e })?;
+        w.write_image_data(&cv.px).map_err(|e| Error::Png { path: tmp.clone(), source: e })?;
     }
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-/// Loss (train and eval) and reward-margin curves from a `metrics.jsonl`.
-pub fn training_curves(metrics: &Path, png: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
-    let keys = ["loss", "eval_loss", "rewards/margins", "eval_rewards/margins"];
-    let mut series: Vec<Series> =
-        ["train", "eval", "train", "eval"].iter().map(|n| Series { name: n.to_string(), points: Vec::new() }).collect();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
-        for (s, key) in series.iter_mut().zip(keys) {
-            if let Some(y) = v.get(key).and_then(|y| y.as_f64()) {
-                s.points.push((step, y));
-            }
-        }
-    }
-    let mut it = series.into_iter();
-    let (loss, eval_loss, margin, eval_margin) =
-        (it.next().expect("4"), it.next().expect("4"), it.next().expect("4"), it.next().expect("4"));
-    let mut panels = vec![Panel {
-        title: "LOSS".into(),
-        x_label: "STEP".into(),
-        series: vec![loss, eval_loss].into_iter().filter(|s| !s.points.is_empty()).collect(),
-    }];
-    if !margin.points.is_empty() {
-        panels.push(Panel {
-            title: "REWARD MARGIN".into(),
-            x_label: "STEP".into(),
-            series: vec![margin, eval_margin].into_iter().filter(|s| !s.points.is_empty()).collect(),
-        });
-    }
-    line_charts(&panels, png)
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
 }
 
 /// 5×7 glyphs, one byte per row (low five bits, left to right). Letters
