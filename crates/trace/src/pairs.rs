@@ -2,17 +2,27 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tabletrace_data::{PairMetadata, Polarity, PreferencePair, Trace};
 
 /// Which generators a pair may draw from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PairPolicy {
     /// Chosen and rejected come from different generators (the method's default).
     Heterogeneous,
     /// Chosen and rejected come from the same generator (the ablation).
     Homogeneous,
+}
+
+impl PairPolicy {
+    /// The name in configs and on `tabletrace pairs --policy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PairPolicy::Heterogeneous => "heterogeneous",
+            PairPolicy::Homogeneous => "homogeneous",
+        }
+    }
 }
 
 /// How pairs are built.
