@@ -34,30 +34,10 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+mod error;
 mod eval;
 pub mod html;
 pub mod report;
 
+pub use error::{Error, Result};
 pub use eval::{evaluate, extract_answer, Breakdown, EvalItem, EvalOptions, EvalReport, Kind, Prediction};
-
-/// What can go wrong evaluating.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The model runtime failed.
-    #[error(transparent)]
-    Model(#[from] tabletrace_model::Error),
-    /// A file could not be read or written.
-    #[error("{path}: {message}")]
-    File {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-    /// Nothing to evaluate or compare.
-    #[error("{0}")]
-    Empty(String),
-}
-
-/// Shorthand for results of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
