@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tabletrace_data::{load, Polarity, Reporter, Trace};
 use tabletrace_trace::{
-    llm_traces, parse_http_spec, program_traces, CallCache, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
+    llm_traces, program_traces, CallCache, GeneratorSpec, HttpLlm, HttpOptions, Llm, LlmRunOptions, LocalLlm,
     ProgramTracer, Wanted, NOT_WHOLE,
 };
 
@@ -30,10 +30,11 @@ pub struct TracesArgs {
     /// Spider's database/ folder.
     #[arg(long)]
     db_dir: Option<PathBuf>,
-    /// Generators, repeatable: `program` (the SQL-grounded tracer) or
-    /// `local:MODEL` (the embedded model: a short name, .gguf file or folder).
+    /// Generators, repeatable: `program` (the SQL-grounded tracer),
+    /// `local:MODEL` (the embedded model: a short name, .gguf file or folder)
+    /// or `http:URL[,URL…]#MODEL` (an OpenAI-compatible server).
     #[arg(long = "generator", default_value = "program")]
-    generators: Vec<String>,
+    generators: Vec<GeneratorSpec>,
     /// The cache of LLM calls (SQLite). Default: `llm_cache.sqlite` beside --out.
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -108,14 +109,6 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.max_failed) {
         bail!("--max-failed {} is not a share in [0, 1]", a.max_failed);
     }
-    for g in &a.generators {
-        if g != "program" && !g.starts_with("local:") && !g.starts_with("http:") {
-            bail!("generator {g:?} is not available (use program, local:MODEL or http:URL[,URL…]#MODEL)");
-        }
-        if g.starts_with("http:") {
-            parse_http_spec(g).map_err(anyhow::Error::msg)?;
-        }
-    }
     let ds = load(&a.data, &tabletrace_data::LoadOptions { db_dir: a.db_dir.clone(), tables_json: None })
         .with_context(|| format!("loading {}", a.data.display()))?;
     let mut ds = ds;
@@ -131,7 +124,10 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         negatives: if a.polarity == PolarityArg::Positive { 0 } else { a.negatives },
     };
     // Counted with --tokenizer's model, else the first local generator's.
-    let local = a.generators.iter().find_map(|g| g.strip_prefix("local:"));
+    let local = a.generators.iter().find_map(|g| match g {
+        GeneratorSpec::Local { model } => Some(model.as_str()),
+        _ => None,
+    });
     let prompter = a.prompt.prompter(local)?;
     let tracer = ProgramTracer::default();
     let bar = Bar::new(quiet);
@@ -142,7 +138,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     // Generators whose failed calls exceed --max-failed: (generator, failed, calls, first reason).
     let mut too_many_failed = Vec::new();
     for g in &a.generators {
-        if g == "program" {
+        if *g == GeneratorSpec::Program {
             bar.start(ds.questions.len() as u64, "program");
             for (i, q) in ds.questions.iter().enumerate() {
                 bar.advance(1);
@@ -157,8 +153,9 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             }
             bar.finish();
         } else {
-            let llm: Box<dyn Llm> = match g.strip_prefix("local:") {
-                Some(spec) => {
+            let llm: Box<dyn Llm> = match g {
+                GeneratorSpec::Program => unreachable!("handled above"),
+                GeneratorSpec::Local { model: spec } => {
                     let model = crate::eval_cmd::load_with_adapter(spec, a.adapter.as_deref(), a.quantized)?;
                     Box::new(LocalLlm {
                         model,
@@ -166,19 +163,18 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                         batch: a.batch,
                     })
                 }
-                None => {
-                    let (endpoints, model) = parse_http_spec(g).map_err(anyhow::Error::msg)?;
+                GeneratorSpec::Http { endpoints, model } => {
                     let opts = HttpOptions {
                         concurrency: a.concurrency,
                         timeout: std::time::Duration::from_secs(a.timeout_s),
                         api_key_env: Some(a.api_key_env.clone()),
                         ..HttpOptions::default()
                     };
-                    Box::new(HttpLlm::new(endpoints, model, opts))
+                    Box::new(HttpLlm::new(endpoints.clone(), model.clone(), opts))
                 }
             };
             let cache_path = a.cache.clone().unwrap_or_else(|| a.out.with_file_name("llm_cache.sqlite"));
-            let cache = CallCache::open(&cache_path).map_err(anyhow::Error::msg)?;
+            let cache = CallCache::open(&cache_path)?;
             let run = LlmRunOptions {
                 wanted,
                 on_policy: a.on_policy,
@@ -190,7 +186,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 chunk: a.batch.max(a.concurrency) * 2,
                 prompter: prompter.clone(),
             };
-            let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar).map_err(anyhow::Error::msg)?;
+            let (t, stats) = llm_traces(&ds.questions, llm.as_ref(), &cache, &run, &bar)?;
             eprintln!(
                 "{g}: {} requests, {} from the cache {}, {} failed, {} not run (prompt longer than the context)",
                 stats.requests,
@@ -199,9 +195,17 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                 stats.failed,
                 stats.not_run
             );
+            if let Some(first) = stats.skipped.first() {
+                eprintln!("{g}: {} questions not asked, e.g. {first}", stats.skipped.len());
+            }
             let calls = stats.requests - stats.cached - stats.not_run;
             if stats.failed as f64 > a.max_failed * calls as f64 {
-                too_many_failed.push((g.clone(), stats.failed, calls, stats.first_failure.clone().unwrap_or_default()));
+                too_many_failed.push((
+                    g.to_string(),
+                    stats.failed,
+                    calls,
+                    stats.first_failure.clone().unwrap_or_default(),
+                ));
             }
             traces.extend(t);
         }

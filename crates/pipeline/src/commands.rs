@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use tabletrace_trace::GeneratorSpec;
 use tabletrace_train::Method;
 
 use crate::config::PipelineConfig;
@@ -65,9 +66,9 @@ impl<'a> Commands<'a> {
         v
     }
 
-    /// `tabletrace traces` for generator `i` (`generator`) on the training
+    /// `tabletrace traces` for `generator` on the training
     /// questions, writing `out`.
-    pub fn traces(&self, generator: &str, out: &Path) -> Vec<String> {
+    pub fn traces(&self, generator: &GeneratorSpec, out: &Path) -> Vec<String> {
         let t = &self.cfg.traces;
         let dir = self.run.join("traces");
         let mut args = vec!["traces".to_string()];
@@ -76,7 +77,7 @@ impl<'a> Commands<'a> {
             "--ids",
             &self.run.join("train_ids.txt").display().to_string(),
             "--generator",
-            generator,
+            &generator.to_string(),
             "--polarity",
             "both",
             "--negatives",
@@ -91,7 +92,7 @@ impl<'a> Commands<'a> {
             &out.display().to_string(),
         ]));
         args.extend(self.prompt_args(true));
-        if generator != "program" {
+        if generator.is_llm() {
             args.extend(["--limit".into(), t.llm_questions.to_string()]);
             args.extend(["--max-failed".into(), t.max_failed.to_string()]);
             if t.on_policy > 0 {

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tabletrace_trace::PairPolicy;
+use tabletrace_trace::{GeneratorSpec, PairPolicy};
 use tabletrace_train::{Method, TrainConfig};
 
 use crate::error::{config, Result};
@@ -46,7 +46,7 @@ impl PromptFormat {
 #[serde(default, deny_unknown_fields)]
 pub struct TracesStage {
     /// Generators: `program`, `local:MODEL`, `http:URL[,URL]#MODEL`. Default program and local:smollm2-135m.
-    pub generators: Vec<String>,
+    pub generators: Vec<GeneratorSpec>,
     /// Negatives per question and generator. Default 2.
     pub negatives: usize,
     /// Training questions given to LLM generators (the program tracer takes all). Default 8.
@@ -90,7 +90,7 @@ fn is_zero(x: &f64) -> bool {
 impl Default for TracesStage {
     fn default() -> Self {
         TracesStage {
-            generators: vec!["program".into(), "local:smollm2-135m".into()],
+            generators: vec![GeneratorSpec::Program, GeneratorSpec::Local { model: "smollm2-135m".into() }],
             negatives: 2,
             llm_questions: 8,
             max_tokens: 160,
@@ -459,18 +459,8 @@ impl PipelineConfig {
             }
         }
         for g in &self.traces.generators {
-            if g == "program" {
-                continue;
-            }
-            if let Some(spec) = g.strip_prefix("local:") {
-                tabletrace_model::resolve(spec).map_err(|e| config("traces.generators", format!("{g}: {e}")))?;
-            } else if g.starts_with("http:") {
-                tabletrace_trace::parse_http_spec(g).map_err(|e| config("traces.generators", e.to_string()))?;
-            } else {
-                return Err(config(
-                    "traces.generators",
-                    format!("{g:?} is not program, local:MODEL or http:URL[,URL…]#MODEL"),
-                ));
+            if let GeneratorSpec::Local { model } = g {
+                tabletrace_model::resolve(model).map_err(|e| config("traces.generators", format!("{g}: {e}")))?;
             }
         }
         Ok(())

@@ -124,8 +124,8 @@ pub fn split_questions(cfg: &PipelineConfig, dir: &Path) -> Result<SplitSummary>
             let want = tabletrace_data::Split::parse(name);
             if !ds.questions.iter().any(|q| q.split.is_some() && q.split == want) {
                 return Err(config(
-                    key,
-                    format!("{name:?}: {} has no question of that split (it has: {listed})", cfg.data.display()),
+                    format!("{key} = {name:?}"),
+                    format!("{} has no question of that split (it has: {listed})", cfg.data.display()),
                 ));
             }
         }

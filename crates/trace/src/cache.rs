@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 
 /// The cache. It may be shared between threads (calls finishing on worker
@@ -50,19 +52,24 @@ impl CallKey {
 
 impl CallCache {
     /// Opens (or creates) the cache file.
-    pub fn open(path: &Path) -> Result<CallCache, String> {
+    pub fn open(path: &Path) -> Result<CallCache> {
+        let err = |message: String| Error::Cache { path: path.to_path_buf(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS calls (
                 key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL,
                 params TEXT NOT NULL, completions TEXT NOT NULL, created REAL NOT NULL)",
         )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| err(e.to_string()))?;
         Ok(CallCache { conn: std::sync::Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Cache { path: self.path.clone(), message }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -71,18 +78,17 @@ impl CallCache {
     }
 
     /// The cached completions of a call, if any.
-    pub fn get(&self, key: &CallKey) -> Result<Option<Vec<String>>, String> {
+    pub fn get(&self, key: &CallKey) -> Result<Option<Vec<String>>> {
         let row: Option<String> = self
             .lock()
             .query_row("SELECT completions FROM calls WHERE key = ?1", [key.digest()], |r| r.get(0))
             .optional()
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        row.map(|j| serde_json::from_str(&j).map_err(|e| format!("{}: corrupt entry: {e}", self.path.display())))
-            .transpose()
+            .map_err(|e| self.error(e.to_string()))?;
+        row.map(|j| serde_json::from_str(&j).map_err(|e| self.error(format!("corrupt entry: {e}")))).transpose()
     }
 
     /// Stores a call's completions (replacing any earlier entry).
-    pub fn put(&self, key: &CallKey, completions: &[String]) -> Result<(), String> {
+    pub fn put(&self, key: &CallKey, completions: &[String]) -> Result<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.lock()
             .execute(
@@ -96,7 +102,7 @@ impl CallCache {
                     now
                 ],
             )
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            .map_err(|e| self.error(e.to_string()))?;
         Ok(())
     }
 

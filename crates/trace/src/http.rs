@@ -55,25 +55,6 @@ impl std::fmt::Debug for HttpLlm {
     }
 }
 
-/// Splits `http:URL[,URL…]#MODEL` (the `--generator` form) into endpoints and model.
-pub fn parse_http_spec(spec: &str) -> Result<(Vec<String>, String), String> {
-    let rest = spec.strip_prefix("http:").ok_or_else(|| format!("{spec:?}: expected http:URL#MODEL"))?;
-    let (urls, model) = rest
-        .rsplit_once('#')
-        .ok_or_else(|| format!("{spec:?}: expected http:URL#MODEL (several URLs separated by commas)"))?;
-    let endpoints: Vec<String> =
-        urls.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
-    if endpoints.is_empty() || model.is_empty() {
-        return Err(format!("{spec:?}: expected http:URL#MODEL"));
-    }
-    for e in &endpoints {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err(format!("endpoint {e:?} must start with http:// or https://"));
-        }
-    }
-    Ok((endpoints, model.to_string()))
-}
-
 impl HttpLlm {
     /// A backend for `model` on these base URLs (`http://host:port` or `…/v1`).
     pub fn new(endpoints: Vec<String>, model: String, opts: HttpOptions) -> HttpLlm {
@@ -232,12 +213,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn specs_parse() {
-        let (e, m) = parse_http_spec("http:http://127.0.0.1:8080,http://127.0.0.1:8081/#qwen").unwrap();
-        assert_eq!(e, vec!["http://127.0.0.1:8080", "http://127.0.0.1:8081"]);
-        assert_eq!(m, "qwen");
-        assert!(parse_http_spec("http:http://x").unwrap_err().contains("URL#MODEL"));
-        assert!(parse_http_spec("http:ftp://x#m").unwrap_err().contains("must start with http"));
+    fn chat_completion_urls() {
         assert_eq!(HttpLlm::url("http://h:1/v1"), "http://h:1/v1/chat/completions");
         assert_eq!(HttpLlm::url("http://h:1"), "http://h:1/v1/chat/completions");
     }

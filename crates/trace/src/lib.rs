@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+mod error;
 mod generate;
 pub mod http;
 pub mod llm;
@@ -21,16 +22,19 @@ pub mod pairs;
 mod perturb;
 mod program;
 pub mod prompts;
+mod spec;
 mod sql;
 pub mod validate;
 
 pub use cache::{CallCache, CallKey};
+pub use error::{Error, Result};
 pub use generate::{error_types, gold_answer, program_traces, validate_negative, Wanted, NOT_WHOLE};
-pub use http::{parse_http_spec, HttpLlm, HttpOptions};
+pub use http::{HttpLlm, HttpOptions};
 pub use llm::{llm_traces, Done, Llm, LlmParams, LlmRunOptions, LlmRunStats, LocalLlm};
 pub use pairs::{build_pairs, pair_json, PairOptions, PairPolicy, PairReport};
 pub use perturb::{negatives, same_kind_but_wrong};
 pub use program::{answer_line, ProgramTrace, ProgramTracer, StepCache};
 pub use prompts::{PromptError, PromptStyle, PromptTemplates, Prompter, QuestionPrompt, TokenCounter};
+pub use spec::GeneratorSpec;
 pub use sql::parse_query;
 pub use validate::{extract_final_answer, faithfulness, matches_gold, Evidence};

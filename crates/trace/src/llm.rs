@@ -9,6 +9,7 @@ use tabletrace_data::{Answer, ErrorType, Polarity, Question, Reporter, TableDb, 
 use tabletrace_model::{generate, ChatMessage, GenerateOptions, LoadedModel, Sampling};
 
 use crate::cache::{CallCache, CallKey};
+use crate::error::Error;
 use crate::generate::{gold_answer, question_evidence, Wanted};
 use crate::program::{ProgramTracer, StepCache};
 use crate::prompts::{PromptStyle, Prompter};
@@ -188,6 +189,9 @@ pub struct LlmRunStats {
     pub not_run: usize,
     /// The first failed call's reason.
     pub first_failure: Option<String>,
+    /// Questions not asked, each `ID: why` (tables that cannot be opened or
+    /// rendered, no gold answer to validate against).
+    pub skipped: Vec<String>,
 }
 
 fn seed_of(base: u64, text: &str) -> u64 {
@@ -201,14 +205,34 @@ pub fn llm_traces(
     cache: &CallCache,
     opts: &LlmRunOptions,
     reporter: &dyn Reporter,
-) -> Result<(Vec<Trace>, LlmRunStats), String> {
+) -> Result<(Vec<Trace>, LlmRunStats), Error> {
     let tracer = ProgramTracer::default();
     let mut requests = Vec::new();
     let mut context: HashMap<usize, (Answer, Evidence, Vec<String>)> = HashMap::new();
+    let mut skipped = Vec::new();
     for (qi, q) in questions.iter().enumerate() {
-        let Ok(db) = TableDb::open(&q.tables) else { continue };
-        let Ok(gold) = gold_answer(q, &db, &tracer) else { continue };
-        let Ok(tables) = opts.prompter.tables(&db, q) else { continue };
+        // A question that cannot be asked is counted and named, not dropped in silence.
+        let db = match TableDb::open(&q.tables) {
+            Ok(db) => db,
+            Err(e) => {
+                skipped.push(format!("{}: its tables cannot be opened: {e}", q.id));
+                continue;
+            }
+        };
+        let gold = match gold_answer(q, &db, &tracer) {
+            Ok(gold) => gold,
+            Err(e) => {
+                skipped.push(format!("{}: no gold answer to validate against: {e}", q.id));
+                continue;
+            }
+        };
+        let tables = match opts.prompter.tables(&db, q) {
+            Ok(t) => t,
+            Err(e) => {
+                skipped.push(format!("{}: its tables cannot be rendered: {}", q.id, e.message));
+                continue;
+            }
+        };
         // Evidence: the tables, schema names, the question, and the gold SQL's executed steps.
         let (mut evidence, names) = question_evidence(q, &db);
         if let Some(t) = q.gold_sql.as_deref().and_then(|sql| tracer.trace(&db, sql, &StepCache::default()).ok()) {
@@ -223,8 +247,10 @@ pub fn llm_traces(
         };
         if opts.on_policy > 0 {
             // Consecutive, so that a local model prefills the prompt once for all samples.
-            let prompt =
-                opts.prompter.text(q, &tables, PromptStyle::Trace).map_err(|e| format!("question {}: {e}", q.id))?;
+            let prompt = opts
+                .prompter
+                .text(q, &tables, PromptStyle::Trace)
+                .map_err(|source| Error::Prompt { question: q.id.0.clone(), source })?;
             for k in 0..opts.on_policy {
                 requests.push(Request {
                     question: qi,
@@ -238,8 +264,10 @@ pub fn llm_traces(
             continue;
         }
         if opts.wanted.positive {
-            let prompt =
-                opts.prompter.text(q, &tables, PromptStyle::Trace).map_err(|e| format!("question {}: {e}", q.id))?;
+            let prompt = opts
+                .prompter
+                .text(q, &tables, PromptStyle::Trace)
+                .map_err(|source| Error::Prompt { question: q.id.0.clone(), source })?;
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Positive,
@@ -251,7 +279,10 @@ pub fn llm_traces(
         }
         for k in 0..opts.wanted.negatives {
             let et = ErrorType::ALL[(seed_of(opts.seed, &q.id.0) as usize + k) % ErrorType::ALL.len()];
-            let prompt = opts.prompter.negative_text(q, &tables, et).map_err(|e| format!("question {}: {e}", q.id))?;
+            let prompt = opts
+                .prompter
+                .negative_text(q, &tables, et)
+                .map_err(|source| Error::Prompt { question: q.id.0.clone(), source })?;
             requests.push(Request {
                 question: qi,
                 polarity: Polarity::Negative,
@@ -263,7 +294,7 @@ pub fn llm_traces(
         }
     }
 
-    let mut stats = LlmRunStats { requests: requests.len(), ..Default::default() };
+    let mut stats = LlmRunStats { requests: requests.len(), skipped, ..Default::default() };
     let (backend, model) = (llm.backend().to_string(), llm.model().to_string());
     let key = |r: &Request| CallKey {
         backend: backend.clone(),
@@ -317,11 +348,14 @@ pub fn llm_traces(
     let generator = format!("{}:{}", llm.backend(), llm.model());
     if !missing.is_empty() && stats.failed == missing.len() {
         // A generator that is down must not silently leave a study without its traces.
-        return Err(format!(
-            "{generator}: all {} calls failed, e.g. {}; answers already cached are kept: fix the cause and run again",
-            stats.failed,
-            stats.first_failure.as_deref().unwrap_or("?")
-        ));
+        return Err(Error::Generator {
+            generator,
+            message: format!(
+                "all {} calls failed, e.g. {}; answers already cached are kept: fix the cause and run again",
+                stats.failed,
+                stats.first_failure.as_deref().unwrap_or("?")
+            ),
+        });
     }
 
     let mut positives_by_q: HashMap<usize, Vec<String>> = HashMap::new();

@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::error::Error;
 use tabletrace_data::{render_tables, Budget, ErrorType, Question, RenderedTables, RowFormat, SqlFailure, TableDb};
 
 const POSITIVE: &str = include_str!("../prompts/positive.jinja");
@@ -41,25 +42,26 @@ impl Default for PromptTemplates {
 impl PromptTemplates {
     /// The built-in templates, with `positive.jinja` and `negative.jinja`
     /// from `dir` replacing them where present. Each template is checked.
-    pub fn load(dir: Option<&Path>) -> Result<PromptTemplates, String> {
+    pub fn load(dir: Option<&Path>) -> Result<PromptTemplates, Error> {
+        let err = |template: &str, message: String| Error::Template { template: template.to_string(), message };
         let mut t = PromptTemplates::default();
         if let Some(dir) = dir {
             if !dir.is_dir() {
-                return Err(format!("prompt folder {} does not exist", dir.display()));
+                return Err(err(&dir.display().to_string(), "the folder does not exist".into()));
             }
             for (name, slot) in
                 [("positive.jinja", &mut t.positive), ("negative.jinja", &mut t.negative), ("qa.jinja", &mut t.qa)]
             {
                 let p = dir.join(name);
                 if p.is_file() {
-                    *slot = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    *slot = std::fs::read_to_string(&p).map_err(|e| err(&p.display().to_string(), e.to_string()))?;
                 }
             }
         }
-        t.render(&t.positive, "question", "tables", None).map_err(|e| format!("positive.jinja: {e}"))?;
-        t.render(&t.qa, "question", "tables", None).map_err(|e| format!("qa.jinja: {e}"))?;
+        t.render(&t.positive, "question", "tables", None).map_err(|e| err("positive.jinja", e))?;
+        t.render(&t.qa, "question", "tables", None).map_err(|e| err("qa.jinja", e))?;
         t.render(&t.negative, "question", "tables", Some(ErrorType::DroppedFilter))
-            .map_err(|e| format!("negative.jinja: {e}"))?;
+            .map_err(|e| err("negative.jinja", e))?;
         Ok(t)
     }
 
@@ -116,6 +118,8 @@ impl std::fmt::Display for PromptError {
         }
     }
 }
+
+impl std::error::Error for PromptError {}
 
 /// Which prompt a model is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -183,22 +187,28 @@ impl Prompter {
     /// The prompt a model reads for a question.
     pub fn prompt(&self, db: &TableDb, q: &Question, style: PromptStyle) -> Result<QuestionPrompt, PromptError> {
         let tables = self.tables(db, q).map_err(PromptError::Tables)?;
-        let text = self.text(q, &tables, style).map_err(PromptError::Template)?;
+        let text = self.text(q, &tables, style)?;
         Ok(QuestionPrompt { text, tables })
     }
 
     /// The prompt text for tables already rendered by [`Prompter::tables`].
-    pub fn text(&self, q: &Question, tables: &RenderedTables, style: PromptStyle) -> Result<String, String> {
+    pub fn text(&self, q: &Question, tables: &RenderedTables, style: PromptStyle) -> Result<String, PromptError> {
         match style {
             PromptStyle::Trace => self.templates.positive(&q.text, &tables.text),
             PromptStyle::Qa => self.templates.qa(&q.text, &tables.text),
         }
+        .map_err(PromptError::Template)
     }
 
     /// The prompt asking a generator for a trace with one error of a type,
     /// for tables already rendered by [`Prompter::tables`].
-    pub fn negative_text(&self, q: &Question, tables: &RenderedTables, error: ErrorType) -> Result<String, String> {
-        self.templates.negative(&q.text, &tables.text, error)
+    pub fn negative_text(
+        &self,
+        q: &Question,
+        tables: &RenderedTables,
+        error: ErrorType,
+    ) -> Result<String, PromptError> {
+        self.templates.negative(&q.text, &tables.text, error).map_err(PromptError::Template)
     }
 }
 
@@ -219,7 +229,7 @@ mod tests {
         let t = PromptTemplates::load(Some(dir.path())).unwrap();
         assert_eq!(t.positive("a", "b").unwrap(), "Q: a T: b");
         std::fs::write(dir.path().join("negative.jinja"), "{{ no_such_variable }}").unwrap();
-        let e = PromptTemplates::load(Some(dir.path())).unwrap_err();
+        let e = PromptTemplates::load(Some(dir.path())).unwrap_err().to_string();
         assert!(e.contains("negative.jinja") && e.contains("does not render"), "{e}");
         // Passes the check with placeholders, fails on a real question: an error, not a panic.
         std::fs::remove_file(dir.path().join("negative.jinja")).unwrap();

@@ -104,7 +104,8 @@ fn a_generator_whose_calls_all_fail_is_an_error_naming_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
     let e = llm_traces(&sample(2), &llm, &cache, &run_options(Wanted { positive: true, negatives: 1 }, 8), &Silent)
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("http:m: all 4 calls failed") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
 }
 
@@ -133,4 +134,18 @@ fn on_policy_samples_are_sorted_by_their_own_answers() {
     let seeds: std::collections::HashSet<String> =
         traces.iter().map(|t| t.params["sampling"]["seed"].to_string()).collect();
     assert_eq!(seeds.len(), 6);
+}
+
+#[test]
+fn a_question_that_cannot_be_asked_is_named_not_dropped() {
+    let mut qs = sample(2);
+    qs[1].gold.clear();
+    qs[1].gold_sql = Some("SELECT no_such_column FROM no_such_table".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let (_, stats) =
+        llm_traces(&qs, &smollm2(), &cache, &run_options(Wanted { positive: true, negatives: 0 }, 4), &Silent).unwrap();
+    assert_eq!(stats.requests, 1);
+    assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+    assert!(stats.skipped[0].starts_with(&format!("{}: no gold answer", qs[1].id)), "{:?}", stats.skipped);
 }
