@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use tabletrace_model::{load_model, Adapter, LoadOptions};
-use tabletrace_train::examples::{read_rows, tokenize, Example, SftTarget};
-use tabletrace_train::objective::{preference_loss, score, MetricSums};
+use tabletrace_train::examples::{read_rows, tokenize, SftTarget};
 use tabletrace_train::{LossConfig, LossType, Method, TrainConfig, Trainer};
 
 use crate::progress::Bar;
@@ -191,52 +190,20 @@ pub fn score_pairs(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     for (id, why) in &report.skipped {
         eprintln!("skipped {id}: {why}");
     }
-    let pairs: Vec<(&str, _, _)> = examples
-        .iter()
-        .filter_map(|e| match e {
-            Example::Preference { id, chosen, rejected } => Some((id.as_str(), chosen, rejected)),
-            _ => None,
-        })
-        .collect();
-    anyhow::ensure!(!pairs.is_empty(), "no pairs to score in {}", a.pairs.display());
-    let chosen_tokens: usize = pairs.iter().map(|p| p.1.scored()).sum();
     let adapter = lora.as_ref().map(|l| l as &dyn Adapter);
-    let mut sums = MetricSums::default();
-    let mut per_pair = Vec::new();
-    for batch in pairs.chunks(a.batch_size.max(1)) {
-        let seqs: Vec<_> = batch.iter().map(|p| p.1).chain(batch.iter().map(|p| p.2)).collect();
-        let scored = score(&m.model, adapter, &seqs, true, m.tokenizer.pad_id(), 256)?;
-        let (_, s) = preference_loss(&scored, &params, pairs.len(), chosen_tokens, m.model.config().vocab_size)?;
-        let sums_v: Vec<f32> = scored.logp_sums.to_vec1()?;
-        let n = batch.len();
-        for (i, p) in batch.iter().enumerate() {
-            let (c, r) = (sums_v[i] as f64, sums_v[n + i] as f64);
-            let (cn, rn) = (scored.counts[i].max(1) as f64, scored.counts[n + i].max(1) as f64);
-            let (lc, lr) = if loss_type.averages() { (c / cn, r / rn) } else { (c, r) };
-            per_pair.push(serde_json::json!({
-                "id": p.0, "logps/chosen": lc, "logps/rejected": lr, "margin": params.beta * (lc - lr),
-                "chosen_tokens": scored.counts[i], "rejected_tokens": scored.counts[n + i],
-            }));
-        }
-        // Mean-logit metrics are per forward pass in TRL; average them over passes.
-        sums.add(&s);
-    }
+    let scores =
+        tabletrace_train::score_pairs(&m.model, adapter, &examples, &params, a.batch_size, m.tokenizer.pad_id())
+            .with_context(|| format!("scoring {}", a.pairs.display()))?;
     let metrics: serde_json::Map<String, serde_json::Value> =
-        sums.to_metrics(true, params.cpo_alpha).into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+        scores.metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
     if a.json {
         let out =
-            serde_json::json!({"pairs": per_pair, "metrics": metrics, "params": params, "skipped": report.skipped});
+            serde_json::json!({"pairs": scores.pairs, "metrics": metrics, "params": params, "skipped": report.skipped});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{:<32} {:>14} {:>14} {:>10}", "pair", "logps/chosen", "logps/rejected", "margin");
-        for p in &per_pair {
-            println!(
-                "{:<32} {:>14.4} {:>14.4} {:>10.4}",
-                p["id"].as_str().unwrap_or(""),
-                p["logps/chosen"].as_f64().unwrap_or(f64::NAN),
-                p["logps/rejected"].as_f64().unwrap_or(f64::NAN),
-                p["margin"].as_f64().unwrap_or(f64::NAN)
-            );
+        for p in &scores.pairs {
+            println!("{:<32} {:>14.4} {:>14.4} {:>10.4}", p.id, p.logp_chosen, p.logp_rejected, p.margin);
         }
         for (k, v) in &metrics {
             println!("{k:<20} {}", v);

@@ -29,6 +29,7 @@ mod error;
 pub mod examples;
 pub mod objective;
 pub mod optim;
+mod scoring;
 mod trainer;
 
 pub use config::{
@@ -36,4 +37,5 @@ pub use config::{
 };
 pub use curves::training_curves;
 pub use error::{Error, Result};
+pub use scoring::{score_pairs, PairScore, PairScores};
 pub use trainer::{latest_checkpoint, TrainSummary, Trainer, TrainerState};

@@ -1,3 +1,5 @@
+//! Decoder tests: a tiny random model, forward against a step-by-step reference.
+
 use super::*;
 
 fn values(n: usize, seed: f32) -> Vec<f32> {
