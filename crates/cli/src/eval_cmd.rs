@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tabletrace_data::{load, Answer, LoadOptions, Provenance, Question, Split, TableDb};
-use tabletrace_eval::{evaluate, EvalItem, EvalOptions, Kind};
+use tabletrace_data::{load, LoadOptions, Provenance, Split};
+use tabletrace_eval::{evaluate, EvalItem, EvalOptions};
 use tabletrace_model::{load_model, LoadedModel};
-use tabletrace_trace::{gold_answer, ProgramTracer, PromptStyle, Prompter};
+use tabletrace_pipeline::PromptStats;
+use tabletrace_trace::PromptStyle;
 
 use crate::progress::Bar;
 use crate::prompt_args::PromptArgs;
@@ -113,106 +114,27 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
         a.data.display()
     );
     let prompter = a.prompt.prompter(Some(&a.model))?;
-    let tracer = ProgramTracer::default();
     let style = match a.prompt_format {
         PromptFormat::Qa => PromptStyle::Qa,
         PromptFormat::Trace => PromptStyle::Trace,
     };
-    let mut items = Vec::new();
-    let mut stats = PromptStats::default();
-    for q in &ds.questions {
-        let item = eval_item(q, a.labels, &prompter, style, &tracer, &mut stats);
+    let labels = match a.labels {
+        Labels::Executed => Provenance::Executed,
+        Labels::Published => Provenance::Published,
+    };
+    let (mut items, mut stats) = tabletrace_pipeline::eval_items(&ds.questions, labels, &prompter, style);
+    for item in &items {
         if let Some(why) = &item.not_run {
-            eprintln!("question {}: not asked (counted as wrong): {why}", q.id);
+            eprintln!("question {}: not asked (counted as wrong): {why}", item.id);
         }
-        items.push(item);
     }
     for id in missing {
         let why = format!("listed in --ids but not loaded from {} (see the load errors)", a.data.display());
         eprintln!("question {id}: not asked (counted as wrong): {why}");
         stats.not_prepared += 1;
-        items.push(EvalItem {
-            id,
-            prompt: String::new(),
-            gold: Answer::Text { text: String::new() },
-            n_tables: 0,
-            kind: Kind::Lookup,
-            not_run: Some(why),
-        });
+        items.push(tabletrace_pipeline::not_run_item(&id, why));
     }
     Ok((items, stats))
-}
-
-/// What the prompts of an evaluation showed.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct PromptStats {
-    /// Questions whose prompt shows every row of their tables.
-    pub whole_tables: usize,
-    /// Questions whose tables exceed the budget (rows chosen from the question text).
-    pub part_tables: usize,
-    /// Questions that could not be prepared (counted as wrong).
-    pub not_prepared: usize,
-    /// Mean tokens of the rendered tables.
-    pub mean_table_tokens: f64,
-}
-
-fn eval_item(
-    q: &Question,
-    labels: Labels,
-    prompter: &Prompter,
-    style: PromptStyle,
-    tracer: &ProgramTracer,
-    stats: &mut PromptStats,
-) -> EvalItem {
-    let unprepared = |why: String, gold: Option<Answer>| EvalItem {
-        id: q.id.0.clone(),
-        prompt: String::new(),
-        kind: Kind::of(q.gold_sql.as_deref(), gold.as_ref().unwrap_or(&Answer::Text { text: String::new() })),
-        gold: gold.unwrap_or(Answer::Text { text: String::new() }),
-        n_tables: q.n_tables(),
-        not_run: Some(why),
-    };
-    let db = match TableDb::open(&q.tables) {
-        Ok(db) => db,
-        Err(f) => {
-            stats.not_prepared += 1;
-            return unprepared(format!("its tables cannot be opened: {}", f.message), None);
-        }
-    };
-    let gold = match (labels, q.gold(Provenance::Published)) {
-        (Labels::Published, Some(p)) => Ok(p.clone()),
-        _ => gold_answer(q, &db, tracer),
-    };
-    let gold = match gold {
-        Ok(g) => g,
-        Err(e) => {
-            stats.not_prepared += 1;
-            return unprepared(format!("no gold answer: {e}"), None);
-        }
-    };
-    match prompter.prompt(&db, q, style) {
-        Ok(p) => {
-            let n = (stats.whole_tables + stats.part_tables) as f64;
-            stats.mean_table_tokens = (stats.mean_table_tokens * n + p.tables.tokens as f64) / (n + 1.0);
-            if p.tables.is_whole() {
-                stats.whole_tables += 1;
-            } else {
-                stats.part_tables += 1;
-            }
-            EvalItem {
-                id: q.id.0.clone(),
-                prompt: p.text,
-                kind: Kind::of(q.gold_sql.as_deref(), &gold),
-                gold,
-                n_tables: q.n_tables(),
-                not_run: None,
-            }
-        }
-        Err(f) => {
-            stats.not_prepared += 1;
-            unprepared(f.to_string(), Some(gold))
-        }
-    }
 }
 
 /// The flags that shape an evaluation besides the model, adapter, data and

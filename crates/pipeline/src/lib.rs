@@ -5,6 +5,8 @@
 //!   before any stage runs.
 //! - [`split_questions`] is the data stage: training, held-out, unseen-SQL and
 //!   cross-database question lists.
+//! - [`eval_items`] turns questions into evaluation items: the gold-free
+//!   prompt and the gold answer, or a `not_run` item that counts as wrong.
 //! - [`Commands`] builds each stage's `tabletrace` command line (a stage is
 //!   the binary's own command, run as a child process).
 //! - [`Fingerprints`] digests every setting a stage's result depends on;
@@ -26,6 +28,7 @@
 mod commands;
 mod config;
 mod error;
+mod eval_items;
 mod fingerprint;
 pub mod pairs;
 mod run_dir;
@@ -37,6 +40,7 @@ pub use config::{
     EvalStage, ExtraEvalSet, PairsStage, PipelineConfig, PromptFormat, TracesStage, TrainStage, EMBEDDED_DEFAULT,
 };
 pub use error::{Error, Result};
+pub use eval_items::{eval_items, not_run_item, PromptStats};
 pub use fingerprint::{digest, Fingerprints};
 pub use run_dir::{RunDir, Stage};
 pub use split::{normalised_sql, split_questions, SplitSummary};
