@@ -15,14 +15,6 @@ use crate::progress::Bar;
 use crate::prompt_args::PromptArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PromptFormat {
-    /// Question and tables → the answer on a `Final answer:` line (what Q&A SFT learns).
-    Qa,
-    /// The trace prompt (reason step by step, then `Final answer:`), as in the pairs.
-    Trace,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Labels {
     /// The result of the gold SQL on the tables (MMQA's published labels are noisy).
     Executed,
@@ -59,8 +51,11 @@ pub struct EvalArgs {
     /// in data order), so a subset keeps the mix of two- and three-table questions.
     #[arg(long)]
     pub limit: Option<usize>,
-    #[arg(long, value_enum, default_value_t = PromptFormat::Trace)]
-    pub prompt_format: PromptFormat,
+    /// `trace`: the training prompt (reason step by step, then `Final answer:`),
+    /// as in the pairs; `qa`: the answer alone on a `Final answer:` line (what
+    /// Q&A SFT learns).
+    #[arg(long, value_parser = PromptStyle::parse, default_value = "trace")]
+    pub prompt_format: PromptStyle,
     #[arg(long, value_enum, default_value_t = Labels::Executed)]
     pub labels: Labels,
     /// How prompts show the tables (tokens counted with --model's tokenizer
@@ -114,10 +109,7 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
         a.data.display()
     );
     let prompter = a.prompt.prompter(Some(&a.model))?;
-    let style = match a.prompt_format {
-        PromptFormat::Qa => PromptStyle::Qa,
-        PromptFormat::Trace => PromptStyle::Trace,
-    };
+    let style = a.prompt_format;
     let labels = match a.labels {
         Labels::Executed => Provenance::Executed,
         Labels::Published => Provenance::Published,
@@ -142,7 +134,7 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
 fn eval_flags(a: &EvalArgs) -> Vec<String> {
     let mut v = vec![
         "--prompt-format".to_string(),
-        format!("{:?}", a.prompt_format).to_lowercase(),
+        a.prompt_format.name().to_string(),
         "--labels".into(),
         format!("{:?}", a.labels).to_lowercase(),
         "--table-tokens".into(),
@@ -193,7 +185,7 @@ pub fn run(a: EvalArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     report.setup = serde_json::json!({
         "eval_args": eval_flags(&a),
         "model": a.model, "adapter": a.adapter, "data": a.data, "split": a.split,
-        "prompt_format": format!("{:?}", a.prompt_format).to_lowercase(), "prompt": a.prompt.describe(),
+        "prompt_format": a.prompt_format.name().to_string(), "prompt": a.prompt.describe(),
         "max_tokens": a.max_tokens, "chat_template": !a.no_chat_template, "prompts": prompts,
         "seconds": t0.elapsed().as_secs_f64(),
     });

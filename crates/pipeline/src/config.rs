@@ -13,33 +13,13 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tabletrace_trace::{GeneratorSpec, PairPolicy};
+use tabletrace_trace::{GeneratorSpec, PairPolicy, PromptStyle};
 use tabletrace_train::{Method, TrainConfig};
 
 use crate::error::{config, Result};
 
 /// The embedded default pipeline: `configs/default.toml`, compiled in.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../configs/default.toml");
-
-/// The prompt evaluation asks with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptFormat {
-    /// The trace prompt (reason step by step, then `Final answer:`), as in the pairs.
-    Trace,
-    /// Question and tables → the answer on a `Final answer:` line (what Q&A SFT learns).
-    Qa,
-}
-
-impl PromptFormat {
-    /// The name in configs and on `tabletrace eval --prompt-format`.
-    pub fn name(self) -> &'static str {
-        match self {
-            PromptFormat::Trace => "trace",
-            PromptFormat::Qa => "qa",
-        }
-    }
-}
 
 /// Trace generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,7 +235,7 @@ pub struct EvalStage {
     /// Questions per batch. Default 8.
     pub batch: usize,
     /// `trace` (the training prompt) or `qa`. Default trace.
-    pub prompt_format: PromptFormat,
+    pub prompt_format: PromptStyle,
     /// Generate on the GGUF's stored quantisation (`eval --quantized`), the
     /// adapters beside it as factors. Default false (f32 weights).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -277,7 +257,7 @@ impl Default for EvalStage {
             limit: 0,
             max_tokens: 128,
             batch: 8,
-            prompt_format: PromptFormat::Trace,
+            prompt_format: PromptStyle::Trace,
             quantized: false,
             base: true,
         }

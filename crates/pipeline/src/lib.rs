@@ -36,9 +36,7 @@ mod split;
 mod summary;
 
 pub use commands::{Commands, EvalStep};
-pub use config::{
-    EvalStage, ExtraEvalSet, PairsStage, PipelineConfig, PromptFormat, TracesStage, TrainStage, EMBEDDED_DEFAULT,
-};
+pub use config::{EvalStage, ExtraEvalSet, PairsStage, PipelineConfig, TracesStage, TrainStage, EMBEDDED_DEFAULT};
 pub use error::{Error, Result};
 pub use eval_items::{eval_items, not_run_item, PromptStats};
 pub use fingerprint::{digest, Fingerprints};

@@ -131,6 +131,25 @@ pub enum PromptStyle {
     Qa,
 }
 
+impl PromptStyle {
+    /// The name in configs and on `--prompt-format`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptStyle::Trace => "trace",
+            PromptStyle::Qa => "qa",
+        }
+    }
+
+    /// The style called `name` (`trace` or `qa`).
+    pub fn parse(name: &str) -> Result<PromptStyle, String> {
+        match name {
+            "trace" => Ok(PromptStyle::Trace),
+            "qa" => Ok(PromptStyle::Qa),
+            _ => Err(format!("{name:?} is not trace or qa")),
+        }
+    }
+}
+
 /// Counts tokens of a text: the target model's tokenizer, or
 /// [`approx_tokens`](tabletrace_data::approx_tokens) when none is at hand.
 pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
