@@ -109,12 +109,11 @@ pub fn eval_items(a: &EvalArgs) -> anyhow::Result<(Vec<EvalItem>, PromptStats)> 
         a.data.display()
     );
     let prompter = a.prompt.prompter(Some(&a.model))?;
-    let style = a.prompt_format;
     let labels = match a.labels {
         Labels::Executed => Provenance::Executed,
         Labels::Published => Provenance::Published,
     };
-    let (mut items, mut stats) = tabletrace_pipeline::eval_items(&ds.questions, labels, &prompter, style);
+    let (mut items, mut stats) = tabletrace_pipeline::eval_items(&ds.questions, labels, &prompter, a.prompt_format);
     for item in &items {
         if let Some(why) = &item.not_run {
             eprintln!("question {}: not asked (counted as wrong): {why}", item.id);

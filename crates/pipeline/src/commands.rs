@@ -143,21 +143,17 @@ impl<'a> Commands<'a> {
     pub fn evals(&self) -> Vec<EvalStep> {
         let cfg = self.cfg;
         let fp = Fingerprints::new(cfg);
-        let mut arms: Vec<(String, Option<PathBuf>)> =
-            if cfg.eval.base { vec![("base".to_string(), None)] } else { Vec::new() };
-        arms.extend(
-            cfg.train.methods.iter().map(|m| (m.name().to_string(), Some(self.run.join(m.name()).join("adapter")))),
-        );
+        let sets = self.eval_sets();
         let mut steps = Vec::new();
-        for (arm, adapter) in &arms {
-            for (set, data_args, ids) in self.eval_sets() {
-                let out = if set.is_empty() { self.run.join(arm) } else { self.run.join(arm).join(&set) };
+        for (arm, adapter) in self.arm_adapters() {
+            for (set, data_args, ids) in &sets {
+                let out = if set.is_empty() { self.run.join(&arm) } else { self.run.join(&arm).join(set) };
                 let key = if set.is_empty() { format!("eval-{arm}") } else { format!("eval-{arm}-{set}") };
                 let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
-                if let Some(ad) = adapter {
+                if let Some(ad) = &adapter {
                     args.extend(["--adapter".into(), ad.display().to_string()]);
                 }
-                args.extend(data_args);
+                args.extend(data_args.iter().cloned());
                 args.extend(self.prompt_args(false));
                 args.extend(strings([
                     "--ids",
@@ -177,8 +173,8 @@ impl<'a> Commands<'a> {
                 if cfg.eval.quantized {
                     args.push("--quantized".into());
                 }
-                let fingerprint = fp.eval(&set, adapter.is_some());
-                steps.push(EvalStep { arm: arm.clone(), set, key, out, args, fingerprint });
+                let fingerprint = fp.eval(set, adapter.is_some());
+                steps.push(EvalStep { arm: arm.clone(), set: set.clone(), key, out, args, fingerprint });
             }
         }
         steps
@@ -203,11 +199,17 @@ impl<'a> Commands<'a> {
         sets
     }
 
+    /// The evaluated arms, in order, each with its adapter (none for the base model).
+    fn arm_adapters(&self) -> Vec<(String, Option<PathBuf>)> {
+        let mut arms = if self.cfg.eval.base { vec![("base".to_string(), None)] } else { Vec::new() };
+        let trained = self.cfg.train.methods.iter().map(|m| m.name());
+        arms.extend(trained.map(|m| (m.to_string(), Some(self.run.join(m).join("adapter")))));
+        arms
+    }
+
     /// The evaluated arms, in order.
     pub fn arms(&self) -> Vec<String> {
-        let mut arms = if self.cfg.eval.base { vec!["base".to_string()] } else { Vec::new() };
-        arms.extend(self.cfg.train.methods.iter().map(|m| m.name().to_string()));
-        arms
+        self.arm_adapters().into_iter().map(|(arm, _)| arm).collect()
     }
 
     /// `tabletrace report` over every arm: the unseen-SQL subset, each

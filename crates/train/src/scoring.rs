@@ -40,8 +40,7 @@ pub struct PairScores {
 }
 
 /// Scores the preference rows of `examples` in forward passes of
-/// `batch_size` pairs (SFT rows are ignored). `vocab` is the model's
-/// vocabulary size (the mean-logit metrics' denominator).
+/// `batch_size` pairs (SFT rows are ignored), padding with `pad_id`.
 pub fn score_pairs(
     model: &Model,
     adapter: Option<&dyn Adapter>,
