@@ -36,6 +36,23 @@ pub struct RunArgs {
     /// Run directory (overrides the config's run_dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Only this arm in the train and eval stages (repeatable: `--arm sft-qa
+    /// --arm cpo`; names as in the report: base, sft-qa, cpo, …): a study run
+    /// in sessions gets its headline comparison first. The report waits for a
+    /// run without `--arm`.
+    #[arg(long = "arm", value_name = "ARM")]
+    arms: Vec<String>,
+}
+
+/// The arms `--arm` asks for, checked against the config's; `None` for all.
+fn chosen_arms(asked: &[String], known: &[String]) -> anyhow::Result<Option<Vec<String>>> {
+    if asked.is_empty() {
+        return Ok(None);
+    }
+    if let Some(bad) = asked.iter().find(|a| !known.contains(a)) {
+        bail!("--arm {bad}: not an arm of this config (its arms: {})", known.join(", "));
+    }
+    Ok(Some(asked.to_vec()))
 }
 
 /// Runs the stages' child processes and counts their time.
@@ -133,6 +150,11 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     }
     let fp = Fingerprints::new(&cfg);
     let commands = Commands::new(&cfg, &run);
+    let arms = chosen_arms(&a.arms, &commands.arms())?;
+    let wanted = |arm: &str| arms.as_ref().is_none_or(|v| v.iter().any(|a| a == arm));
+    if let Some(v) = &arms {
+        eprintln!("   train and eval only: {}", v.join(", "));
+    }
     let t0 = Instant::now();
     let stage = |name: &str| eprintln!("== {name} ({:.0} s)", t0.elapsed().as_secs_f64());
     let stop_after = |done: Stage| -> bool {
@@ -247,7 +269,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     }
 
     // train
-    for &method in &cfg.train.methods {
+    for &method in cfg.train.methods.iter().filter(|m| wanted(m.name())) {
         let out = dir.join(method.name());
         let fingerprint = fp.train(method);
         let key = format!("train-{}", method.name());
@@ -274,7 +296,7 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
 
     // eval: every arm on the held-out questions, the cross-database set
     // (when databases are held out) and each further set.
-    for step in commands.evals() {
+    for step in commands.evals().into_iter().filter(|s| wanted(&s.arm)) {
         if run.is_done(&step.key, &step.fingerprint) {
             continue;
         }
@@ -285,6 +307,14 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         run.finish(&step.key, &step.fingerprint)?;
     }
     if stop_after(Stage::Eval) {
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    if arms.is_some() {
+        eprintln!(
+            "== stopped before the report (--arm) in {:.0} s: run without --arm for every arm and the report",
+            t0.elapsed().as_secs_f64()
+        );
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -300,6 +330,16 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arms_are_checked_against_the_configs() {
+        let known: Vec<String> = ["base", "sft-qa", "cpo"].map(String::from).to_vec();
+        assert_eq!(chosen_arms(&[], &known).unwrap(), None);
+        let two = ["sft-qa".to_string(), "cpo".to_string()];
+        assert_eq!(chosen_arms(&two, &known).unwrap().unwrap(), two);
+        let err = chosen_arms(&["dpo".to_string()], &known).unwrap_err().to_string();
+        assert!(err.contains("--arm dpo") && err.contains("base, sft-qa, cpo"), "{err}");
+    }
 
     #[test]
     fn the_embedded_default_and_the_presets_load_and_validate() {

@@ -134,6 +134,17 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("== eval: base") && !stderr(&o).contains("== train"), "{}", stderr(&o));
     assert!(stderr(&o).contains("stopped after eval"), "{}", stderr(&o));
+    // --arm limits training and evaluation to the arms named and stops before the report.
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--from", "eval", "--quiet", "--arm", "sft-qa"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("== eval: sft-qa") && !err.contains("== eval: base"), "{err}");
+    assert!(err.contains("stopped before the report (--arm)") && !err.contains("== report"), "{err}");
+    assert!(run.join(".eval-sft-qa-three.done").is_file() && !run.join(".eval-base.done").exists());
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--quiet", "--arm", "cpo"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--arm cpo: not an arm of this config (its arms: base, sft-qa)")
+    );
     // Changed training settings retrain from scratch: the finished
     // checkpoints of the old settings are not resumed.
     let text = std::fs::read_to_string(&cfg).unwrap().replace("max_steps = 1", "max_steps = 2");

@@ -140,17 +140,19 @@ impl<'a> Commands<'a> {
     /// Every evaluation: each arm (the base model unless `eval.base` is off,
     /// then each trained method) on the held-out questions, the
     /// cross-database set when databases are held out, and each further set.
+    /// Set by set: every arm on the held-out questions comes first, so a
+    /// study run in sessions has its headline comparison soonest.
     pub fn evals(&self) -> Vec<EvalStep> {
         let cfg = self.cfg;
         let fp = Fingerprints::new(cfg);
-        let sets = self.eval_sets();
+        let arms = self.arm_adapters();
         let mut steps = Vec::new();
-        for (arm, adapter) in self.arm_adapters() {
-            for (set, data_args, ids) in &sets {
-                let out = if set.is_empty() { self.run.join(&arm) } else { self.run.join(&arm).join(set) };
+        for (set, data_args, ids) in &self.eval_sets() {
+            for (arm, adapter) in &arms {
+                let out = if set.is_empty() { self.run.join(arm) } else { self.run.join(arm).join(set) };
                 let key = if set.is_empty() { format!("eval-{arm}") } else { format!("eval-{arm}-{set}") };
                 let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
-                if let Some(ad) = &adapter {
+                if let Some(ad) = adapter {
                     args.extend(["--adapter".into(), ad.display().to_string()]);
                 }
                 args.extend(data_args.iter().cloned());
@@ -270,9 +272,9 @@ mod tests {
         let keys: Vec<String> = c.evals().iter().map(|s| s.key.clone()).collect();
         assert_eq!(
             keys,
-            ["eval-base", "eval-base-cross_db", "eval-sft-qa", "eval-sft-qa-cross_db", "eval-cpo", "eval-cpo-cross_db"]
+            ["eval-base", "eval-sft-qa", "eval-cpo", "eval-base-cross_db", "eval-sft-qa-cross_db", "eval-cpo-cross_db"]
         );
-        let cpo = &c.evals()[4];
+        let cpo = &c.evals()[2];
         assert!(cpo.args.windows(2).any(|w| w[0] == "--adapter" && w[1].ends_with("cpo/adapter")));
         assert!(cpo.args.contains(&"--quantized".to_string()));
         let report = c.report();
