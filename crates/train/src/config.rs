@@ -2,7 +2,7 @@
 //! the documented defaults in `impl Default`.
 //!
 //! ```toml
-//! method = "cpo"                 # cpo | simpo | cpo-simpo | hinge | ipo | sft-qa | sft-trace
+//! method = "cpo"                 # cpo | simpo | cpo-simpo | hinge | ipo | dpo | sft-qa | sft-trace
 //! model = "smollm2-135m"         # short name, .gguf file, HF folder or hub id
 //! train = "runs/demo/pairs.jsonl"
 //! output_dir = "runs/demo/train-cpo"
@@ -35,6 +35,10 @@ pub enum Method {
     Hinge,
     /// CPO with the IPO loss (length-normalised).
     Ipo,
+    /// DPO: the sigmoid (or robust) loss on log-ratios to a frozen
+    /// reference — the base model, or the `init_adapter` it starts from —
+    /// whose log-probs are computed once per pair and cached; no NLL term.
+    Dpo,
     /// Q&A SFT baseline: prompt → the chosen trace's final answer line only.
     SftQa,
     /// Trace SFT: prompt → the chosen trace.
@@ -43,8 +47,16 @@ pub enum Method {
 
 impl Method {
     /// Every method, as written in configs.
-    pub const ALL: [Method; 7] =
-        [Method::Cpo, Method::Simpo, Method::CpoSimpo, Method::Hinge, Method::Ipo, Method::SftQa, Method::SftTrace];
+    pub const ALL: [Method; 8] = [
+        Method::Cpo,
+        Method::Simpo,
+        Method::CpoSimpo,
+        Method::Hinge,
+        Method::Ipo,
+        Method::Dpo,
+        Method::SftQa,
+        Method::SftTrace,
+    ];
 
     /// The name used in configs and run directories.
     pub fn name(self) -> &'static str {
@@ -54,6 +66,7 @@ impl Method {
             Method::CpoSimpo => "cpo-simpo",
             Method::Hinge => "hinge",
             Method::Ipo => "ipo",
+            Method::Dpo => "dpo",
             Method::SftQa => "sft-qa",
             Method::SftTrace => "sft-trace",
         }
@@ -69,6 +82,11 @@ impl Method {
         !matches!(self, Method::SftQa | Method::SftTrace)
     }
 
+    /// Whether the loss compares with a frozen reference model (DPO).
+    pub fn uses_reference(self) -> bool {
+        self == Method::Dpo
+    }
+
     /// The loss type and the defaults of `beta`, `cpo_alpha` a method starts from.
     pub fn loss_defaults(self) -> (LossType, f64, f64) {
         match self {
@@ -77,6 +95,7 @@ impl Method {
             Method::CpoSimpo => (LossType::Simpo, 2.0, 1.0),
             Method::Hinge => (LossType::Hinge, 0.1, 1.0),
             Method::Ipo => (LossType::Ipo, 0.1, 1.0),
+            Method::Dpo => (LossType::Sigmoid, 0.1, 0.0),
             Method::SftQa | Method::SftTrace => (LossType::Sigmoid, 0.0, 1.0),
         }
     }
@@ -94,6 +113,10 @@ pub enum LossType {
     Ipo,
     /// `-log σ(β Δ - γ)` on averaged log-probs.
     Simpo,
+    /// DPO only: robust DPO, `(-(1-ε) log σ(β Δ) + ε log σ(-β Δ)) / (1 - 2ε)`
+    /// with ε = `label_smoothing` (TRL 1.16's DPO smooths labels this way;
+    /// its sigmoid loss has no smoothing).
+    Robust,
 }
 
 impl LossType {
@@ -104,6 +127,7 @@ impl LossType {
             "hinge" => Some(LossType::Hinge),
             "ipo" => Some(LossType::Ipo),
             "simpo" => Some(LossType::Simpo),
+            "robust" => Some(LossType::Robust),
             _ => None,
         }
     }
@@ -423,6 +447,22 @@ impl TrainConfig {
         if !(0.0..0.5).contains(&loss.label_smoothing) {
             return bad("loss.label_smoothing", format!("{} is not in [0, 0.5)", loss.label_smoothing));
         }
+        if self.method == Method::Dpo {
+            if !matches!(loss.loss_type, LossType::Sigmoid | LossType::Robust) {
+                return bad("loss.loss_type", format!("{:?}: DPO trains with sigmoid or robust", loss.loss_type));
+            }
+            if loss.cpo_alpha != 0.0 {
+                return bad("loss.cpo_alpha", "DPO has no NLL term here: leave cpo_alpha unset (0)".into());
+            }
+            if loss.loss_type == LossType::Sigmoid && loss.label_smoothing != 0.0 {
+                return bad(
+                    "loss.label_smoothing",
+                    "DPO's sigmoid loss has no label smoothing (as in TRL 1.16): use loss_type = \"robust\"".into(),
+                );
+            }
+        } else if loss.loss_type == LossType::Robust {
+            return bad("loss.loss_type", "robust is a DPO loss: set method = \"dpo\"".into());
+        }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad("optim.lr", format!("{} must be positive", self.optim.lr));
         }
@@ -479,8 +519,8 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let e = TrainConfig::from_toml("methd = \"cpo\"", "train.toml").unwrap_err().to_string();
         assert!(e.contains("methd"), "{e}");
-        let e = TrainConfig::from_toml("method = \"dpo\"", "train.toml").unwrap_err().to_string();
-        assert!(e.contains("dpo"), "{e}");
+        let e = TrainConfig::from_toml("method = \"kto\"", "train.toml").unwrap_err().to_string();
+        assert!(e.contains("kto") && e.contains("dpo"), "{e}");
         let c = TrainConfig::from_toml(
             "train = \"p.jsonl\"\noutput_dir = \"o\"\n[lora]\ntarget_modules = [\"qproj\"]",
             "train.toml",
@@ -490,6 +530,18 @@ mod tests {
         assert!(e.contains("lora.target_modules") && e.contains("qproj"), "{e}");
         let c = TrainConfig::from_toml("train = \"p.jsonl\"\noutput_dir = \"o\"\n[loss]\nbeta = -1.0", "t").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("loss.beta"));
+        let dpo = |loss: &str| {
+            let text = format!("method = \"dpo\"\ntrain = \"p.jsonl\"\noutput_dir = \"o\"\n[loss]\n{loss}");
+            TrainConfig::from_toml(&text, "t").unwrap().validate().map_err(|e| e.to_string())
+        };
+        assert!(dpo("beta = 0.1").is_ok());
+        assert!(dpo("loss_type = \"robust\"\nlabel_smoothing = 0.1").is_ok());
+        assert!(dpo("label_smoothing = 0.1").unwrap_err().contains("robust"));
+        assert!(dpo("cpo_alpha = 1.0").unwrap_err().contains("loss.cpo_alpha"));
+        assert!(dpo("loss_type = \"hinge\"").unwrap_err().contains("loss.loss_type"));
+        let c =
+            TrainConfig::from_toml("train = \"p\"\noutput_dir = \"o\"\n[loss]\nloss_type = \"robust\"", "t").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("method = \"dpo\""));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! - Completion rows follow `SFTTrainer`: EOS text appended to standard
 //!   completions, the completion starts where the tokenised prompt and
 //!   prompt + completion diverge, the sequence is cut at `max_length`.
+//! - Preference rows for DPO follow `DPOTrainer` ([`tokenize_dpo`]): each of
+//!   chosen and rejected as a completion row is, the completions starting
+//!   where the first of the two diverges from the prompt.
 //! - Conversational rows are rendered with the chat template first, as
 //!   TRL's `maybe_apply_chat_template` does.
 
@@ -54,6 +57,8 @@ pub enum Row {
         chosen: String,
         /// Rejected completion.
         rejected: String,
+        /// Whether the row was conversational (the template ends the turn).
+        conversational: bool,
     },
     /// A prompt-completion row (SFT).
     Completion {
@@ -218,7 +223,14 @@ pub fn parse_row(v: &Value, line: usize, tokenizer: &Tokenizer) -> Result<Row, S
             v[k].as_str().map(str::to_string).ok_or_else(|| format!("{k:?} must be a string like \"prompt\""))
         };
         return Ok(if is_pref {
-            Row::Preference { id, line, prompt: p.into(), chosen: text("chosen")?, rejected: text("rejected")? }
+            Row::Preference {
+                id,
+                line,
+                prompt: p.into(),
+                chosen: text("chosen")?,
+                rejected: text("rejected")?,
+                conversational: false,
+            }
         } else {
             Row::Completion { id, line, prompt: p.into(), completion: text("completion")?, conversational: false }
         });
@@ -242,7 +254,14 @@ pub fn parse_row(v: &Value, line: usize, tokenizer: &Tokenizer) -> Result<Row, S
     }
     let tail = |t: &String| t[prompt_text.len()..].to_string();
     Ok(if is_pref {
-        Row::Preference { id, line, chosen: tail(&full[0]), rejected: tail(&full[1]), prompt: prompt_text }
+        Row::Preference {
+            id,
+            line,
+            chosen: tail(&full[0]),
+            rejected: tail(&full[1]),
+            prompt: prompt_text,
+            conversational: true,
+        }
     } else {
         Row::Completion { id, line, completion: tail(&full[0]), prompt: prompt_text, conversational: true }
     })
@@ -329,30 +348,25 @@ pub fn tokenize(
                 )));
             }
             Row::Preference { id, prompt, chosen, .. } | Row::Completion { id, prompt, completion: chosen, .. } => {
-                let conversational = matches!(row, Row::Completion { conversational: true, .. });
-                let target = match (row, sft_target) {
+                let (target, conversational) = match (row, sft_target) {
+                    // The answer line is cut out of the trace: it needs an EOS of its own.
                     (Row::Preference { .. }, SftTarget::Answer) => match final_answer_line(chosen) {
-                        Some(line) => line.to_string(),
+                        Some(line) => (line.to_string(), false),
                         None => {
                             report.skipped.push((row.place(), "the chosen trace has no \"Final answer:\" line".into()));
                             continue;
                         }
                     },
-                    _ => chosen.clone(),
+                    // A conversational row's completion ends with the template's end of turn.
+                    (Row::Preference { conversational, .. } | Row::Completion { conversational, .. }, _) => {
+                        (chosen.clone(), *conversational)
+                    }
                 };
                 if target.trim().is_empty() {
                     report.skipped.push((row.place(), "empty completion".into()));
                     continue;
                 }
-                let eos_text = tokenizer.eos_token();
-                let completion = if !conversational && !eos_text.is_empty() && !target.ends_with(eos_text) {
-                    format!("{target}{eos_text}")
-                } else {
-                    target
-                };
-                let prompt_ids = tokenizer.encode(prompt, false)?;
-                let mut ids = tokenizer.encode(&format!("{prompt}{completion}"), false)?;
-                let start = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                let (mut ids, start) = completion_ids(tokenizer, prompt, &target, conversational)?;
                 if start >= max_length {
                     report.skipped.push((
                         row.place(),
@@ -373,6 +387,73 @@ pub fn tokenize(
         };
         report.kept += 1;
         out.push(example);
+    }
+    Ok((out, report))
+}
+
+/// `prompt + completion` tokenised as `SFTTrainer` and `DPOTrainer` do:
+/// the EOS text appended to a standard completion, the completion starting
+/// where the tokenised prompt and the whole diverge. `(ids, start)`.
+fn completion_ids(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+    conversational: bool,
+) -> Result<(Vec<u32>, usize)> {
+    let eos_text = tokenizer.eos_token();
+    let completion = if !conversational && !eos_text.is_empty() && !completion.ends_with(eos_text) {
+        format!("{completion}{eos_text}")
+    } else {
+        completion.to_string()
+    };
+    let prompt_ids = tokenizer.encode(prompt, false)?;
+    let ids = tokenizer.encode(&format!("{prompt}{completion}"), false)?;
+    let start = prompt_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+    Ok((ids, start))
+}
+
+/// Tokenises preference rows as TRL's `DPOTrainer` (1.16) does: chosen and
+/// rejected each as `prompt + completion` (EOS text appended to standard
+/// rows, no BOS added), both completions starting at the shorter of the two
+/// common prefixes with the tokenised prompt, each sequence cut at
+/// `max_length`; a row whose prompt alone fills `max_length` is skipped.
+pub fn tokenize_dpo(rows: &[Row], tokenizer: &Tokenizer, max_length: usize) -> Result<(Vec<Example>, TokenizeReport)> {
+    let mut out = Vec::new();
+    let mut report = TokenizeReport::default();
+    for row in rows {
+        let Row::Preference { id, prompt, chosen, rejected, conversational, .. } = row else {
+            return Err(Error::Setup(format!(
+                "row {} is a prompt-completion row; DPO needs prompt/chosen/rejected rows",
+                row.place()
+            )));
+        };
+        if chosen.trim().is_empty() || rejected.trim().is_empty() {
+            report.skipped.push((row.place(), "empty chosen or rejected completion".into()));
+            continue;
+        }
+        let (mut c, c_start) = completion_ids(tokenizer, prompt, chosen, *conversational)?;
+        let (mut r, r_start) = completion_ids(tokenizer, prompt, rejected, *conversational)?;
+        let start = c_start.min(r_start);
+        if start >= max_length {
+            report
+                .skipped
+                .push((row.place(), format!("the prompt alone has {start} tokens, max_length is {max_length}")));
+            continue;
+        }
+        let mut truncated = false;
+        for ids in [&mut c, &mut r] {
+            if ids.len() > max_length {
+                ids.truncate(max_length);
+                truncated = true;
+            }
+        }
+        report.truncated += truncated as usize;
+        report.kept += 1;
+        out.push(Example::Preference {
+            id: id.clone(),
+            chosen: Sequence { ids: c, completion_start: start },
+            rejected: Sequence { ids: r, completion_start: start },
+        });
     }
     Ok((out, report))
 }

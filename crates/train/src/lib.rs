@@ -1,10 +1,10 @@
-//! LoRA fine-tuning for tabletrace: the CPO family and SFT baselines,
+//! LoRA fine-tuning for tabletrace: the CPO family, DPO and SFT baselines,
 //! exact against TRL, resumable.
 //!
 //! - [`TrainConfig`] (TOML) names the [`Method`], model, data, LoRA,
 //!   loss, optimizer and schedule.
 //! - [`examples`] reads TRL-format rows and tokenises them exactly as TRL's
-//!   `CPOTrainer` / `SFTTrainer` do.
+//!   `CPOTrainer` / `DPOTrainer` / `SFTTrainer` do.
 //! - [`objective`] scores sequences through the decoder's hidden states
 //!   (chunked token log-probs) and computes TRL's losses and metrics.
 //! - [`Trainer`] runs the loop: accumulation normalised as one big batch,
@@ -29,6 +29,7 @@ mod error;
 pub mod examples;
 pub mod objective;
 pub mod optim;
+pub mod reference;
 mod scoring;
 mod trainer;
 

@@ -33,6 +33,9 @@ pub struct Scored {
     pub logit_sums: Vec<f64>,
     /// Padded length of the batch.
     pub padded_len: usize,
+    /// Per sequence, the sum of all logits (whole vocabulary) at the
+    /// positions that predict its completion tokens (TRL DPO's `logits/*`).
+    pub scored_logit_sums: Vec<f64>,
 }
 
 /// Sequences laid out as one right-padded batch.
@@ -49,6 +52,8 @@ pub struct Batch {
     pub mask: Tensor,
     /// Flat positions `s * T + t` whose next token is scored.
     rows: Tensor,
+    /// The same positions, on the host.
+    row_positions: Vec<u32>,
     /// The scored tokens.
     targets: Vec<u32>,
     /// `(S, N)` 0/1: which scored token belongs to which sequence.
@@ -90,7 +95,8 @@ impl Batch {
             ids: Tensor::from_vec(ids, (s, t), device)?,
             positions: Tensor::from_vec(positions, (s, t), device)?,
             mask: Tensor::from_vec(mask, (s, t, t), device)?,
-            rows: Tensor::from_vec(rows, total, device)?,
+            rows: Tensor::from_vec(rows.clone(), total, device)?,
+            row_positions: rows,
             targets,
             segments: segments(&counts, device)?,
             counts,
@@ -186,7 +192,8 @@ impl Batch {
             ids: Tensor::from_vec(ids, (n, l), device)?,
             positions: Tensor::from_vec(positions, (n, l), device)?,
             mask: Tensor::from_vec(mask, (n, l, l), device)?,
-            rows: Tensor::from_vec(chosen_rows, total, device)?,
+            rows: Tensor::from_vec(chosen_rows.clone(), total, device)?,
+            row_positions: chosen_rows,
             targets: chosen_targets,
             segments: segments(&counts, device)?,
             counts,
@@ -218,7 +225,16 @@ impl Batch {
         let logp_sums = self.segments.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?; // (S,)
         let per_position: Vec<f64> = ops::logit_sums(&flat, &weight, bias.as_ref())?.to_dtype(DType::F64)?.to_vec1()?;
         let logit_sums = self.logit_positions.iter().map(|ps| ps.iter().map(|&i| per_position[i]).sum()).collect();
-        Ok(Scored { logp_sums, counts: self.counts.clone(), logit_sums, padded_len: self.padded_len })
+        let mut rows = self.row_positions.iter();
+        let scored_logit_sums =
+            self.counts.iter().map(|&c| rows.by_ref().take(c).map(|&i| per_position[i as usize]).sum()).collect();
+        Ok(Scored {
+            logp_sums,
+            counts: self.counts.clone(),
+            logit_sums,
+            padded_len: self.padded_len,
+            scored_logit_sums,
+        })
     }
 }
 
@@ -365,6 +381,9 @@ pub fn preference_loss(
         }
         LossType::Hinge => ((&logits * -beta)? + 1.0)?.relu()?,
         LossType::Ipo => (logits - 1.0 / (2.0 * beta))?.sqr()?,
+        LossType::Robust => {
+            return Err(crate::Error::Setup("the robust loss is DPO's: it needs reference log-probs".into()))
+        }
     };
     let pref = (losses.sum_all()? / step_pairs.max(1) as f64)?;
     let chosen_sum = scored.logp_sums.narrow(0, 0, n)?.sum_all()?;
@@ -386,6 +405,67 @@ pub fn preference_loss(
         logp_rejected: r.iter().sum(),
         logits_chosen: scored.logit_sums[..n].iter().sum::<f64>() / denom,
         logits_rejected: scored.logit_sums[n..].iter().sum::<f64>() / denom,
+        batches: 1,
+        tokens: 0,
+    };
+    Ok((loss, sums))
+}
+
+/// Reference log-probs of one pair: `(chosen, rejected)`, summed over
+/// completion tokens.
+pub type RefLogps = (f64, f64);
+
+/// The DPO loss of one micro-batch of pairs (TRL 1.16's `DPOTrainer`,
+/// `sigmoid` or `robust`), normalised by the step's `step_pairs`, and its
+/// metric sums. `scored` holds the chosen sequences first, then the
+/// rejected ones; `refs` the reference's log-probs of each pair, in order.
+pub fn dpo_loss(
+    scored: &Scored,
+    refs: &[RefLogps],
+    p: &LossParams,
+    step_pairs: usize,
+    vocab: usize,
+) -> Result<(Tensor, MetricSums)> {
+    let n = scored.counts.len() / 2;
+    debug_assert_eq!(refs.len(), n);
+    let device = scored.logp_sums.device();
+    let chosen = scored.logp_sums.narrow(0, 0, n)?;
+    let rejected = scored.logp_sums.narrow(0, n, n)?;
+    let ref_chosen: Vec<f32> = refs.iter().map(|r| r.0 as f32).collect();
+    let ref_rejected: Vec<f32> = refs.iter().map(|r| r.1 as f32).collect();
+    let ref_delta = (Tensor::from_vec(ref_chosen, n, device)? - Tensor::from_vec(ref_rejected, n, device)?)?;
+    let delta = ((&chosen - &rejected)? - ref_delta)?;
+    let (beta, eps) = (p.beta, p.label_smoothing);
+    let pos = log_sigmoid(&(&delta * beta)?)?;
+    let losses = match p.loss_type {
+        LossType::Sigmoid => pos.neg()?,
+        LossType::Robust => {
+            let neg = log_sigmoid(&(&delta * -beta)?)?;
+            (((pos * -(1.0 - eps))? + (neg * eps)?)? / (1.0 - 2.0 * eps))?
+        }
+        other => return Err(crate::Error::Setup(format!("DPO trains with sigmoid or robust, not {other:?}"))),
+    };
+    let loss = (losses.sum_all()? / step_pairs.max(1) as f64)?;
+
+    let c: Vec<f64> = chosen.to_dtype(DType::F64)?.to_vec1()?;
+    let r: Vec<f64> = rejected.to_dtype(DType::F64)?.to_vec1()?;
+    let reward = |x: f64, reference: f64| beta * (x - reference);
+    let chosen_tokens: usize = scored.counts[..n].iter().sum();
+    let rejected_tokens: usize = scored.counts[n..].iter().sum();
+    let mean_logit =
+        |sums: &[f64], tokens: usize| sums.iter().sum::<f64>() / vocab.max(1) as f64 / tokens.max(1) as f64;
+    let sums = MetricSums {
+        rows: n,
+        chosen_tokens,
+        loss: loss.to_dtype(DType::F64)?.to_scalar()?,
+        nll: -c.iter().sum::<f64>(),
+        reward_chosen: c.iter().zip(refs).map(|(x, rf)| reward(*x, rf.0)).sum(),
+        reward_rejected: r.iter().zip(refs).map(|(x, rf)| reward(*x, rf.1)).sum(),
+        accurate: c.iter().zip(&r).zip(refs).filter(|((a, b), rf)| reward(**a, rf.0) > reward(**b, rf.1)).count(),
+        logp_chosen: c.iter().sum(),
+        logp_rejected: r.iter().sum(),
+        logits_chosen: mean_logit(&scored.scored_logit_sums[..n], chosen_tokens),
+        logits_rejected: mean_logit(&scored.scored_logit_sums[n..], rejected_tokens),
         batches: 1,
         tokens: 0,
     };

@@ -8,6 +8,7 @@
 //! tokenize_report.json     rows kept, cut and skipped (with reasons)
 //! metrics.jsonl            one line per step (TRL names) and per evaluation (eval_ prefix)
 //! checkpoints/step-N/      adapter (PEFT files), optimizer.safetensors, trainer_state.json
+//! reference_logps.jsonl    DPO: the reference's log-probs of each pair, computed once
 //! adapter/                 the final adapter (PEFT files)
 //! curves.png               loss and reward-margin curves
 //! ```
@@ -33,9 +34,10 @@ use tabletrace_data::write_atomic;
 
 use crate::config::{LossParams, TrainConfig};
 use crate::error::{io, Error, Result};
-use crate::examples::{batch_sequences, read_rows, tokenize, Example, SftTarget, TokenizeReport};
-use crate::objective::{preference_loss, sft_loss, Batch, MetricSums};
+use crate::examples::{batch_sequences, read_rows, tokenize, tokenize_dpo, Example, SftTarget, TokenizeReport};
+use crate::objective::{dpo_loss, preference_loss, sft_loss, Batch, MetricSums, RefLogps};
 use crate::optim::{clip, global_norm, learning_rate, AdamW};
+use crate::reference::Reference;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +98,8 @@ pub struct Trainer<'a> {
     train: Vec<Example>,
     eval: Vec<Example>,
     lora: Lora,
+    /// DPO's reference model and its cached log-probs.
+    reference: Option<Reference>,
     reporter: &'a dyn Reporter,
     stop: Option<&'a AtomicBool>,
 }
@@ -113,10 +117,18 @@ impl<'a> Trainer<'a> {
         let tok = &loaded.tokenizer;
         let target = if cfg.method == crate::Method::SftQa { SftTarget::Answer } else { SftTarget::Trace };
         let pref = cfg.method.is_preference();
-        let (mut train, mut report) = tokenize(&read_rows(&cfg.train, tok)?, tok, cfg.max_length, pref, target)?;
+        let tokenize_rows = |path: &Path| {
+            let rows = read_rows(path, tok)?;
+            if cfg.method == crate::Method::Dpo {
+                tokenize_dpo(&rows, tok, cfg.max_length)
+            } else {
+                tokenize(&rows, tok, cfg.max_length, pref, target)
+            }
+        };
+        let (mut train, mut report) = tokenize_rows(&cfg.train)?;
         let eval = match &cfg.eval {
             Some(p) => {
-                let (e, r) = tokenize(&read_rows(p, tok)?, tok, cfg.max_length, pref, target)?;
+                let (e, r) = tokenize_rows(p)?;
                 report.skipped.extend(r.skipped.into_iter().map(|(id, why)| (format!("eval {id}"), why)));
                 e
             }
@@ -151,7 +163,14 @@ impl<'a> Trainer<'a> {
         if let Some(dir) = &cfg.init_adapter {
             warm_start(&lora, dir, &loaded.model)?;
         }
-        Ok(Trainer { loss: cfg.loss.resolve(cfg.method), cfg, loaded, train, eval, lora, reporter, stop: None })
+        let reference = if cfg.method.uses_reference() {
+            let init = cfg.init_adapter.as_deref();
+            Some(Reference::open(&cfg.output_dir, &cfg.fingerprint(), init, &loaded.model)?)
+        } else {
+            None
+        };
+        let loss = cfg.loss.resolve(cfg.method);
+        Ok(Trainer { loss, cfg, loaded, train, eval, lora, reference, reporter, stop: None })
     }
 
     /// Stops at the end of the step during which `flag` becomes true (a
@@ -176,10 +195,19 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// The loss of scored sequences, normalised by the step totals.
-    fn loss_of(&self, scored: &crate::objective::Scored, totals: (usize, usize)) -> Result<(Tensor, MetricSums)> {
-        if self.cfg.method.is_preference() {
-            preference_loss(scored, &self.loss, totals.0, totals.1, self.loaded.model.config().vocab_size)
+    /// The loss of scored sequences, normalised by the step totals; `refs`:
+    /// the reference's log-probs of each pair (DPO).
+    fn loss_of(
+        &self,
+        scored: &crate::objective::Scored,
+        totals: (usize, usize),
+        refs: Option<&[RefLogps]>,
+    ) -> Result<(Tensor, MetricSums)> {
+        let vocab = self.loaded.model.config().vocab_size;
+        if let Some(refs) = refs {
+            dpo_loss(scored, refs, &self.loss, totals.0, vocab)
+        } else if self.cfg.method.is_preference() {
+            preference_loss(scored, &self.loss, totals.0, totals.1, vocab)
         } else {
             sft_loss(scored, totals.1)
         }
@@ -199,12 +227,15 @@ impl<'a> Trainer<'a> {
             Batch::layout(&seqs, self.cfg.method.is_preference(), self.loaded.tokenizer.pad_id(), model.device())?;
         let chunk = self.cfg.logprob_chunk;
         let tokens: usize = rows.iter().map(|e| e.tokens()).sum();
+        let pad_id = self.loaded.tokenizer.pad_id();
+        let refs = self.reference.as_ref().map(|r| r.logps(model, rows, pad_id, chunk)).transpose()?;
+        let refs = refs.as_deref();
         let (grads, mut sums) = match vars {
             None => {
                 self.lora.set_tracking(false);
                 let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(&self.lora));
                 self.lora.set_tracking(true);
-                let (_, sums) = self.loss_of(&batch.score_hidden(model, &hidden?, chunk)?, totals)?;
+                let (_, sums) = self.loss_of(&batch.score_hidden(model, &hidden?, chunk)?, totals, refs)?;
                 (Vec::new(), sums)
             }
             Some(vars) if self.cfg.activation_checkpointing => model.backward_checkpointed(
@@ -216,12 +247,12 @@ impl<'a> Trainer<'a> {
                 self.cfg.keep_mlp_products,
                 |hidden| {
                     let scored = batch.score_hidden(model, hidden, chunk).map_err(to_model_error)?;
-                    self.loss_of(&scored, totals).map_err(to_model_error)
+                    self.loss_of(&scored, totals, refs).map_err(to_model_error)
                 },
             )?,
             Some(vars) => {
                 let hidden = model.hidden_states(&batch.ids, &batch.positions, Some(&batch.mask), Some(&self.lora))?;
-                let (loss, sums) = self.loss_of(&batch.score_hidden(model, &hidden, chunk)?, totals)?;
+                let (loss, sums) = self.loss_of(&batch.score_hidden(model, &hidden, chunk)?, totals, refs)?;
                 let store = loss.backward()?;
                 (vars.iter().map(|v| store.get(v).cloned()).collect(), sums)
             }

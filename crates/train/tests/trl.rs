@@ -15,7 +15,7 @@ use tabletrace_train::{LossConfig, LossType, Method};
 
 use crate::util::{smollm2, smollm2_bf16};
 
-fn data(name: &str) -> PathBuf {
+pub(crate) fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
@@ -24,11 +24,11 @@ fn fixture() -> Value {
 }
 
 /// The fixture's adapter, from the same formula as the script's `lora_value`.
-fn fixture_lora(meta: &Value) -> Lora {
+pub(crate) fn fixture_lora(meta: &Value) -> Lora {
     fixture_lora_with_dropout(meta, 0.0)
 }
 
-fn fixture_lora_with_dropout(meta: &Value, dropout: f64) -> Lora {
+pub(crate) fn fixture_lora_with_dropout(meta: &Value, dropout: f64) -> Lora {
     let r = meta["rank"].as_u64().unwrap() as usize;
     let cfg = LoraConfig {
         r,
@@ -57,7 +57,7 @@ fn rows(meta: &Value, key: &str) -> Vec<Row> {
     meta[key].as_array().unwrap().iter().enumerate().map(|(i, v)| parse_row(v, i + 1, tok).unwrap()).collect()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+pub(crate) fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
@@ -116,12 +116,12 @@ fn case_loss(case: &Value) -> LossConfig {
     }
 }
 
-fn close(name: &str, got: f64, want: f64) {
+pub(crate) fn close(name: &str, got: f64, want: f64) {
     let tol = 1e-4 * want.abs().max(1e-2);
     assert!((got - want).abs() <= tol, "{name}: ours {got}, TRL {want} (|Δ| {})", (got - want).abs());
 }
 
-fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -133,7 +133,7 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 /// Asserts that two computations of one gradient agree in direction
 /// (cosine ≥ 0.99999) and in size (norms within 1e-4 of each other): a
 /// uniformly scaled gradient has the right direction only.
-fn same_gradient(what: &str, a: &Tensor, b: &Tensor) {
+pub(crate) fn same_gradient(what: &str, a: &Tensor, b: &Tensor) {
     let c = cosine(a, b);
     assert!(c >= 0.99999, "{what}: cosine {c}");
     let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
@@ -142,7 +142,7 @@ fn same_gradient(what: &str, a: &Tensor, b: &Tensor) {
 }
 
 /// Compares our LoRA gradients with TRL's: cosine per stored tensor, and the global norm.
-fn check_grads(
+pub(crate) fn check_grads(
     case: &str,
     lora: &Lora,
     grads: &candle_core::backprop::GradStore,
