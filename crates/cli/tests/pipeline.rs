@@ -164,12 +164,12 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
 fn pipeline_config_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("pipeline.toml");
-    std::fs::write(&cfg, "[train]\nmethods = [\"dpo\"]\n").unwrap();
+    std::fs::write(&cfg, "[train]\nmethods = [\"kto\"]\n").unwrap();
     let o = tabletrace(&["run", cfg.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     // Methods are the trainer's own type: the TOML error points at the line and lists the methods.
     assert!(
-        stderr(&o).contains("methods = [\"dpo\"]") && stderr(&o).contains("expected one of `cpo`, `simpo`"),
+        stderr(&o).contains("methods = [\"kto\"]") && stderr(&o).contains("expected one of `cpo`, `simpo`"),
         "{}",
         stderr(&o)
     );
