@@ -53,6 +53,12 @@ pub struct TracesArgs {
     /// HTTP requests in flight at most (over all endpoints).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// HTTP generators: send several samples of one prompt (--on-policy) as
+    /// one request with OpenAI's `n`, up to this many (vLLM and SGLang serve
+    /// them with one prefill). A server that answers with fewer choices gets
+    /// the rest one per request. Default 1: one completion per request.
+    #[arg(long, default_value_t = 1)]
+    samples_per_request: usize,
     /// HTTP time-out per request, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -168,6 +174,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
                         concurrency: a.concurrency,
                         timeout: std::time::Duration::from_secs(a.timeout_s),
                         api_key_env: Some(a.api_key_env.clone()),
+                        samples_per_request: a.samples_per_request,
                         ..HttpOptions::default()
                     };
                     Box::new(HttpLlm::new(endpoints.clone(), model.clone(), opts))

@@ -56,7 +56,8 @@ fn start_server() -> (Server, u16) {
     panic!("the llama.cpp server did not answer on port {port} within 120 s");
 }
 
-fn traces_cmd(port: u16, out: &Path) -> Command {
+/// `traces` of the first `limit` sample questions through the server.
+fn traces_cmd(port: u16, out: &Path, limit: usize) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tabletrace"));
     c.current_dir(root()).args([
         "traces",
@@ -65,7 +66,7 @@ fn traces_cmd(port: u16, out: &Path) -> Command {
         "--generator",
         &format!("http:http://127.0.0.1:{port}#smollm2"),
         "--limit",
-        "6",
+        &limit.to_string(),
         "--negatives",
         "1",
         "--max-tokens",
@@ -87,7 +88,7 @@ fn killed_run_resumes_without_repeating_requests() {
     let cache_path = dir.path().join("llm_cache.sqlite");
 
     // First run: killed (SIGKILL) once two answers are stored.
-    let mut child = traces_cmd(port, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = traces_cmd(port, &out, 6).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let stored = CallCache::open(&cache_path).map(|c| c.len()).unwrap_or(0);
@@ -105,7 +106,7 @@ fn killed_run_resumes_without_repeating_requests() {
     assert!(!out.exists(), "no partial output is left: it is written atomically at the end");
 
     // Second run: finishes, asking only for what the first did not store.
-    let o = traces_cmd(port, &out).output().unwrap();
+    let o = traces_cmd(port, &out, 6).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains(&format!("12 requests, {stored} from the cache")), "{err}");
@@ -120,4 +121,22 @@ fn killed_run_resumes_without_repeating_requests() {
     keys.dedup();
     assert_eq!(keys.len(), 12, "no duplicated traces");
     assert!(lines.iter().all(|l| l["generator"] == "http:smollm2" && !l["text"].as_str().unwrap().is_empty()));
+}
+
+/// On-policy samples with `--samples-per-request`: llama.cpp's server
+/// ignores OpenAI's `n` and answers with one choice, so the other samples go
+/// one per request, each with its own seed, and all are kept.
+#[test]
+fn samples_asked_with_n_of_a_server_without_it_all_arrive() {
+    let (_server, port) = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("traces.jsonl");
+    let o = traces_cmd(port, &out, 2)
+        .args(["--on-policy", "3", "--samples-per-request", "3", "--temperature", "0.9"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("6 requests, 0 from the cache") && err.contains("0 failed"), "{err}");
+    assert_eq!(CallCache::open(&dir.path().join("llm_cache.sqlite")).unwrap().len(), 6);
 }

@@ -104,6 +104,9 @@ impl<'a> Commands<'a> {
             if let Some(dir) = &t.adapter {
                 args.extend(["--adapter".into(), dir.display().to_string()]);
             }
+            if t.samples_per_request != 1 {
+                args.extend(["--samples-per-request".into(), t.samples_per_request.to_string()]);
+            }
         }
         args
     }

@@ -57,10 +57,18 @@ pub struct TracesStage {
     /// the warm-started model. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<PathBuf>,
+    /// HTTP generators send up to this many samples of one prompt as one
+    /// request with OpenAI's `n` (`traces --samples-per-request`). Default 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub samples_per_request: usize,
 }
 
 fn is_zero_count(n: &usize) -> bool {
     *n == 0
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -79,6 +87,7 @@ impl Default for TracesStage {
             on_policy: 0,
             quantized: false,
             adapter: None,
+            samples_per_request: 1,
         }
     }
 }

@@ -6,8 +6,14 @@
 //! server text kept in an error (which traces store) has the key and anything
 //! shaped like an `Authorization` header redacted. A 401 or 403 is not
 //! retried and says which variable holds the key.
+//!
+//! Several samples of one prompt (on-policy sampling) can go as one request
+//! with OpenAI's `n` ([`HttpOptions::samples_per_request`]), as vLLM and
+//! SGLang serve them: one prefill for all. A server that answers with fewer
+//! choices than asked (llama.cpp's server ignores `n`) gets the rest as
+//! separate requests, each with its own seed, and no further `n` requests.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,6 +32,11 @@ pub struct HttpOptions {
     pub backoff: Duration,
     /// Environment variable holding the API key, if any. Default `OPENAI_API_KEY`.
     pub api_key_env: Option<String>,
+    /// Consecutive prompts that are the same, with the same settings but
+    /// their seeds (samples of one prompt), go as one request with OpenAI's
+    /// `n` (up to this many), seeded with the first one's seed. Default 1:
+    /// one completion per request.
+    pub samples_per_request: usize,
 }
 
 impl Default for HttpOptions {
@@ -36,6 +47,7 @@ impl Default for HttpOptions {
             retries: 4,
             backoff: Duration::from_millis(500),
             api_key_env: Some("OPENAI_API_KEY".into()),
+            samples_per_request: 1,
         }
     }
 }
@@ -47,6 +59,8 @@ pub struct HttpLlm {
     opts: HttpOptions,
     agent: ureq::Agent,
     next_endpoint: AtomicUsize,
+    /// Set when a server answered an `n` request with fewer choices.
+    n_unsupported: AtomicBool,
 }
 
 impl std::fmt::Debug for HttpLlm {
@@ -59,7 +73,14 @@ impl HttpLlm {
     /// A backend for `model` on these base URLs (`http://host:port` or `…/v1`).
     pub fn new(endpoints: Vec<String>, model: String, opts: HttpOptions) -> HttpLlm {
         let agent = ureq::AgentBuilder::new().timeout(opts.timeout).build();
-        HttpLlm { endpoints, model, opts, agent, next_endpoint: AtomicUsize::new(0) }
+        HttpLlm {
+            endpoints,
+            model,
+            opts,
+            agent,
+            next_endpoint: AtomicUsize::new(0),
+            n_unsupported: AtomicBool::new(false),
+        }
     }
 
     fn url(base: &str) -> String {
@@ -70,9 +91,9 @@ impl HttpLlm {
         }
     }
 
-    /// One request with retries; the error names the endpoint and the last
-    /// failure, with the API key and authorization headers redacted.
-    fn request(&self, prompt: &str, p: &LlmParams, jitter: &Mutex<u64>) -> Result<String, String> {
+    /// `n` completions of one prompt in one request, with retries: all
+    /// `choices` the server returned (it may return fewer than `n`).
+    fn request(&self, prompt: &str, p: &LlmParams, n: usize, jitter: &Mutex<u64>) -> Result<Vec<String>, String> {
         let body = serde_json::json!({
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
@@ -80,8 +101,25 @@ impl HttpLlm {
             "top_p": p.top_p,
             "max_tokens": p.max_tokens,
             "seed": p.seed,
-            "n": 1,
+            "n": n,
         });
+        self.post(&body, jitter, |v| {
+            let choices = v.get("choices")?.as_array()?;
+            let texts: Option<Vec<String>> =
+                choices.iter().map(|c| c.pointer("/message/content")?.as_str().map(str::to_string)).collect();
+            texts.filter(|t| !t.is_empty())
+        })
+    }
+
+    /// Posts `body` with retries until `read` finds its answer in the reply;
+    /// the error names the endpoint and the last failure, with the API key
+    /// and authorization headers redacted.
+    fn post<T>(
+        &self,
+        body: &serde_json::Value,
+        jitter: &Mutex<u64>,
+        read: impl Fn(&serde_json::Value) -> Option<T>,
+    ) -> Result<T, String> {
         let key_env = self.opts.api_key_env.as_deref();
         let key = key_env.and_then(|v| std::env::var(v).ok()).filter(|k| !k.is_empty());
         let mut last = String::new();
@@ -93,10 +131,10 @@ impl HttpLlm {
             if let Some(k) = &key {
                 req = req.set("Authorization", &format!("Bearer {k}"));
             }
-            let retry = match req.send_json(&body) {
+            let retry = match req.send_json(body) {
                 Ok(resp) => match resp.into_json::<serde_json::Value>() {
-                    Ok(v) => match v.pointer("/choices/0/message/content").and_then(|c| c.as_str()) {
-                        Some(text) => return Ok(text.to_string()),
+                    Ok(v) => match read(&v) {
+                        Some(answer) => return Ok(answer),
                         None => {
                             last = format!("{base}: the answer has no choices[0].message.content");
                             true
@@ -189,18 +227,44 @@ impl Llm for HttpLlm {
 
     fn complete(&self, prompts: &[String], params: &[LlmParams], done: &Done<'_>) -> Vec<Result<String, String>> {
         let results: Vec<Mutex<Option<Result<String, String>>>> = prompts.iter().map(|_| Mutex::new(None)).collect();
+        let groups = sample_groups(prompts, params, self.opts.samples_per_request);
         let next = AtomicUsize::new(0);
         let jitter = Mutex::new(0x2545_F491_4F6C_DD1D);
+        let answer = |i: usize, r: Result<String, String>| {
+            done(i, &r);
+            *results[i].lock().expect("result lock") = Some(r);
+        };
         std::thread::scope(|s| {
-            for _ in 0..self.opts.concurrency.clamp(1, prompts.len().max(1)) {
+            for _ in 0..self.opts.concurrency.clamp(1, groups.len().max(1)) {
                 s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= prompts.len() {
-                        break;
+                    let g = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(rows) = groups.get(g) else { break };
+                    let mut from = rows.start;
+                    if rows.len() > 1 && !self.n_unsupported.load(Ordering::Relaxed) {
+                        match self.request(&prompts[from], &params[from], rows.len(), &jitter) {
+                            Ok(texts) => {
+                                if texts.len() < rows.len() && !self.n_unsupported.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(
+                                        "the server answered n = {} with {} choice(s): samples go one per request",
+                                        rows.len(),
+                                        texts.len()
+                                    );
+                                }
+                                for text in texts.into_iter().take(rows.len()) {
+                                    answer(from, Ok(text));
+                                    from += 1;
+                                }
+                            }
+                            Err(e) => {
+                                rows.clone().for_each(|i| answer(i, Err(e.clone())));
+                                from = rows.end;
+                            }
+                        }
                     }
-                    let r = self.request(&prompts[i], &params[i], &jitter);
-                    done(i, &r);
-                    *results[i].lock().expect("result lock") = Some(r);
+                    for i in from..rows.end {
+                        let r = self.request(&prompts[i], &params[i], 1, &jitter);
+                        answer(i, r.map(|mut texts| texts.swap_remove(0)));
+                    }
                 });
             }
         });
@@ -208,9 +272,37 @@ impl Llm for HttpLlm {
     }
 }
 
+/// Consecutive rows that can share one `n` request: the same prompt and
+/// settings but the seed, at most `max_n` together.
+fn sample_groups(prompts: &[String], params: &[LlmParams], max_n: usize) -> Vec<std::ops::Range<usize>> {
+    let same =
+        |a: &LlmParams, b: &LlmParams| (a.temperature, a.top_p, a.max_tokens) == (b.temperature, b.top_p, b.max_tokens);
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < prompts.len() {
+        let mut j = i + 1;
+        while j < prompts.len() && j - i < max_n.max(1) && prompts[j] == prompts[i] && same(&params[j], &params[i]) {
+            j += 1;
+        }
+        groups.push(i..j);
+        i = j;
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_of_one_prompt_are_grouped_up_to_n() {
+        let p = |seed: u64, temperature: f64| LlmParams { temperature, top_p: 0.95, max_tokens: 8, seed };
+        let prompts: Vec<String> = ["a", "a", "a", "b", "a", "a"].map(String::from).to_vec();
+        let params = vec![p(1, 0.7), p(2, 0.7), p(3, 0.7), p(4, 0.7), p(5, 0.7), p(6, 0.0)];
+        assert_eq!(sample_groups(&prompts, &params, 2), vec![0..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(sample_groups(&prompts, &params, 8), vec![0..3, 3..4, 4..5, 5..6]);
+        assert_eq!(sample_groups(&prompts, &params, 1).len(), 6);
+    }
 
     #[test]
     fn chat_completion_urls() {

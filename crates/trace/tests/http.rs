@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tabletrace_trace::{HttpLlm, HttpOptions, Llm, LlmParams};
@@ -13,6 +13,14 @@ use tabletrace_trace::{HttpLlm, HttpOptions, Llm, LlmParams};
 /// forever; `{auth}` in a body is replaced by the request's Authorization
 /// header (servers that echo it exist).
 fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
+    let (addr, hits, _) = recording_server(script);
+    (addr, hits)
+}
+
+/// [`server`], also keeping each request's body.
+fn recording_server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
@@ -37,6 +45,7 @@ fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
             }
             let mut body = vec![0u8; len];
             let _ = reader.read_exact(&mut body);
+            kept.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or_default());
             let i = counter.fetch_add(1, Ordering::SeqCst);
             let (status, text) = script[i.min(script.len() - 1)].clone();
             let text = text.replace("{auth}", &auth);
@@ -44,7 +53,7 @@ fn server(script: Vec<(u16, String)>) -> (String, Arc<AtomicUsize>) {
             let _ = stream.write_all(resp.as_bytes());
         }
     });
-    (addr, hits)
+    (addr, hits, bodies)
 }
 
 fn ok(text: &str) -> (u16, String) {
@@ -62,7 +71,59 @@ fn opts() -> HttpOptions {
         retries: 3,
         backoff: Duration::from_millis(10),
         api_key_env: None,
+        samples_per_request: 1,
     }
+}
+
+/// An answer with these choices.
+fn choices(texts: &[&str]) -> (u16, String) {
+    let list: Vec<_> =
+        texts.iter().map(|t| serde_json::json!({"message": {"role": "assistant", "content": t}})).collect();
+    (200, serde_json::json!({ "choices": list }).to_string())
+}
+
+/// Four samples of one prompt (seeds 1–4), then another prompt.
+fn samples() -> (Vec<String>, Vec<LlmParams>) {
+    let p = |seed| LlmParams { temperature: 0.7, top_p: 0.95, max_tokens: 8, seed };
+    (["q", "q", "q", "q", "r"].map(String::from).to_vec(), vec![p(1), p(2), p(3), p(4), p(5)])
+}
+
+#[test]
+fn samples_of_one_prompt_go_as_one_request_with_n() {
+    let (addr, hits, bodies) = recording_server(vec![choices(&["s1", "s2", "s3", "s4"]), choices(&["other"])]);
+    let llm = HttpLlm::new(vec![addr], "m".into(), HttpOptions { concurrency: 1, samples_per_request: 8, ..opts() });
+    let (prompts, params) = samples();
+    let seen = Mutex::new(Vec::new());
+    let out = llm.complete(&prompts, &params, &|i, _| seen.lock().unwrap().push(i));
+    let texts: Vec<&str> = out.iter().map(|r| r.as_deref().unwrap()).collect();
+    assert_eq!(texts, ["s1", "s2", "s3", "s4", "other"]);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    let bodies = bodies.lock().unwrap();
+    assert_eq!((bodies[0]["n"].as_u64(), bodies[0]["seed"].as_u64()), (Some(4), Some(1)), "{}", bodies[0]);
+    assert_eq!(bodies[1]["n"], 1);
+    assert_eq!(seen.lock().unwrap().len(), 5, "every sample is reported as it arrives");
+}
+
+#[test]
+fn a_server_that_ignores_n_gets_the_other_samples_one_by_one() {
+    // llama.cpp's server answers any n with one choice.
+    let (addr, hits, bodies) =
+        recording_server(vec![choices(&["s1"]), choices(&["s2"]), choices(&["s3"]), choices(&["s4"]), choices(&["r"])]);
+    let llm = HttpLlm::new(vec![addr], "m".into(), HttpOptions { concurrency: 1, samples_per_request: 8, ..opts() });
+    let (prompts, params) = samples();
+    let out = llm.complete(&prompts, &params, &|_, _| {});
+    let texts: Vec<&str> = out.iter().map(|r| r.as_deref().unwrap()).collect();
+    assert_eq!(texts, ["s1", "s2", "s3", "s4", "r"]);
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
+    let asked = || -> Vec<(u64, u64)> {
+        let bodies = bodies.lock().unwrap();
+        bodies.iter().map(|b| (b["n"].as_u64().unwrap(), b["seed"].as_u64().unwrap())).collect()
+    };
+    assert_eq!(asked(), [(4, 1), (1, 2), (1, 3), (1, 4), (1, 5)], "the rest with their own seeds");
+    // Later samples of this backend go one per request.
+    let out = llm.complete(&prompts[..2], &params[..2], &|_, _| {});
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(asked()[5..], [(1, 1), (1, 2)]);
 }
 
 #[test]
