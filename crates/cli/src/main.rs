@@ -5,6 +5,7 @@ mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod export_cmd;
 mod lock;
 mod output;
 mod pairs_cmd;
@@ -77,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: AdapterCommand,
     },
+    /// Hand a training run to other tools (TRL + accelerate, for one or many GPUs).
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// Benchmarks (speed and memory; see tools/bench/ for runs beside peers).
     Bench {
         #[command(subcommand)]
@@ -90,6 +96,13 @@ enum AdapterCommand {
     Merge(train_cmd::MergeArgs),
     /// Copy an adapter with its weights in another precision (f16 halves it).
     Cast(adapter::CastArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCommand {
+    /// The run's rows (in its order), settings and a TRL training script with accelerate
+    /// configs (one CPU process, DDP, DeepSpeed ZeRO-2/3, FSDP).
+    Trl(export_cmd::ExportTrlArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Adapter { command: AdapterCommand::Merge(args) } => train_cmd::merge(args),
         Command::Adapter { command: AdapterCommand::Cast(args) } => adapter::cast(args),
         Command::Report(args) => eval_cmd::report(args),
+        Command::Export { command: ExportCommand::Trl(args) } => export_cmd::trl(args),
         Command::Bench { command: BenchCommand::Generate(args) } => bench_cmd::run(args),
         Command::Bench { command: BenchCommand::Matmul(args) } => bench_cmd::matmul(args),
     }

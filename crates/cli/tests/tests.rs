@@ -3,6 +3,7 @@
 
 mod chat;
 mod data;
+mod export;
 mod pipeline;
 mod reliability;
 mod report_html;

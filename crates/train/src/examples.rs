@@ -76,6 +76,12 @@ pub enum Row {
 }
 
 impl Row {
+    /// The row's 1-based line in its file.
+    pub fn line(&self) -> usize {
+        let (Row::Preference { line, .. } | Row::Completion { line, .. }) = self;
+        *line
+    }
+
     /// Where the row is, for reports: `ID (line N)`, or `line N` for a row without an id.
     pub fn place(&self) -> String {
         let (Row::Preference { id, line, .. } | Row::Completion { id, line, .. }) = self;
@@ -94,6 +100,8 @@ pub enum Example {
     Preference {
         /// Row id.
         id: String,
+        /// 1-based line of the row in its file.
+        line: usize,
         /// Prompt + chosen.
         chosen: Sequence,
         /// Prompt + rejected.
@@ -103,6 +111,8 @@ pub enum Example {
     Completion {
         /// Row id.
         id: String,
+        /// 1-based line of the row in its file.
+        line: usize,
         /// Prompt + completion.
         seq: Sequence,
     },
@@ -113,6 +123,13 @@ impl Example {
     pub fn id(&self) -> &str {
         match self {
             Example::Preference { id, .. } | Example::Completion { id, .. } => id,
+        }
+    }
+
+    /// The row's 1-based line in its file.
+    pub fn line(&self) -> usize {
+        match self {
+            Example::Preference { line, .. } | Example::Completion { line, .. } => *line,
         }
     }
 
@@ -338,6 +355,7 @@ pub fn tokenize(
                     .map(|(p, a)| Sequence { completion_start: p.len(), ids: p.into_iter().chain(a).collect() });
                 Example::Preference {
                     id: id.clone(),
+                    line: row.line(),
                     chosen: seqs.next().expect("two sequences"),
                     rejected: seqs.next().expect("two sequences"),
                 }
@@ -382,7 +400,7 @@ pub fn tokenize(
                     report.skipped.push((row.place(), "the completion has no tokens".into()));
                     continue;
                 }
-                Example::Completion { id: id.clone(), seq: Sequence { ids, completion_start: start } }
+                Example::Completion { id: id.clone(), line: row.line(), seq: Sequence { ids, completion_start: start } }
             }
         };
         report.kept += 1;
@@ -451,6 +469,7 @@ pub fn tokenize_dpo(rows: &[Row], tokenizer: &Tokenizer, max_length: usize) -> R
         report.kept += 1;
         out.push(Example::Preference {
             id: id.clone(),
+            line: row.line(),
             chosen: Sequence { ids: c, completion_start: start },
             rejected: Sequence { ids: r, completion_start: start },
         });

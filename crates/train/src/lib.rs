@@ -23,6 +23,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod checkpoints;
 mod config;
 mod curves;
 mod error;
@@ -33,10 +34,11 @@ pub mod reference;
 mod scoring;
 mod trainer;
 
+pub use checkpoints::latest_checkpoint;
 pub use config::{
     LoraSettings, LossConfig, LossParams, LossType, Method, OptimConfig, ScheduleConfig, ScheduleKind, TrainConfig,
 };
 pub use curves::training_curves;
 pub use error::{Error, Result};
 pub use scoring::{score_pairs, PairScore, PairScores};
-pub use trainer::{latest_checkpoint, TrainSummary, Trainer, TrainerState};
+pub use trainer::{TrainSummary, Trainer, TrainerState};

@@ -52,7 +52,7 @@ pub fn score_pairs(
     let pairs: Vec<(&str, _, _)> = examples
         .iter()
         .filter_map(|e| match e {
-            Example::Preference { id, chosen, rejected } => Some((id.as_str(), chosen, rejected)),
+            Example::Preference { id, chosen, rejected, .. } => Some((id.as_str(), chosen, rejected)),
             _ => None,
         })
         .collect();

@@ -32,6 +32,7 @@ use tabletrace_model::{LoadedModel, Lora};
 
 use tabletrace_data::write_atomic;
 
+use crate::checkpoints::{latest_checkpoint, list_checkpoints, truncate_metrics, warm_start};
 use crate::config::{LossParams, TrainConfig};
 use crate::error::{io, Error, Result};
 use crate::examples::{batch_sequences, read_rows, tokenize, tokenize_dpo, Example, SftTarget, TokenizeReport};
@@ -193,6 +194,36 @@ impl<'a> Trainer<'a> {
         } else {
             per_epoch * self.cfg.epochs
         }
+    }
+
+    /// The resolved loss settings.
+    pub fn loss_params(&self) -> LossParams {
+        self.loss
+    }
+
+    /// The 1-based lines (in `train`'s file) of the rows the run's steps
+    /// take, in order, every step of every epoch: what another trainer must
+    /// read in file order to see the same batches.
+    pub fn visit_order(&self) -> Vec<usize> {
+        let per_epoch = self.train.len().div_ceil(self.cfg.batch_size * self.cfg.grad_accum);
+        let mut lines = Vec::new();
+        for step in 0..self.total_steps() {
+            let (epoch, in_epoch) = (step / per_epoch, step % per_epoch);
+            let order = epoch_order(self.train.len(), self.cfg.seed, epoch);
+            for batch in step_batches(&order, in_epoch, &self.cfg) {
+                lines.extend(batch.iter().map(|&i| self.train[i].line()));
+            }
+        }
+        lines
+    }
+
+    /// Whether every step but the run's last takes `batch_size × grad_accum`
+    /// rows (no short step at an epoch's end), so that rows read in file
+    /// order fall into the same batches.
+    pub fn full_steps(&self) -> bool {
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        let per_epoch = self.train.len().div_ceil(per_step);
+        self.train.len().is_multiple_of(per_step) || self.total_steps() <= per_epoch
     }
 
     /// The loss of scored sequences, normalised by the step totals; `refs`:
@@ -493,89 +524,6 @@ fn write_report(out: &Path, report: &TokenizeReport) -> Result<()> {
         tracing::warn!("{} rows skipped while tokenising (see tokenize_report.json)", report.skipped.len());
     }
     Ok(write_atomic(&out.join("tokenize_report.json"), serde_json::to_string_pretty(report).expect("json").as_bytes())?)
-}
-
-fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let root = out.join("checkpoints");
-    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(Vec::new()) };
-    let mut v = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
-            if e.path().join("trainer_state.json").exists() {
-                v.push((n, e.path()));
-            }
-        }
-    }
-    Ok(v)
-}
-
-/// The newest complete checkpoint under `out`, if any.
-pub fn latest_checkpoint(out: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
-    let Some((_, dir)) = list_checkpoints(out)?.into_iter().max_by_key(|(s, _)| *s) else { return Ok(None) };
-    let path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
-    Ok(Some((dir, state)))
-}
-
-/// Sets `lora`'s weights to those of the adapter in `dir`, which must have
-/// the same scale (alpha / r) and the same adapted projections.
-fn warm_start(lora: &Lora, dir: &Path, model: &tabletrace_model::Model) -> Result<()> {
-    let bad = |message: String| Error::Config { key: "init_adapter".into(), message };
-    let init = Lora::load(dir, model)?;
-    if (init.config().scale() - lora.config().scale()).abs() > 1e-9 * lora.config().scale().abs().max(1.0) {
-        return Err(bad(format!(
-            "{}: its scale alpha/r is {}, the config's {}: use the same lora.r and lora.alpha",
-            dir.display(),
-            init.config().scale(),
-            lora.config().scale()
-        )));
-    }
-    let values: HashMap<String, Tensor> =
-        init.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
-    let ours: std::collections::BTreeSet<String> = lora.named_vars().into_iter().map(|(n, _)| n).collect();
-    let theirs: std::collections::BTreeSet<String> = values.keys().cloned().collect();
-    if ours != theirs {
-        let missing = ours.difference(&theirs).next().or_else(|| theirs.difference(&ours).next());
-        return Err(bad(format!(
-            "{}: it adapts other projections or another rank than the config (first difference: {})",
-            dir.display(),
-            missing.map_or("?", String::as_str)
-        )));
-    }
-    for (name, var) in lora.named_vars() {
-        if var.as_tensor().dims() != values[&name].dims() {
-            return Err(bad(format!(
-                "{}: {name} has shape {:?}, the config's {:?}: use the same lora.r",
-                dir.display(),
-                values[&name].dims(),
-                var.as_tensor().dims()
-            )));
-        }
-    }
-    lora.assign(&values)?;
-    Ok(())
-}
-
-/// Drops metric lines past `step` (written after the checkpoint a run resumes from).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s as usize <= step)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    Ok(write_atomic(path, body.as_bytes())?)
 }
 
 /// Carries a trainer error through the model's checkpointed backward.
