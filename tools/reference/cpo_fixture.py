@@ -106,16 +106,34 @@ def lora_grads(model):
     return grads, math.sqrt(sq)
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF)
+def load_base():
+    """SmolLM2 in f32 from the GGUF."""
     base = AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF, torch_dtype=torch.float32)
     # The GGUF is dequantised on load; the trainers refuse "GGUF-quantised" models, so forget the origin.
     base.hf_quantizer = None
     base.is_quantized = False
     if hasattr(base.config, "quantization_config"):
         del base.config.quantization_config
+    return base
+
+
+def conversational_rows():
+    """ROWS as conversational preference rows (one user turn, one assistant turn each)."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in ROWS
+    ]
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF)
+    base = load_base()
     model = get_peft_model(
         base, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=MODULES, task_type="CAUSAL_LM")
     )
@@ -125,14 +143,7 @@ def main():
     meta = {"rank": RANK, "alpha": ALPHA, "modules": MODULES, "grad_layers": GRAD_LAYERS, "rows": ROWS, "cases": []}
     tensors = {}
 
-    conversational = [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "chosen": [{"role": "assistant", "content": r["chosen"]}],
-            "rejected": [{"role": "assistant", "content": r["rejected"]}],
-        }
-        for r in ROWS
-    ]
+    conversational = conversational_rows()
     for fmt, rows in [("standard", ROWS), ("conversational", conversational)]:
         args = CPOConfig(output_dir=tmp, report_to="none", max_length=512, per_device_train_batch_size=2, use_cpu=True)
         trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)

@@ -28,10 +28,23 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from cpo_fixture import ALPHA, GGUF, GGUF_DIR, MODULES, OUT, RANK, ROWS, GRAD_LAYERS, init_lora, lora_grads
+from cpo_fixture import (
+    ALPHA,
+    GGUF,
+    GGUF_DIR,
+    GRAD_LAYERS,
+    MODULES,
+    OUT,
+    RANK,
+    ROWS,
+    conversational_rows,
+    init_lora,
+    load_base,
+    lora_grads,
+)
 
 CASES = [
     {"name": "dpo-sigmoid", "loss_type": "sigmoid", "beta": 0.1},
@@ -47,16 +60,6 @@ METRICS = [
     "logits/chosen",
     "logits/rejected",
 ]
-
-
-def load_base():
-    base = AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF, torch_dtype=torch.float32)
-    # The GGUF is dequantised on load; the trainers refuse "GGUF-quantised" models, so forget the origin.
-    base.hf_quantizer = None
-    base.is_quantized = False
-    if hasattr(base.config, "quantization_config"):
-        del base.config.quantization_config
-    return base
 
 
 def dpo_trainer(tok, rows, tmp, **kw):
@@ -85,14 +88,7 @@ def main():
     meta = {"rank": RANK, "alpha": ALPHA, "modules": MODULES, "grad_layers": GRAD_LAYERS, "rows": ROWS, "cases": []}
     tensors = {}
 
-    conversational = [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "chosen": [{"role": "assistant", "content": r["chosen"]}],
-            "rejected": [{"role": "assistant", "content": r["rejected"]}],
-        }
-        for r in ROWS
-    ]
+    conversational = conversational_rows()
     meta["conversational_rows"] = conversational
     for fmt, rows in [("standard", ROWS), ("conversational", conversational)]:
         trainer = dpo_trainer(tok, rows, tmp)

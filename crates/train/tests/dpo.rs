@@ -105,26 +105,12 @@ fn dpo_losses_metrics_reference_logps_and_gradients_match_trl() {
     }
 }
 
+/// The loop tests' config (the same two rows), for DPO: one pair a step.
 fn dpo_config(dir: &Path) -> TrainConfig {
-    let meta = fixture();
-    let pairs = dir.join("pairs.jsonl");
-    let lines: Vec<String> = meta["rows"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
-    std::fs::write(&pairs, lines.join("\n") + "\n").unwrap();
-    let mut c = TrainConfig {
-        method: Method::Dpo,
-        train: pairs,
-        output_dir: dir.join("dpo"),
-        max_length: 256,
-        batch_size: 1,
-        max_steps: 4,
-        save_every: 2,
-        keep_checkpoints: 5,
-        ..Default::default()
-    };
-    c.lora.r = 4;
-    c.lora.dropout = 0.0;
+    let mut c = crate::training::config(dir, "dpo");
+    c.method = Method::Dpo;
+    c.batch_size = 1;
     c.optim.lr = 5e-3;
-    c.schedule.warmup_ratio = 0.0;
     c
 }
 

@@ -24,7 +24,7 @@ fn pairs_file(dir: &Path) -> PathBuf {
     path
 }
 
-fn config(dir: &Path, out: &str) -> TrainConfig {
+pub(crate) fn config(dir: &Path, out: &str) -> TrainConfig {
     let mut c = TrainConfig {
         train: pairs_file(dir),
         output_dir: dir.join(out),
