@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 use tabletrace_model::{load_model, LoadOptions, KNOWN_MODELS};
-use tabletrace_train::examples::{final_answer_line, read_rows, Row};
+use tabletrace_train::examples::{final_answer_line, parse_row, Row};
 use tabletrace_train::{Method, ScheduleKind, TrainConfig, Trainer};
 
 const TRAIN_PY: &str = include_str!("../assets/trl/train.py");
@@ -145,13 +145,15 @@ pub fn trl(a: ExportTrlArgs) -> anyhow::Result<ExitCode> {
 
     let text = std::fs::read_to_string(&cfg.train).with_context(|| format!("cannot read {}", cfg.train.display()))?;
     let raw: Vec<&str> = text.lines().collect();
-    let rows = read_rows(&cfg.train, &m.tokenizer)?;
-    let by_line: std::collections::HashMap<usize, &Row> = rows.iter().map(|r| (r.line(), r)).collect();
+    let order = trainer.visit_order();
     let mut out = String::new();
-    for line in trainer.visit_order() {
-        let value: Value = serde_json::from_str(raw[line - 1]).expect("the trainer read this line");
-        let row = trl_row(cfg.method, by_line[&line], &value)
-            .with_context(|| format!("{}:{line}: no TRL row for {}", cfg.train.display(), cfg.method.name()))?;
+    for &line in &order {
+        let place = || format!("{}:{line}", cfg.train.display());
+        // The trainer read and parsed this line already.
+        let value: Value = serde_json::from_str(raw[line - 1]).with_context(place)?;
+        let row = parse_row(&value, line, &m.tokenizer).map_err(|e| anyhow::anyhow!("{}: {e}", place()))?;
+        let row = trl_row(cfg.method, &row, &value)
+            .with_context(|| format!("{}: no TRL row for {}", place(), cfg.method.name()))?;
         out.push_str(&row.to_string());
         out.push('\n');
     }
@@ -171,7 +173,7 @@ pub fn trl(a: ExportTrlArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "{}: {} rows for {} steps of {} ({}); run: accelerate launch --config_file {}/accelerate/zero2.yaml {}/train.py",
         a.out.display(),
-        trainer.visit_order().len(),
+        order.len(),
         trainer.total_steps(),
         cfg.method.name(),
         if aligned { "the same batches as tabletrace's" } else { "an epoch ends in a short step: later batches shift" },

@@ -275,13 +275,15 @@ impl Llm for HttpLlm {
 /// Consecutive rows that can share one `n` request: the same prompt and
 /// settings but the seed, at most `max_n` together.
 fn sample_groups(prompts: &[String], params: &[LlmParams], max_n: usize) -> Vec<std::ops::Range<usize>> {
-    let same =
-        |a: &LlmParams, b: &LlmParams| (a.temperature, a.top_p, a.max_tokens) == (b.temperature, b.top_p, b.max_tokens);
     let mut groups = Vec::new();
     let mut i = 0;
     while i < prompts.len() {
         let mut j = i + 1;
-        while j < prompts.len() && j - i < max_n.max(1) && prompts[j] == prompts[i] && same(&params[j], &params[i]) {
+        while j < prompts.len()
+            && j - i < max_n.max(1)
+            && prompts[j] == prompts[i]
+            && params[j].same_but_seed(&params[i])
+        {
             j += 1;
         }
         groups.push(i..j);

@@ -28,6 +28,14 @@ pub struct LlmParams {
     pub seed: u64,
 }
 
+impl LlmParams {
+    /// The same temperature, top-p and length: requests that may share one
+    /// batch (or one request with `n`), each with its own seed.
+    pub fn same_but_seed(&self, other: &LlmParams) -> bool {
+        (self.temperature, self.top_p, self.max_tokens) == (other.temperature, other.top_p, other.max_tokens)
+    }
+}
+
 /// Called with a prompt's index and result as soon as it is answered.
 pub type Done<'a> = dyn Fn(usize, &Result<String, String>) + Sync + 'a;
 
@@ -88,11 +96,7 @@ impl Llm for LocalLlm {
         while i < prompts.len() {
             let p0 = &params[i];
             let mut j = i + 1;
-            while j < prompts.len()
-                && j - i < self.batch.max(1)
-                && (params[j].temperature, params[j].top_p, params[j].max_tokens)
-                    == (p0.temperature, p0.top_p, p0.max_tokens)
-            {
+            while j < prompts.len() && j - i < self.batch.max(1) && params[j].same_but_seed(p0) {
                 j += 1;
             }
             let encoded: Result<Vec<Vec<u32>>, String> = prompts[i..j].iter().map(|p| self.encode(p)).collect();

@@ -186,14 +186,26 @@ impl<'a> Trainer<'a> {
         &self.lora
     }
 
+    /// Optimizer steps in one pass over the training rows (the last may be short).
+    fn steps_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.cfg.batch_size * self.cfg.grad_accum)
+    }
+
     /// Optimizer steps of the whole run.
     pub fn total_steps(&self) -> usize {
-        let per_epoch = self.train.len().div_ceil(self.cfg.batch_size * self.cfg.grad_accum);
         if self.cfg.max_steps > 0 {
             self.cfg.max_steps
         } else {
-            per_epoch * self.cfg.epochs
+            self.steps_per_epoch() * self.cfg.epochs
         }
+    }
+
+    /// The micro-batches of optimizer step `step` (0-based): indices into
+    /// the training rows, in the seeded order of its epoch.
+    fn step_rows(&self, step: usize) -> Vec<Vec<usize>> {
+        let per_epoch = self.steps_per_epoch();
+        let order = epoch_order(self.train.len(), self.cfg.seed, step / per_epoch);
+        step_batches(&order, step % per_epoch, &self.cfg)
     }
 
     /// The resolved loss settings.
@@ -205,16 +217,7 @@ impl<'a> Trainer<'a> {
     /// take, in order, every step of every epoch: what another trainer must
     /// read in file order to see the same batches.
     pub fn visit_order(&self) -> Vec<usize> {
-        let per_epoch = self.train.len().div_ceil(self.cfg.batch_size * self.cfg.grad_accum);
-        let mut lines = Vec::new();
-        for step in 0..self.total_steps() {
-            let (epoch, in_epoch) = (step / per_epoch, step % per_epoch);
-            let order = epoch_order(self.train.len(), self.cfg.seed, epoch);
-            for batch in step_batches(&order, in_epoch, &self.cfg) {
-                lines.extend(batch.iter().map(|&i| self.train[i].line()));
-            }
-        }
-        lines
+        (0..self.total_steps()).flat_map(|step| self.step_rows(step).concat()).map(|i| self.train[i].line()).collect()
     }
 
     /// Whether every step but the run's last takes `batch_size × grad_accum`
@@ -222,8 +225,7 @@ impl<'a> Trainer<'a> {
     /// order fall into the same batches.
     pub fn full_steps(&self) -> bool {
         let per_step = self.cfg.batch_size * self.cfg.grad_accum;
-        let per_epoch = self.train.len().div_ceil(per_step);
-        self.train.len().is_multiple_of(per_step) || self.total_steps() <= per_epoch
+        self.train.len().is_multiple_of(per_step) || self.total_steps() <= self.steps_per_epoch()
     }
 
     /// The loss of scored sequences, normalised by the step totals; `refs`:
@@ -370,7 +372,7 @@ impl<'a> Trainer<'a> {
             .append(true)
             .open(out.join("metrics.jsonl"))
             .map_err(io(&out.join("metrics.jsonl")))?;
-        let per_epoch = self.train.len().div_ceil(cfg.batch_size * cfg.grad_accum);
+        let per_epoch = self.steps_per_epoch();
         self.reporter.start(total as u64, &format!("train {}", cfg.method.name()));
         self.reporter.advance(start as u64);
         let (mut last, mut tokens_done, t0) = (Vec::new(), 0usize, Instant::now());
@@ -384,9 +386,7 @@ impl<'a> Trainer<'a> {
             return Err(Error::Stopped { step: start, total, checkpoint });
         }
         for step in start..total {
-            let (epoch, in_epoch) = (step / per_epoch, step % per_epoch);
-            let order = epoch_order(self.train.len(), cfg.seed, epoch);
-            let batches = step_batches(&order, in_epoch, &cfg);
+            let batches = self.step_rows(step);
             let all: Vec<&Example> = batches.iter().flatten().map(|&i| &self.train[i]).collect();
             let totals = Self::totals(&all);
             let mut grads: HashMap<String, Tensor> = HashMap::new();
