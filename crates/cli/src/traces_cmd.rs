@@ -89,6 +89,12 @@ pub struct TracesArgs {
     /// Seed for choosing perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The program tracer's join and condition steps that leave at most N
+    /// rows list them, with the columns the rest of the query reads, so a
+    /// later count or sum runs over rows written out in the trace. Default
+    /// 0: those steps state their row count only.
+    #[arg(long, default_value_t = 0)]
+    list_rows: usize,
     /// How prompts show the tables (the program tracer traces only the
     /// questions whose tables they show whole).
     #[command(flatten)]
@@ -135,7 +141,7 @@ pub fn run(a: TracesArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         _ => None,
     });
     let prompter = a.prompt.prompter(local)?;
-    let tracer = ProgramTracer::default();
+    let tracer = ProgramTracer { list_rows: a.list_rows, ..ProgramTracer::default() };
     let bar = Bar::new(quiet);
     let start = Instant::now();
     let mut traces: Vec<Trace> = Vec::new();

@@ -92,6 +92,9 @@ impl<'a> Commands<'a> {
             &out.display().to_string(),
         ]));
         args.extend(self.prompt_args(true));
+        if *generator == GeneratorSpec::Program && t.list_rows > 0 {
+            args.extend(["--list-rows".into(), t.list_rows.to_string()]);
+        }
         if generator.is_llm() {
             args.extend(["--limit".into(), t.llm_questions.to_string()]);
             args.extend(["--max-failed".into(), t.max_failed.to_string()]);
@@ -285,5 +288,21 @@ mod tests {
         assert!(report.windows(2).any(|w| w == ["--set", "cross_db"]));
         cfg.eval.base = false;
         assert_eq!(Commands::new(&cfg, &run).arms(), ["sft-qa", "cpo"]);
+    }
+
+    #[test]
+    fn listed_rows_go_to_the_program_tracer_only_and_refresh_its_traces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::new(tmp.path());
+        let mut cfg = PipelineConfig::default();
+        let before = Fingerprints::new(&cfg).traces();
+        cfg.traces.list_rows = 5;
+        let c = Commands::new(&cfg, &run);
+        let out = run.join("traces/t.jsonl");
+        let program = c.traces(&GeneratorSpec::Program, &out);
+        assert!(program.windows(2).any(|w| w == ["--list-rows", "5"]), "{program:?}");
+        let local = c.traces(&GeneratorSpec::Local { model: "smollm2-135m".into() }, &out);
+        assert!(!local.contains(&"--list-rows".to_string()), "{local:?}");
+        assert_ne!(Fingerprints::new(&cfg).traces(), before);
     }
 }

@@ -61,6 +61,11 @@ pub struct TracesStage {
     /// request with OpenAI's `n` (`traces --samples-per-request`). Default 1.
     #[serde(skip_serializing_if = "is_one")]
     pub samples_per_request: usize,
+    /// The program tracer's join and condition steps that leave at most this
+    /// many rows list them (`traces --list-rows`), so that a small model can
+    /// copy the rows a count or sum is taken over. Default 0: row counts only.
+    #[serde(skip_serializing_if = "is_zero_count")]
+    pub list_rows: usize,
 }
 
 fn is_zero_count(n: &usize) -> bool {
@@ -88,6 +93,7 @@ impl Default for TracesStage {
             quantized: false,
             adapter: None,
             samples_per_request: 1,
+            list_rows: 0,
         }
     }
 }

@@ -10,7 +10,7 @@
 use sqlparser::ast::{Expr, OrderByKind, OrderBySort, Query, SetExpr, TableWithJoins};
 use tabletrace_data::{Answer, Database, ErrorType, ExecLimits, ResultSet, TableDb, Value};
 
-use crate::sql::{conjuncts, group_by, join_condition, parse_query, single_select, tables_of, Resolver};
+use crate::sql::{conjuncts, group_by, join_condition, parse_query, single_select, tables_of, Resolver, TableUse};
 
 /// Settings of the program tracer.
 #[derive(Debug, Clone)]
@@ -21,6 +21,12 @@ pub struct ProgramTracer {
     pub max_listed: usize,
     /// Rows of a final answer at most; larger results are not traced. Default 30.
     pub max_answer_rows: usize,
+    /// Join and condition steps that leave at most this many rows list them,
+    /// with the columns the rest of the query reads (`(singer.Name,
+    /// singer.Age) = (Joe, 52); (Ann, 41)`), so that a later count, sum or sort works over rows
+    /// written out in the trace rather than over a number it states. Default
+    /// 0: those steps state their row count only.
+    pub list_rows: usize,
 }
 
 impl Default for ProgramTracer {
@@ -29,6 +35,7 @@ impl Default for ProgramTracer {
             limits: ExecLimits { max_rows: 1000, ..ExecLimits::default() },
             max_listed: 5,
             max_answer_rows: 30,
+            list_rows: 0,
         }
     }
 }
@@ -107,6 +114,117 @@ impl Ctx<'_> {
     fn step(&mut self, text: String) {
         self.steps.push(text);
     }
+
+    /// `": (singer.Name, singer.Age) = (Joe, 52); (…)"`: the `n` rows of `from_where` with
+    /// `columns`, when `list_rows` is set and `n` is within it; else nothing
+    /// (also when the listing query fails: the step keeps its count). Rows
+    /// come in the tables' own order (that of `handles`, by rowid), as the
+    /// prompt shows them, so that each step lists them in the same order.
+    fn rows_of(&mut self, columns: &[&Listed], handles: &[&str], from_where: &str, n: usize) -> String {
+        if n == 0 || n > self.tracer.list_rows || columns.is_empty() {
+            return String::new();
+        }
+        let select: Vec<String> = columns.iter().map(|c| format!("{} AS {}", c.sql, quote(&c.label))).collect();
+        let plain = format!("SELECT {} FROM {from_where}", select.join(", "));
+        let order: Vec<String> = handles.iter().map(|h| format!("{}.rowid", quote(h))).collect();
+        let ordered = format!("{plain} ORDER BY {} LIMIT {n}", order.join(", "));
+        match self.run(&ordered).or_else(|_| self.run(&format!("{plain} LIMIT {n}"))) {
+            Ok(rs) => format!(": {}", columns_then_rows(&rs)),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// `(a.x, b.y) = (1, u); (2, v)`, or `a.x = 1; 2` for one column: the
+/// column names once, then each row's values.
+fn columns_then_rows(rs: &ResultSet) -> String {
+    let one = rs.columns.len() == 1;
+    let wrap = |parts: Vec<String>| if one { parts.join(", ") } else { format!("({})", parts.join(", ")) };
+    let names = wrap(rs.columns.iter().map(|c| c.trim_matches('"').to_string()).collect());
+    let rows: Vec<String> = rs.rows.iter().map(|r| wrap(r.iter().map(Value::to_string).collect())).collect();
+    format!("{names} = {}", rows.join("; "))
+}
+
+/// A column that join and condition steps list: how the SQL reaches it, the
+/// FROM-clause handle it belongs to, and how the trace names it.
+struct Listed {
+    sql: String,
+    handle: String,
+    label: String,
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The columns the query reads outside its join conditions — projection,
+/// conditions, grouping, HAVING, ordering — each once, in that order. An
+/// identifier no table of the FROM clause has (an inner query's own) is left
+/// out. A query that reads none (`COUNT(*)` over a join) lists its first
+/// table's first text column (else its first column), so its rows can be
+/// counted.
+fn read_columns(sel: &sqlparser::ast::Select, q: &Query, uses: &[TableUse], schema: &Database) -> Vec<Listed> {
+    let mut exprs: Vec<&Expr> = Vec::new();
+    for item in &sel.projection {
+        if let sqlparser::ast::SelectItem::UnnamedExpr(e) | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } =
+            item
+        {
+            exprs.push(e);
+        }
+    }
+    exprs.extend(sel.selection.iter());
+    exprs.extend(group_by(sel));
+    exprs.extend(sel.having.iter());
+    if let Some(ob) = &q.order_by {
+        if let OrderByKind::Expressions(os) = &ob.kind {
+            exprs.extend(os.iter().map(|o| &o.expr));
+        }
+    }
+    let mut out: Vec<Listed> = Vec::new();
+    let add = |out: &mut Vec<Listed>, u: &TableUse, column: &str| {
+        let Some(table) = schema.table(&u.name) else { return };
+        let Some(i) = table.column_index(column) else { return };
+        let label = format!("{}.{}", table.name, table.columns[i].name);
+        if !out.iter().any(|l| l.label == label && l.handle == u.handle()) {
+            out.push(Listed {
+                sql: format!("{}.{}", quote(u.handle()), quote(&table.columns[i].name)),
+                handle: u.handle().to_string(),
+                label,
+            });
+        }
+    };
+    for e in exprs {
+        let _ = sqlparser::ast::visit_expressions(e, |x: &Expr| {
+            match x {
+                Expr::Identifier(id) => {
+                    let owner = uses
+                        .iter()
+                        .find(|u| schema.table(&u.name).is_some_and(|t| t.column_index(&id.value).is_some()));
+                    if let Some(u) = owner {
+                        add(&mut out, u, &id.value);
+                    }
+                }
+                Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                    if let Some(u) = uses.iter().find(|u| u.handle().eq_ignore_ascii_case(&parts[0].value)) {
+                        add(&mut out, u, &parts[1].value);
+                    }
+                }
+                _ => {}
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+    }
+    if out.is_empty() {
+        if let Some(u) = uses.first() {
+            if let Some(t) = schema.table(&u.name) {
+                let text = t.columns.iter().find(|c| c.ty == tabletrace_data::ColumnType::Text);
+                if let Some(c) = text.or(t.columns.first()) {
+                    add(&mut out, u, &c.name);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl ProgramTracer {
@@ -265,22 +383,24 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
     }
 
     // 2. The joins, one at a time.
+    let columns = if ctx.tracer.list_rows > 0 { read_columns(sel, q, &uses, ctx.schema) } else { Vec::new() };
     for twj in &sel.from {
         for i in 0..twj.joins.len() {
             let partial = TableWithJoins { relation: twj.relation.clone(), joins: twj.joins[..=i].to_vec() };
             let n = ctx.count(&partial.to_string())?;
-            let right = tables_of(std::slice::from_ref(&TableWithJoins {
-                relation: twj.joins[i].relation.clone(),
-                joins: vec![],
-            }));
-            let name = right.first().map_or("the next table".to_string(), |u| u.name.clone());
+            let so_far = tables_of(std::slice::from_ref(&partial));
+            let in_scope: Vec<&Listed> =
+                columns.iter().filter(|c| so_far.iter().any(|u| u.handle() == c.handle)).collect();
+            let handles: Vec<&str> = so_far.iter().map(TableUse::handle).collect();
+            let rows = ctx.rows_of(&in_scope, &handles, &partial.to_string(), n);
+            let name = so_far.last().map_or("the next table".to_string(), |u| u.name.clone());
             match join_condition(&twj.joins[i]) {
                 Some(cond) => ctx.step(format!(
-                    "Match {name} to the rows so far where {}: {} match.",
+                    "Match {name} to the rows so far where {}: {} match{rows}.",
                     resolver.readable(&cond.to_string()),
                     plural(n, "row", "rows")
                 )),
-                None => ctx.step(format!("Combine with {name}: {}.", plural(n, "row", "rows"))),
+                None => ctx.step(format!("Combine with {name}: {}{rows}.", plural(n, "row", "rows"))),
             }
         }
     }
@@ -306,13 +426,16 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
             }
         }
         applied.push(format!("({c})"));
-        let n = ctx.count(&format!("{from_sql} WHERE {}", applied.join(" AND ")))?;
+        let from_where = format!("{from_sql} WHERE {}", applied.join(" AND "));
+        let n = ctx.count(&from_where)?;
+        let handles: Vec<&str> = uses.iter().map(TableUse::handle).collect();
+        let rows = ctx.rows_of(&columns.iter().collect::<Vec<_>>(), &handles, &from_where, n);
         // An inner query is named by its result, not by its SQL.
         let mut cond = c.to_string();
         if let Some(inner) = has_subquery(c) {
             cond = cond.replace(&format!("({inner})"), "(the inner result)");
         }
-        ctx.step(format!("Keep the rows where {}: {} left.", resolver.readable(&cond), plural(n, "row", "rows")));
+        ctx.step(format!("Keep the rows where {}: {} left{rows}.", resolver.readable(&cond), plural(n, "row", "rows")));
         remaining = Some(n);
     }
     let where_sql = if applied.is_empty() { String::new() } else { format!(" WHERE {}", applied.join(" AND ")) };

@@ -152,3 +152,33 @@ fn no_program_trace_when_the_prompt_shows_part_of_the_tables() {
     };
     assert!(program_traces(q, &ProgramTracer::default(), &rows, Wanted { positive: true, negatives: 1 }, 0).is_err());
 }
+
+/// With `list_rows`, the join and condition steps write out the rows they
+/// leave (the columns the rest of the query reads), so the group sums can
+/// be checked against rows in the trace; every listed value is a table cell.
+#[test]
+fn listed_rows_show_what_a_step_leaves() {
+    let qs = questions("data/sample/mmqa/mmqa_two_table.jsonl");
+    let q = qs.iter().find(|q| q.id.0 == "mmqa_two_table:0").unwrap();
+    let tracer = ProgramTracer { list_rows: 5, ..ProgramTracer::default() };
+    let t = program_traces(q, &tracer, &Prompter::default(), Wanted { positive: true, negatives: 3 }, 0).unwrap();
+    let pos = &t[0];
+    assert!(pos.valid, "{:?}", pos.invalid_reason);
+    let expected = "Step 1: Look at the tables department (15 rows) and management (5 rows).
+Step 2: Match management to the rows so far where department.Department_ID = management.department_ID: 5 rows match: (department.Name, department.Num_Employees, management.temporary_acting) = (Treasury, 115897.0, Yes); (Treasury, 115897.0, Yes); (Commerce, 36000.0, No); (Transportation, 58622.0, No); (Homeland Security, 208000.0, Yes).
+Step 3: Keep the rows where management.temporary_acting = 'Yes': 3 rows left: (department.Name, department.Num_Employees, management.temporary_acting) = (Treasury, 115897.0, Yes); (Treasury, 115897.0, Yes); (Homeland Security, 208000.0, Yes).
+Step 4: Group the 3 rows by department.Name: 2 groups, with (Name = Homeland Security, SUM(department.Num_Employees) = 208000.0); (Name = Treasury, SUM(department.Num_Employees) = 231794.0).
+Step 5: Sort by SUM(department.Num_Employees) from highest to lowest and take the first one.
+Step 6: Report department.Name, SUM(department.Num_Employees): Treasury, 231794.0.
+Final answer: Treasury, 231794.0";
+    assert_eq!(pos.text, expected);
+    assert!(pos.faithfulness > 0.95, "{}", pos.faithfulness);
+    // A step over more rows than list_rows states its count only.
+    let few = ProgramTracer { list_rows: 4, ..ProgramTracer::default() };
+    let t4 = program_traces(q, &few, &Prompter::default(), Wanted { positive: true, negatives: 0 }, 0).unwrap();
+    assert!(t4[0].text.contains("5 rows match.\n"), "{}", t4[0].text);
+    assert!(t4[0].text.contains("3 rows left: (department.Name, "), "{}", t4[0].text);
+    // Negatives list the rows of their own (perturbed) query and still validate.
+    let negs: Vec<&Trace> = t.iter().filter(|t| t.polarity == Polarity::Negative).collect();
+    assert!(!negs.is_empty() && negs.iter().all(|n| n.valid), "{negs:?}");
+}
