@@ -54,6 +54,7 @@ impl CustomOp2 for PassThrough {
         if !l2.is_contiguous() || l2.start_offset() != 0 {
             candle_core::bail!("{}: the precomputed value must be contiguous", self.name);
         }
+        use candle_core::backend::BackendStorage;
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
@@ -134,6 +135,7 @@ impl CustomOp3 for Precomputed3 {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         let value = self.take()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
