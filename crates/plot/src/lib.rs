@@ -93,6 +93,43 @@ impl Canvas {
     }
 }
 
+/// Round tick values within `[lo, hi]`: multiples of 1, 2 or 5 × 10^k,
+/// at most seven of them.
+fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 4.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| (hi - lo) / s <= 6.0).unwrap_or(10.0 * mag);
+    // A bound that is a multiple of the step up to rounding (0.3 / 0.05) is one.
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    // Multiples of the step, computed from integers so that 0.1 × 3 prints as 0.3.
+    (first..=last).map(|k| (k as f64 * step * 1e9).round() / 1e9).collect()
+}
+
+/// Series with more points than this are drawn faint, under their running mean.
+const SMOOTH_ABOVE: usize = 50;
+
+/// `c` mixed two thirds of the way to white.
+fn tint(c: [u8; 3]) -> [u8; 3] {
+    c.map(|v| (v as u16 + (255 - v as u16) * 2 / 3) as u8)
+}
+
+/// The trailing mean of the last `window` points' y at each point.
+fn running_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let mut sum = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            sum += y;
+            if i >= window {
+                sum -= points[i - window].1;
+            }
+            (x, sum / (i + 1).min(window) as f64)
+        })
+        .collect()
+}
+
 /// Width in pixels of `s` in the built-in font.
 fn text_width(s: &str) -> usize {
     s.chars().count() * 6 * SCALE
@@ -112,7 +149,9 @@ fn tick_label(v: f64) -> String {
     s.to_string()
 }
 
-/// Draws panels side by side into a PNG.
+/// Draws panels side by side into a PNG. A series of more than 50 points
+/// (per-step training metrics) is drawn faint with its running mean over
+/// 1/25 of its points (at least 5) on top; the legend sits on the title row.
 pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
     if panels.is_empty() {
         return Err(Error::Empty);
@@ -155,33 +194,48 @@ pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
         let (y0, y1) = (y0 - pad, y1 + pad);
         let sx = |x: f64| left + (x - x0) / (x1 - x0) * (right - left);
         let sy = |y: f64| bottom - (y - y0) / (y1 - y0) * (bottom - top);
-        for k in 0..=4 {
-            let yv = y0 + (y1 - y0) * k as f64 / 4.0;
+        for yv in nice_ticks(y0, y1) {
             let y = sy(yv);
             cv.line((left - 4.0, y), (left, y), axis, 1);
             cv.line((left + 1.0, y), (right, y), [232, 232, 232], 1);
             let label = tick_label(yv);
             cv.text(left as i64 - 8 - text_width(&label) as i64, y as i64 - 7, &label, [0, 0, 0]);
-            let xv = x0 + (x1 - x0) * k as f64 / 4.0;
+        }
+        for xv in nice_ticks(x0, x1) {
             let x = sx(xv);
             cv.line((x, bottom), (x, bottom + 4.0), axis, 1);
             let label = tick_label(xv);
             cv.text(x as i64 - text_width(&label) as i64 / 2, bottom as i64 + 8, &label, [0, 0, 0]);
         }
+        // The legend sits on the title row, right-aligned, clear of the lines.
+        let mut lx = right as i64;
+        for (i, s) in panel.series.iter().enumerate().rev() {
+            lx -= text_width(&s.name) as i64;
+            cv.text(lx, 10, &s.name, [0, 0, 0]);
+            lx -= 28;
+            cv.line((lx as f64, 17.0), (lx as f64 + 20.0, 17.0), COLORS[i % COLORS.len()], 3);
+            lx -= 16;
+        }
         for (i, s) in panel.series.iter().enumerate() {
             let c = COLORS[i % COLORS.len()];
             let good: Vec<(f64, f64)> =
                 s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            // Long noisy series (per-step losses): the raw points faint, their running mean on top.
+            let smooth = good.len() > SMOOTH_ABOVE;
+            let raw = if smooth { tint(c) } else { c };
             for w in good.windows(2) {
-                cv.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), c, 2);
+                cv.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), raw, if smooth { 1 } else { 2 });
+            }
+            if smooth {
+                let mean = running_mean(&good, (good.len() / 25).max(5));
+                for w in mean.windows(2) {
+                    cv.line((sx(w[0].0), sy(w[0].1)), (sx(w[1].0), sy(w[1].1)), c, 2);
+                }
             }
             if good.len() == 1 {
                 let (x, y) = (sx(good[0].0), sy(good[0].1));
                 cv.line((x - 3.0, y), (x + 3.0, y), c, 4);
             }
-            let ly = top as i64 + 6 + i as i64 * 20;
-            cv.line((right - 150.0, ly as f64 + 7.0), (right - 130.0, ly as f64 + 7.0), c, 3);
-            cv.text(right as i64 - 124, ly, &s.name, [0, 0, 0]);
         }
     }
     write_png(&cv, path)
@@ -321,5 +375,42 @@ mod tests {
         assert!(buf.chunks(3).any(|p| p == COLORS[0]));
         assert_eq!(tick_label(0.25), "0.25");
         assert_eq!(tick_label(0.00015), "1.5e-4");
+    }
+
+    /// Decoded RGB pixels and width of a PNG.
+    fn pixels(path: &Path) -> (Vec<u8>, usize) {
+        let dec = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap()));
+        let mut r = dec.read_info().unwrap();
+        let mut buf = vec![0; r.output_buffer_size()];
+        let info = r.next_frame(&mut buf).unwrap();
+        (buf, info.width as usize)
+    }
+
+    /// A long noisy series: its points faint, the running mean in full
+    /// colour, and no line pixel on the legend's row or in the plot's
+    /// top-right corner where the legend used to cover the lines.
+    #[test]
+    fn long_series_get_a_running_mean_and_the_legend_stays_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let points = (0..250).map(|i| (i as f64, if i % 2 == 0 { 3.0 } else { 1.0 })).collect();
+        let s = Series { name: "train".into(), points };
+        line_charts(&[Panel { title: "LOSS".into(), x_label: "STEP".into(), series: vec![s] }], &path).unwrap();
+        let (buf, w) = pixels(&path);
+        let at = |x: usize, y: usize| &buf[(y * w + x) * 3..(y * w + x) * 3 + 3];
+        // Rows holding colour `c` right of x = 200 (past the mean's first, shorter windows).
+        let rows = |y0: usize, y1: usize, c: [u8; 3]| (y0..y1).filter(|&y| (200..w).any(|x| at(x, y) == c)).count();
+        // Values alternate 3, 1: the mean (2) lies mid-plot, in full colour; the raw points faint.
+        let (top, bottom) = (40, PANEL_H - 70);
+        let mid = (top + bottom) / 2;
+        assert!(rows(mid - 4, mid + 5, COLORS[0]) > 0, "the running mean is drawn mid-plot");
+        assert!(rows(top, mid - 20, tint(COLORS[0])) > 0, "the raw points are drawn faint");
+        assert_eq!(rows(top, mid - 20, COLORS[0]), 0, "only the mean is in full colour");
+        // The legend's swatch is on the title row, above the plot.
+        assert!(rows(0, top - 10, COLORS[0]) > 0, "legend swatch on the title row");
+        assert_eq!(running_mean(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)], 2), [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]);
+        assert_eq!(nice_ticks(1.0, 250.0), [50.0, 100.0, 150.0, 200.0, 250.0]);
+        assert_eq!(nice_ticks(-0.056, 2.833), [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+        assert_eq!(nice_ticks(0.0, 0.3), [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]);
     }
 }
