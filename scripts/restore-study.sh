@@ -8,6 +8,9 @@
 # data, traces and pairs stages redo themselves (about a minute,
 # deterministic, same settings); the adapter is the committed f16 copy
 # (tabletrace computes in f32; it is the adapter summary.json names).
+# An arm's finished evaluations come back too: ARMS/<arm>/<set>/ (val/ for the
+# held-out split, cross_db/, music_2/) with eval.json, predictions.jsonl and
+# eval.done, the pipeline's marker, so they are not run again.
 set -euo pipefail
 arms="${1:?usage: scripts/restore-study.sh ARMS_DIR RUN_DIR}"
 run="${2:?usage: scripts/restore-study.sh ARMS_DIR RUN_DIR}"
@@ -31,4 +34,14 @@ for dir in "$arms"/*/; do
   cp "$dir/train.done" "$run/$arm/.train-settings"
   cp "$dir/train.done" "$run/.train-$arm.done"
   echo "restored $arm into $run/$arm"
+  for ev in "$dir"*/eval.done; do
+    [ -f "$ev" ] || continue
+    set_dir="$(dirname "$ev")"
+    set="$(basename "$set_dir")"
+    if [ "$set" = val ]; then dest="$run/$arm"; key="$arm"; else dest="$run/$arm/$set"; key="$arm-$set"; fi
+    mkdir -p "$dest"
+    cp "$set_dir/eval.json" "$set_dir/predictions.jsonl" "$dest/"
+    cp "$ev" "$run/.eval-$key.done"
+    echo "restored the evaluation of $arm on ${set} into $dest"
+  done
 done
