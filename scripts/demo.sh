@@ -9,8 +9,8 @@
 # Then the effect that matters, at the study's scale: the MMQA study's trained adapters
 # (Qwen2.5-Coder-0.5B, docs/study/mmqa-qwen-protocol/arms/) against the base model on the
 # sample's 31 questions of the study's held-out val split (none of them trained on), with
-# the study's whole-table prompts (runs/demo-study/): roughly 10 more minutes (not yet timed
-# alone: the base arm took 9 minutes beside a training run).
+# the study's whole-table prompts (runs/demo-study/): about 14 more minutes (measured:
+# 4.6-4.7 minutes an arm at batch 16, alone on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
