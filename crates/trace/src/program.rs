@@ -115,16 +115,21 @@ impl Ctx<'_> {
         self.steps.push(text);
     }
 
-    /// `": (singer.Name, singer.Age) = (Joe, 52); (…)"`: the `n` rows of `from_where` with
-    /// `columns`, when `list_rows` is set and `n` is within it; else nothing
-    /// (also when the listing query fails: the step keeps its count). Rows
-    /// come in the tables' own order (that of `handles`, by rowid), as the
-    /// prompt shows them, so that each step lists them in the same order.
-    fn rows_of(&mut self, columns: &[&Listed], handles: &[&str], from_where: &str, n: usize) -> String {
-        if n == 0 || n > self.tracer.list_rows || columns.is_empty() {
+    /// `": (singer.Name, singer.Age) = (Joe, 52); (…)"`: the `n` rows of `from_where`
+    /// (whose tables are `handles`) with those of `columns` that belong to
+    /// them, when `list_rows` is set and `n` is within it; else nothing (also
+    /// when the listing query fails: the step keeps its count). Rows come in
+    /// the tables' own order (that of `handles`, by rowid), as the prompt
+    /// shows them, so that each step lists them in the same order.
+    fn rows_of(&mut self, columns: &[Listed], handles: &[&str], from_where: &str, n: usize) -> String {
+        let select: Vec<String> = columns
+            .iter()
+            .filter(|c| handles.contains(&c.handle.as_str()))
+            .map(|c| format!("{} AS {}", c.sql, quote(&c.label)))
+            .collect();
+        if n == 0 || n > self.tracer.list_rows || select.is_empty() {
             return String::new();
         }
-        let select: Vec<String> = columns.iter().map(|c| format!("{} AS {}", c.sql, quote(&c.label))).collect();
         let plain = format!("SELECT {} FROM {from_where}", select.join(", "));
         let order: Vec<String> = handles.iter().map(|h| format!("{}.rowid", quote(h))).collect();
         let ordered = format!("{plain} ORDER BY {} LIMIT {n}", order.join(", "));
@@ -389,10 +394,8 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
             let partial = TableWithJoins { relation: twj.relation.clone(), joins: twj.joins[..=i].to_vec() };
             let n = ctx.count(&partial.to_string())?;
             let so_far = tables_of(std::slice::from_ref(&partial));
-            let in_scope: Vec<&Listed> =
-                columns.iter().filter(|c| so_far.iter().any(|u| u.handle() == c.handle)).collect();
             let handles: Vec<&str> = so_far.iter().map(TableUse::handle).collect();
-            let rows = ctx.rows_of(&in_scope, &handles, &partial.to_string(), n);
+            let rows = ctx.rows_of(&columns, &handles, &partial.to_string(), n);
             let name = so_far.last().map_or("the next table".to_string(), |u| u.name.clone());
             match join_condition(&twj.joins[i]) {
                 Some(cond) => ctx.step(format!(
@@ -413,6 +416,7 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
     let conds: Vec<&Expr> = sel.selection.as_ref().map(conjuncts).unwrap_or_default();
     let mut applied: Vec<String> = Vec::new();
     let mut remaining = None;
+    let all_handles: Vec<&str> = uses.iter().map(TableUse::handle).collect();
     for c in &conds {
         if let Some(inner) = has_subquery(c) {
             if ctx.depth < 2 {
@@ -428,8 +432,7 @@ fn trace_select(ctx: &mut Ctx, sel: &sqlparser::ast::Select, q: &Query) -> Resul
         applied.push(format!("({c})"));
         let from_where = format!("{from_sql} WHERE {}", applied.join(" AND "));
         let n = ctx.count(&from_where)?;
-        let handles: Vec<&str> = uses.iter().map(TableUse::handle).collect();
-        let rows = ctx.rows_of(&columns.iter().collect::<Vec<_>>(), &handles, &from_where, n);
+        let rows = ctx.rows_of(&columns, &all_handles, &from_where, n);
         // An inner query is named by its result, not by its SQL.
         let mut cond = c.to_string();
         if let Some(inner) = has_subquery(c) {
