@@ -31,8 +31,13 @@ if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib/libcublas.so.13" ]; then
 fi
 # The wheels ship versioned libraries only; the linker looks for libX.so.
 for lib in cudart cublas cublasLt nvrtc curand; do
-  so=$(cd "$root/lib" && ls "lib$lib.so."* 2>/dev/null | grep -E "^lib$lib\.so\.[0-9]+$" | head -1)
-  [ -n "$so" ] || { echo "error: lib$lib.so.* missing in $root/lib" >&2; exit 1; }
+  so=""
+  for f in "$root/lib/lib$lib.so."*; do
+    name="${f##*/}"
+    # the library's major-version name (libX.so.13), not libX.so.13.0.1
+    if [[ "$name" =~ ^lib$lib\.so\.[0-9]+$ ]]; then so="$name"; break; fi
+  done
+  [ -n "$so" ] || { echo "error: lib$lib.so.<major> missing in $root/lib" >&2; exit 1; }
   ln -sf "$so" "$root/lib/lib$lib.so"
 done
 # libcuda.so belongs to the GPU driver, not to any wheel. cudarc links against it, so the
