@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// run without `--arm`.
     #[arg(long = "arm", value_name = "ARM")]
     arms: Vec<String>,
+    /// Print each step (stage, arm, set), its fingerprint and whether the run
+    /// directory holds it done or pending, with the command it would run; runs nothing.
+    #[arg(long)]
+    plan: bool,
 }
 
 /// The arms `--arm` asks for, checked against the config's; `None` for all.
@@ -127,6 +131,10 @@ fn load_config(a: &RunArgs) -> anyhow::Result<PipelineConfig> {
 
 pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let cfg = load_config(&a)?;
+    if a.plan {
+        print_plan(&cfg)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let from = a.from.as_deref().map(Stage::parse).transpose().map_err(|e| anyhow::anyhow!("--from {e}"))?;
     let last = a.to.as_deref().map(Stage::parse).transpose().map_err(|e| anyhow::anyhow!("--to {e}"))?;
     let last = last.unwrap_or(Stage::Report);
@@ -325,6 +333,31 @@ pub fn run(a: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     tabletrace_pipeline::add_compute_to_summary(&run, &commands.arms())?;
     eprintln!("== done in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--plan`: every step of the config with its fingerprint, whether the run
+/// directory's marker says it is done, and what it would run. Reads only.
+fn print_plan(cfg: &PipelineConfig) -> anyhow::Result<()> {
+    let run = RunDir::new(&cfg.run_dir);
+    let fp = Fingerprints::new(cfg);
+    let commands = Commands::new(cfg, &run);
+    let mut steps: Vec<(String, String, String)> = vec![
+        ("data".into(), fp.data(), String::new()),
+        ("traces".into(), fp.traces(), format!("generators: {}", cfg.traces.generators.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", "))),
+        ("pairs".into(), fp.pairs(), format!("policy: {}", cfg.pairs.policy.name())),
+    ];
+    for &method in &cfg.train.methods {
+        steps.push((format!("train-{}", method.name()), fp.train(method), format!("{} steps", cfg.train.max_steps)));
+    }
+    for step in commands.evals() {
+        steps.push((step.key, step.fingerprint, format!("tabletrace {}", step.args.join(" "))));
+    }
+    println!("run directory {}", cfg.run_dir.display());
+    for (key, fingerprint, what) in steps {
+        let state = if run.is_done(&key, &fingerprint) { "done" } else { "pending" };
+        println!("{key:<24} {fingerprint}  {state:<7}  {what}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

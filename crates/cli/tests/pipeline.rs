@@ -141,6 +141,19 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
     assert!(err.contains("== eval: sft-qa") && !err.contains("== eval: base"), "{err}");
     assert!(err.contains("stopped before the report (--arm)") && !err.contains("== report"), "{err}");
     assert!(run.join(".eval-sft-qa-three.done").is_file() && !run.join(".eval-base.done").exists());
+    // --plan reads the markers: what is done, what a run would do, and with which command.
+    let o = tabletrace(&["run", cfg.to_str().unwrap(), "--plan"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = stdout(&o);
+    let state = |key: &str| {
+        let line = plan.lines().find(|l| l.split_whitespace().next() == Some(key)).unwrap_or_else(|| panic!("{plan}"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(state("train-sft-qa"), "done", "{plan}");
+    assert_eq!(state("eval-sft-qa-three"), "done", "{plan}");
+    assert_eq!(state("eval-base"), "pending", "{plan}");
+    assert!(plan.contains("tabletrace eval --model smollm2-135m --data"), "{plan}");
+    assert!(!run.join(".eval-base.done").exists(), "--plan runs nothing");
     let o = tabletrace(&["run", cfg.to_str().unwrap(), "--quiet", "--arm", "cpo"]);
     assert!(
         !o.status.success() && stderr(&o).contains("--arm cpo: not an arm of this config (its arms: base, sft-qa)")
