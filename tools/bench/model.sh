@@ -7,6 +7,9 @@
 #   tools/bench/model.sh [THREADS...]                      SmolLM2-135M, 256-token prompt
 #   MODEL=qwen2.5-coder-0.5b PROMPT_TOKENS=2000 tools/bench/model.sh [THREADS...]
 # (default threads: 1 2)
+#   KERNELS="best avx2": our quantised path also with its kernels forced down to
+#   AVX2 (TABLETRACE_QUANT_KERNELS), as a CPU without AVX-512 VNNI runs it
+#   (rows "quantized-avx2"); default: best only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 home=${TABLETRACE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/tabletrace}
@@ -25,9 +28,14 @@ cargo build --release --locked -q -p tabletrace
 out=$(mktemp)
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $model, $prompt-token prompt, $new new tokens"
 for t in "$@"; do
-  for q in "" --quantized; do
-    RAYON_NUM_THREADS=$t target/release/tabletrace bench generate --quiet --model "$gguf" $q \
-      --prompt-tokens "$prompt" --new-tokens "$new" | tee -a "$out"
+  RAYON_NUM_THREADS=$t target/release/tabletrace bench generate --quiet --model "$gguf" \
+    --prompt-tokens "$prompt" --new-tokens "$new" | tee -a "$out"
+  for kernels in ${KERNELS:-best}; do
+    if [ "$kernels" = best ]; then label=quantized; force=(); else label="quantized-$kernels"; force=(TABLETRACE_QUANT_KERNELS="$kernels"); fi
+    env "${force[@]}" RAYON_NUM_THREADS=$t target/release/tabletrace bench generate --quiet --model "$gguf" --quantized \
+      --prompt-tokens "$prompt" --new-tokens "$new" |
+      python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["weights"]=sys.argv[1]; print(json.dumps(r))' "$label" |
+      tee -a "$out"
   done
   if [[ $peers == *torch* ]]; then
     OMP_NUM_THREADS=$t "$home/venv-torch/bin/python" tools/bench/model_peers.py transformers "$gguf" "$t" "$prompt" "$new" 2>/dev/null | tail -n1 | tee -a "$out"
@@ -43,12 +51,12 @@ for r in rows:
     f = lambda v: f"{v:10.1f}" if v is not None else f"{'-':>10}"
     ratio = f"{b8 / b1:6.2f}" if b1 and b8 else f"{'-':>6}"
     print(f"{r['impl']:<12} {r['weights']:<10} {r['threads']:>7} {r['prefill_tok_s']:14.1f} {f(b1)} {f(b8)} {ratio} {r['peak_rss_mib']:9.0f}")
-# Our quantised path against llama.cpp at each thread count.
+# Our quantised path(s) against llama.cpp at each thread count.
 for t in sorted({r["threads"] for r in rows}):
-    ours = next((r for r in rows if r["impl"] == "tabletrace" and r["weights"] == "quantized" and r["threads"] == t), None)
     peer = next((r for r in rows if r["impl"] == "llama.cpp" and r["threads"] == t), None)
-    if ours and peer:
-        print(f"{t} thread(s): quantised prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x llama.cpp, "
-              f"decode b1 {ours['decode_b1_tok_s'] / peer['decode_b1_tok_s']:.2f}x, "
-              f"b8/b1 {ours['decode_b8_tok_s'] / ours['decode_b1_tok_s']:.2f}")
+    for ours in (r for r in rows if r["impl"] == "tabletrace" and r["weights"].startswith("quantized") and r["threads"] == t):
+        if peer:
+            print(f"{t} thread(s): {ours['weights']} prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x llama.cpp, "
+                  f"decode b1 {ours['decode_b1_tok_s'] / peer['decode_b1_tok_s']:.2f}x, "
+                  f"b8/b1 {ours['decode_b8_tok_s'] / ours['decode_b1_tok_s']:.2f}")
 PY

@@ -343,7 +343,14 @@ fn print_plan(cfg: &PipelineConfig) -> anyhow::Result<()> {
     let commands = Commands::new(cfg, &run);
     let mut steps: Vec<(String, String, String)> = vec![
         ("data".into(), fp.data(), String::new()),
-        ("traces".into(), fp.traces(), format!("generators: {}", cfg.traces.generators.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", "))),
+        (
+            "traces".into(),
+            fp.traces(),
+            format!(
+                "generators: {}",
+                cfg.traces.generators.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ),
         ("pairs".into(), fp.pairs(), format!("policy: {}", cfg.pairs.policy.name())),
     ];
     for &method in &cfg.train.methods {

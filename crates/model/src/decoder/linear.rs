@@ -36,8 +36,8 @@ pub(super) const SKINNY_ROWS: usize = 16;
 
 /// GGUF blocks as a weight of [`kernels`], where one takes them: Q4_1 and
 /// Q8_0 as stored, Q5_0 as the Q8_0 blocks with the same values, Q4_K and
-/// Q6_K where the CPU has the VNNI kernel. `None` leaves the weight to
-/// candle's quantised matmul.
+/// Q6_K decoded into groups where the CPU has AVX2 (interleaved on VNNI).
+/// `None` leaves the weight to candle's quantised matmul.
 pub(super) fn block_weight(q: &candle_core::quantized::QTensor) -> Option<QuantWeight> {
     let (n, k) = q.shape().dims2().ok()?;
     let data = q.data().ok()?;
@@ -59,9 +59,7 @@ impl Linear {
         let weight = match ck.quantized.remove(&name) {
             Some(q) => match block_weight(&q) {
                 Some(blocks) => LinearWeight::Blocks(blocks),
-                // K-quants without the VNNI kernel go to candle's K-quant matmul:
-                // with the AVX2 kernels forced on the Xeon (TABLETRACE_QUANT_KERNELS=avx2),
-                // their f32 values instead gave prefill +14%, decode b1 -7%, +370 MB.
+                // Other block formats, and K-quants on CPUs without AVX2, go to candle.
                 None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
             },
             None => LinearWeight::Float(ck.take(&name)?),

@@ -65,6 +65,17 @@ pub(super) struct Groups {
     pub mins: Vec<f32>,
 }
 
+impl Groups {
+    /// Weights of one format stacked along the output dimension (the rows of each in turn).
+    pub(super) fn concat(parts: &[&Groups]) -> Groups {
+        Groups {
+            quants: parts.iter().flat_map(|g| g.quants.iter().copied()).collect(),
+            scales: parts.iter().flat_map(|g| g.scales.iter().copied()).collect(),
+            mins: parts.iter().flat_map(|g| g.mins.iter().copied()).collect(),
+        }
+    }
+}
+
 /// Sub-block `j`'s 6-bit scale and minimum in Q4_K's twelve bytes.
 fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -224,43 +235,86 @@ mod tests {
     }
 
     #[test]
-    fn k_quant_kernels_give_the_product_with_ggml_s_weights() {
+    fn k_quant_kernels_give_the_product_with_ggml_s_weights_on_every_instruction_set() {
         use crate::kernels::tests::{naive, values};
         use crate::kernels::{quantize_natural, BlockFormat, Isa, QuantWeight};
-        if !Isa::available().contains(&Isa::Vnni) {
-            // Without VNNI these formats have no kernel: the weight stays with candle.
-            let (bytes, _) = quantized(GgmlDType::Q4K, 16, 256, 1);
-            assert!(QuantWeight::new(BlockFormat::Q4K, bytes, 16, 256).is_none());
-            return;
-        }
-        // 13 rows take the 8-, 4- and 1-row paths; 48 weight rows are three chunks of sixteen.
-        for (m, n, k) in [(1, 16, 256), (13, 48, 512), (8, 32, 768), (3, 16, 4864)] {
+        // 13 rows take the 8-, 4- and 1-row paths; 48 weight rows are three chunks of
+        // sixteen (VNNI's interleaved layout), 20 rows are not (VNNI runs the AVX2 kernel).
+        for (m, n, k) in [(1, 16, 256), (13, 48, 512), (8, 32, 768), (3, 16, 4864), (5, 20, 512), (13, 3, 256)] {
             let x = values(m * k, 7);
-            // The activations as the kernel rounds them: the product must be exact up to f32 sums.
+            // The activations as the kernels round them: the product must be exact up to f32 sums.
             let xq = quantize_natural(&x, m, k);
             let rounded: Vec<f32> = xq.q.iter().enumerate().map(|(i, &q)| q as f32 * xq.d[i / 32]).collect();
             for (format, dtype) in [(BlockFormat::Q4K, GgmlDType::Q4K), (BlockFormat::Q6K, GgmlDType::Q6K)] {
                 let (bytes, deq) = quantized(dtype, n, k, 5);
                 let want = naive(&rounded, m, &deq, n, k);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                let w = QuantWeight::new(format, bytes.clone(), n, k).unwrap();
-                let got = w.matmul(&x, m);
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() < 1e-5 * scale, "{format:?} {m}x{n}x{k} [{i}]: {g} vs {e}");
-                }
-                // A weight with one super-block scale perturbed gives another product
-                // (the kernel reads every scale it should, where it should).
-                let mut bad = bytes.clone();
-                let at = if format == BlockFormat::Q4K { 5 } else { 195 };
                 let block_bytes = bytes.len() / (n * (k / SUPER));
-                bad[(n / 2) * (k / SUPER) * block_bytes + at] ^= 0x09;
-                let moved = QuantWeight::new(format, bad, n, k).unwrap().matmul(&x, m);
-                assert!(moved.iter().zip(&want).any(|(g, e)| (g - e).abs() > 1e-3 * scale), "{format:?}");
+                // One super-block's scale byte perturbed; two of its 32-groups' quantised
+                // bytes swapped (Q4_K: the nibbles of groups 0/1 and 2/3; Q6_K: low nibbles).
+                let row_block = (n / 2) * (k / SUPER) * block_bytes;
+                let mut bad_scale = bytes.clone();
+                bad_scale[row_block + if format == BlockFormat::Q4K { 5 } else { 195 }] ^= 0x09;
+                let mut swapped = bytes.clone();
+                let qs = row_block + if format == BlockFormat::Q4K { 16 } else { 0 };
+                let (a, b) = swapped[qs..qs + 64].split_at_mut(32);
+                a.swap_with_slice(b);
+                for isa in Isa::available() {
+                    let product = |bytes: &[u8]| {
+                        QuantWeight::with_isa(isa, format, bytes.to_vec(), n, k).unwrap().matmul_with(isa, &x, m)
+                    };
+                    let got = product(&bytes);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() < 1e-5 * scale, "{isa:?} {format:?} {m}x{n}x{k} [{i}]: {g} vs {e}");
+                    }
+                    // The kernel reads every scale and group it should, where it should.
+                    for (what, bad) in [("a perturbed scale", &bad_scale), ("swapped groups", &swapped)] {
+                        let moved = product(bad);
+                        let differs = moved.iter().zip(&want).any(|(g, e)| (g - e).abs() > 1e-3 * scale);
+                        assert!(differs, "{isa:?} {format:?} {m}x{n}x{k}: {what} leaves the product unchanged");
+                    }
+                }
             }
         }
+        // Without AVX2 these formats stay with candle.
+        let (bytes, _) = quantized(GgmlDType::Q4K, 16, 256, 1);
+        assert_eq!(QuantWeight::new(BlockFormat::Q4K, bytes, 16, 256).is_none(), Isa::detect() == Isa::Portable);
         // Sizes that do not fit.
         let (bytes, _) = quantized(GgmlDType::Q6K, 16, 256, 1);
-        assert!(QuantWeight::new(BlockFormat::Q6K, bytes.clone(), 16, 512).is_none());
-        assert!(QuantWeight::new(BlockFormat::Q6K, bytes[..bytes.len() - 1].to_vec(), 16, 256).is_none());
+        for isa in Isa::available() {
+            assert!(QuantWeight::with_isa(isa, BlockFormat::Q6K, bytes.clone(), 16, 512).is_none());
+            let short = bytes[..bytes.len() - 1].to_vec();
+            assert!(QuantWeight::with_isa(isa, BlockFormat::Q6K, short, 16, 256).is_none());
+        }
+    }
+
+    #[test]
+    fn concatenated_k_quant_weights_give_the_stacked_products() {
+        use crate::kernels::tests::values;
+        use crate::kernels::{BlockFormat, Isa, QuantWeight};
+        // 16 + 32 rows stay interleaved on VNNI; 5 + 16 rows are groups on every instruction set.
+        for (m, k, na, nb) in [(3, 512, 16, 32), (9, 256, 5, 16)] {
+            let x = values(m * k, 5);
+            for (format, dtype) in [(BlockFormat::Q4K, GgmlDType::Q4K), (BlockFormat::Q6K, GgmlDType::Q6K)] {
+                for isa in Isa::available() {
+                    let weight = |n: usize, seed: u32| {
+                        QuantWeight::with_isa(isa, format, quantized(dtype, n, k, seed).0, n, k).unwrap()
+                    };
+                    let (qa, qb) = (weight(na, 6), weight(nb, 7));
+                    let Some(both) = QuantWeight::concat(&[&qa, &qb]) else {
+                        // Interleaved and grouped parts do not stack (5 rows are groups, 16 interleaved).
+                        assert!(isa == Isa::Vnni && na % 16 != 0, "{isa:?} {format:?}");
+                        continue;
+                    };
+                    let (ya, yb, y) =
+                        (qa.matmul_with(isa, &x, m), qb.matmul_with(isa, &x, m), both.matmul_with(isa, &x, m));
+                    let n = na + nb;
+                    for i in 0..m {
+                        assert_eq!(&y[i * n..i * n + na], &ya[i * na..i * na + na], "{isa:?} {format:?}");
+                        assert_eq!(&y[i * n + na..i * n + n], &yb[i * nb..i * nb + nb], "{isa:?} {format:?}");
+                    }
+                }
+            }
+        }
     }
 }

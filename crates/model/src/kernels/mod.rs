@@ -9,7 +9,7 @@
 //!   rows at a time meet two weight rows (each activation load feeds two
 //!   FMAs), in `k`-blocks that keep the activations in L1, with the weight
 //!   stream prefetched.
-//! - [`QuantWeight`]: Q4_1 and Q8_0 GGUF blocks, multiplied after quantising
+//! - [`QuantWeight`]: Q4_1, Q8_0, Q4_K and Q6_K GGUF blocks (Q5_0 via Q8_0), multiplied after quantising
 //!   the activations to 8 bits per 32-block (as ggml does). With AVX-512
 //!   VNNI the blocks of sixteen rows are interleaved on load, one i32 lane
 //!   per row ([`interleaved`]); otherwise they keep their natural order.
@@ -26,11 +26,35 @@
 //! | `quant.rs` | [`QuantWeight`], [`BlockFormat`], the run-time instruction-set choice and the portable quantised kernels |
 //! | `quant_x86.rs` | the AVX2 and AVX-512 VNNI quantised kernels (one macro, two instantiations) |
 //! | `interleaved.rs`, `kquants.rs` | sixteen-row interleaving for VNNI; Q4_K/Q5_0/Q6_K decoded on load |
+//! | `kquants_avx2.rs` | the AVX2 kernels for Q4_K/Q6_K's decoded groups (CPUs without VNNI) |
 //! | `attention.rs` | `few_query_attention` (decoding attention on the KV cache in place) |
 //! | `rows.rs` | softmax, RMSNorm, SiLU-gate and rotary rows, forward and backward |
 //! | `avx.rs`, `avx512.rs` | the AVX2 and AVX-512F row and attention helpers |
 //! | `amx.rs` | bf16 products on AMX tiles (training's frozen base products) |
 //! | `tensors.rs`, `parallel.rs` | in-place views of candle CPU tensors; the split of work over the rayon pool |
+
+/// Fills `out[from..m]`, one weight row's results for activation rows
+/// `from..m`: eight rows at a time, then four, then one, where
+/// `$row::<R>(args…, i)` gives the results of rows `i..i + R` as `[f32; R]`
+/// (a macro for the const `R`; defined before the kernel files, which see it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! eights_fours_ones {
+    ($out:ident, $from:expr, $m:expr, $row:ident($($arg:expr),*)) => {{
+        let mut i = $from;
+        while i + 8 <= $m {
+            $out[i..i + 8].copy_from_slice(&$row::<8>($($arg,)* i));
+            i += 8;
+        }
+        while i + 4 <= $m {
+            $out[i..i + 4].copy_from_slice(&$row::<4>($($arg,)* i));
+            i += 4;
+        }
+        while i < $m {
+            $out[i] = $row::<1>($($arg,)* i)[0];
+            i += 1;
+        }
+    }};
+}
 
 // Each file below holds one concern; the helpers they share are `pub(super)`
 // in their file and imported here, so `super::name` reaches them from any of
@@ -44,6 +68,8 @@ mod avx512;
 mod dense;
 mod interleaved;
 mod kquants;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx2;
 mod parallel;
 mod q8;
 mod quant;

@@ -8,7 +8,7 @@ use super::*;
 /// quantiser does (halves round away from zero): `q = round(x / d)`, `d = max|x| / 127`, laid out
 /// for the kernels of one weight format.
 pub(super) struct Q8Rows {
-    /// `(m, k)`. For Q4_1 the halves of blocks are reordered to match the
+    /// `(m, k)`. For Q4_1 (and Q4_K's groups) the halves of blocks are reordered to match the
     /// weights' low and high nibbles (`lo` = values 0..16 of a block, `hi` =
     /// 16..32): each group of four blocks as `[lo₀ lo₁ lo₂ lo₃ hi₀ hi₁ hi₂
     /// hi₃]`, then a remaining pair as `[lo₀ lo₁ hi₀ hi₁]`, then a last
@@ -32,7 +32,8 @@ pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, format: BlockFormat) 
     let blocks = k / 32;
     let Natural8 { mut q, d, sum } = quantize_natural(x, m, k);
     let s = scaled_sums(&d, &sum);
-    if format == BlockFormat::Q4_1 {
+    // Q4_K's groups are packed as Q4_1's blocks are.
+    if matches!(format, BlockFormat::Q4_1 | BlockFormat::Q4K) {
         let natural = q.clone();
         for (row, src) in q.chunks_mut(k).zip(natural.chunks(k)) {
             for b in 0..blocks {

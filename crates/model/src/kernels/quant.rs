@@ -23,6 +23,10 @@ pub(super) enum Packed {
     Natural(Blocks),
     /// For the VNNI kernel with one lane per weight row ([`interleaved`]).
     Interleaved(interleaved::Interleaved),
+    /// K-quants decoded into groups ([`kquants`]), natural row order: for the
+    /// AVX2 and portable kernels, and on VNNI where rows do not come in
+    /// whole chunks of sixteen.
+    Groups(kquants::Groups),
 }
 
 #[derive(Debug)]
@@ -45,10 +49,10 @@ pub enum BlockFormat {
     /// 32 weights: f16 scale `d`, 32 signed bytes; `w = d q`.
     Q8_0,
     /// 256 weights in eight 32-groups with 6-bit scales and minima under f16
-    /// super-scales (see [`kquants`]); the VNNI kernel only.
+    /// super-scales (see [`kquants`]); decoded into groups on load.
     Q4K,
     /// 256 weights of 6 bits in sixteen 16-groups with i8 scales under an
-    /// f16 super-scale (see [`kquants`]); the VNNI kernel only.
+    /// f16 super-scale (see [`kquants`]); decoded into groups on load.
     Q6K,
 }
 
@@ -144,31 +148,34 @@ impl Isa {
 impl QuantWeight {
     /// Repacks raw GGUF blocks of an `(n, k)` weight. `None` when the sizes
     /// do not fit the format.
+    /// Without AVX2 the K-quants stay with candle (`None`), whose quantised
+    /// matmul has SIMD paths (NEON) that the portable loop lacks.
     pub fn new(format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
-        QuantWeight::with_isa(Isa::detect(), format, data, n, k)
+        let isa = Isa::detect();
+        if isa == Isa::Portable && matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
+            return None;
+        }
+        QuantWeight::with_isa(isa, format, data, n, k)
     }
 
     /// [`QuantWeight::new`] laid out for the kernels of `isa`: interleaved
-    /// for VNNI where the rows come in whole chunks of sixteen, natural otherwise.
-    /// K-quants have the interleaved layout only: `None` for them without
-    /// VNNI or where `n % 16 != 0`.
+    /// for VNNI where the rows come in whole chunks of sixteen, natural otherwise
+    /// (K-quants: decoded groups in natural order).
     pub(super) fn with_isa(isa: Isa, format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
         let (bb, per_block) = (format.block_bytes(), format.block_values());
         if !k.is_multiple_of(per_block) || data.len() != n * (k / per_block) * bb {
             return None;
         }
         if matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
+            let groups =
+                if format == BlockFormat::Q4K { kquants::q4_k_groups(&data)? } else { kquants::q6_k_groups(&data)? };
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Vnni {
-                let groups = if format == BlockFormat::Q4K {
-                    kquants::q4_k_groups(&data)?
-                } else {
-                    kquants::q6_k_groups(&data)?
-                };
-                let w = interleaved::Interleaved::from_groups(format, &groups, n, k)?;
-                return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Interleaved(w)), n, k });
+                if let Some(w) = interleaved::Interleaved::from_groups(format, &groups, n, k) {
+                    return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Interleaved(w)), n, k });
+                }
             }
-            return None;
+            return Some(QuantWeight { format, packed: std::sync::Arc::new(Packed::Groups(groups)), n, k });
         }
         let count = n * (k / 32);
         let mut blocks = Blocks {
@@ -214,28 +221,27 @@ impl QuantWeight {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
             return None;
         }
-        let natural: Option<Vec<&Blocks>> = parts
-            .iter()
-            .map(|p| match &*p.packed {
-                Packed::Natural(b) => Some(b),
-                Packed::Interleaved(_) => None,
-            })
-            .collect();
-        let interleaved: Option<Vec<&interleaved::Interleaved>> = parts
-            .iter()
-            .map(|p| match &*p.packed {
-                Packed::Interleaved(w) => Some(w),
-                Packed::Natural(_) => None,
-            })
-            .collect();
-        let packed = match (natural, interleaved) {
-            (Some(blocks), _) => Packed::Natural(Blocks {
-                scales: blocks.iter().flat_map(|b| b.scales.iter().copied()).collect(),
-                mins: blocks.iter().flat_map(|b| b.mins.iter().copied()).collect(),
-                quants: blocks.iter().flat_map(|b| b.quants.iter().copied()).collect(),
-            }),
-            (None, Some(ws)) => Packed::Interleaved(interleaved::Interleaved::concat(&ws)?),
-            (None, None) => return None,
+        // Every part in the first one's layout, or `None`.
+        fn all<'a, T>(parts: &[&'a QuantWeight], pick: impl Fn(&'a Packed) -> Option<&'a T>) -> Option<Vec<&'a T>> {
+            parts.iter().map(|p| pick(&p.packed)).collect()
+        }
+        let packed = match &*first.packed {
+            Packed::Natural(_) => {
+                let blocks = all(parts, |p| if let Packed::Natural(b) = p { Some(b) } else { None })?;
+                Packed::Natural(Blocks {
+                    scales: blocks.iter().flat_map(|b| b.scales.iter().copied()).collect(),
+                    mins: blocks.iter().flat_map(|b| b.mins.iter().copied()).collect(),
+                    quants: blocks.iter().flat_map(|b| b.quants.iter().copied()).collect(),
+                })
+            }
+            Packed::Interleaved(_) => {
+                let ws = all(parts, |p| if let Packed::Interleaved(w) = p { Some(w) } else { None })?;
+                Packed::Interleaved(interleaved::Interleaved::concat(&ws)?)
+            }
+            Packed::Groups(_) => {
+                let gs = all(parts, |p| if let Packed::Groups(g) = p { Some(g) } else { None })?;
+                Packed::Groups(kquants::Groups::concat(&gs))
+            }
         };
         Some(QuantWeight {
             format: first.format,
@@ -254,6 +260,16 @@ impl QuantWeight {
         let format = self.format;
         let w = match &*self.packed {
             Packed::Natural(w) => w,
+            Packed::Groups(g) => {
+                let xq = quantize_rows(x, m, self.k, format);
+                return by_weight_chunks(m, self.n, |j0, out| match isa {
+                    Isa::Portable => portable::group_rows(format, g, j0, out, &xq, m),
+                    // SAFETY: `detect` found AVX2, FMA and F16C (VNNI CPUs have them too); the
+                    // groups hold whole rows of `k` values and `xq` was quantised for `format`.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 | Isa::Vnni => unsafe { kquants_avx2::rows(format, g, j0, out, &xq, m) },
+                });
+            }
             #[cfg(target_arch = "x86_64")]
             Packed::Interleaved(w) => {
                 assert_eq!(isa, Isa::Vnni, "an interleaved weight runs on the VNNI kernel");
@@ -283,6 +299,7 @@ impl QuantWeight {
 
 /// The portable kernels: the sums the SIMD kernels compute, loop by loop.
 pub(super) mod portable {
+    use super::kquants::Groups;
     use super::{q4_1_halves, BlockFormat, Blocks, Q8Rows};
 
     pub(super) fn f16(bits: u16) -> f32 {
@@ -316,6 +333,46 @@ pub(super) mod portable {
                     sum += f16(w.scales[j * blocks + b]) * x.d[i * blocks + b] * acc as f32;
                     if format == BlockFormat::Q4_1 {
                         sum += f16(w.mins[j * blocks + b]) * x.s[i * blocks + b];
+                    }
+                }
+                *o = sum;
+            }
+        }
+    }
+
+    /// [`rows`] for the K-quants' decoded groups: Q4_K as Q4_1 with f32
+    /// scales and minima, Q6_K as signed bytes with a scale per 16 values.
+    pub(super) fn group_rows(format: BlockFormat, g: &Groups, j0: usize, out: &mut [f32], x: &Q8Rows, m: usize) {
+        let (k, blocks) = (x.k, x.blocks);
+        let qb = format.quant_bytes();
+        for (r, out) in out.chunks_mut(m).enumerate() {
+            let j = j0 + r;
+            let qw = &g.quants[j * blocks * qb..(j + 1) * blocks * qb];
+            for (i, o) in out.iter_mut().enumerate() {
+                let qx = &x.q[i * k..(i + 1) * k];
+                let mut sum = 0f32;
+                for b in 0..blocks {
+                    let d = x.d[i * blocks + b];
+                    match format {
+                        BlockFormat::Q4K => {
+                            let (lo, hi) = q4_1_halves(b, blocks);
+                            let acc: i32 = (0..16)
+                                .map(|t| {
+                                    let byte = qw[b * 16 + t];
+                                    (byte & 0x0F) as i32 * qx[lo + t] as i32 + (byte >> 4) as i32 * qx[hi + t] as i32
+                                })
+                                .sum();
+                            sum += g.scales[j * blocks + b] * d * acc as f32
+                                + g.mins[j * blocks + b] * x.s[i * blocks + b];
+                        }
+                        BlockFormat::Q6K => {
+                            let half = |h: usize| -> i32 {
+                                (16 * h..16 * h + 16).map(|t| qw[b * 32 + t] as i8 as i32 * qx[b * 32 + t] as i32).sum()
+                            };
+                            let s = &g.scales[(j * blocks + b) * 2..(j * blocks + b) * 2 + 2];
+                            sum += d * (s[0] * half(0) as f32 + s[1] * half(1) as f32);
+                        }
+                        BlockFormat::Q4_1 | BlockFormat::Q8_0 => unreachable!("only the K-quants decode to groups"),
                     }
                 }
                 *o = sum;

@@ -53,20 +53,7 @@ macro_rules! quant_kernels {
                     }
                 }
                 for (r, out) in out.chunks_mut(m).enumerate() {
-                    let j = j0 + r;
-                    let mut i = done;
-                    while i + 8 <= m {
-                        out[i..i + 8].copy_from_slice(&row::<8>(format, w, j, x, i));
-                        i += 8;
-                    }
-                    while i + 4 <= m {
-                        out[i..i + 4].copy_from_slice(&row::<4>(format, w, j, x, i));
-                        i += 4;
-                    }
-                    while i < m {
-                        out[i] = row::<1>(format, w, j, x, i)[0];
-                        i += 1;
-                    }
+                    eights_fours_ones!(out, done, m, row(format, w, j0 + r, x));
                 }
             }
 
