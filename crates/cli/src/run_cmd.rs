@@ -386,11 +386,20 @@ mod tests {
         let cfg: PipelineConfig = toml::from_str(EMBEDDED_DEFAULT).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.model, "smollm2-135m");
-        for preset in ["mmqa-qwen-cpu.toml", "mmqa-qwen-onpolicy.toml", "mmqa-qwen-pilot.toml", "gpu-vllm.toml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(preset);
+        // Every preset in configs/.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
             let text = std::fs::read_to_string(&path).unwrap();
+            let preset = path.display();
             let cfg: PipelineConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{preset}: {e}"));
             cfg.validate().unwrap_or_else(|e| panic!("{preset}: {e}"));
+            checked += 1;
         }
+        assert!(checked >= 7, "{checked} presets in {}", dir.display());
     }
 }

@@ -239,8 +239,11 @@ mod tests {
         use crate::kernels::tests::{naive, values};
         use crate::kernels::{quantize_natural, BlockFormat, Isa, QuantWeight};
         // 13 rows take the 8-, 4- and 1-row paths; 48 weight rows are three chunks of
-        // sixteen (VNNI's interleaved layout), 20 rows are not (VNNI runs the AVX2 kernel).
-        for (m, n, k) in [(1, 16, 256), (13, 48, 512), (8, 32, 768), (3, 16, 4864), (5, 20, 512), (13, 3, 256)] {
+        // sixteen (VNNI's interleaved layout), 20 rows are not (VNNI runs the AVX2 kernel);
+        // 77 activation rows are two tiles of the AVX2 kernel (64 + 13).
+        for (m, n, k) in
+            [(1, 16, 256), (13, 48, 512), (8, 32, 768), (3, 16, 4864), (5, 20, 512), (13, 3, 256), (77, 20, 256)]
+        {
             let x = values(m * k, 7);
             // The activations as the kernels round them: the product must be exact up to f32 sums.
             let xq = quantize_natural(&x, m, k);
