@@ -148,6 +148,7 @@ impl Isa {
 impl QuantWeight {
     /// Repacks raw GGUF blocks of an `(n, k)` weight. `None` when the sizes
     /// do not fit the format.
+    ///
     /// Without AVX2 the K-quants stay with candle (`None`), whose quantised
     /// matmul has SIMD paths (NEON) that the portable loop lacks.
     pub fn new(format: BlockFormat, data: Vec<u8>, n: usize, k: usize) -> Option<QuantWeight> {
