@@ -319,17 +319,11 @@ pub(super) mod portable {
                 let mut sum = 0f32;
                 for b in 0..blocks {
                     let acc: i32 = match format {
-                        BlockFormat::Q4_1 => {
-                            let (lo, hi) = q4_1_halves(b, blocks);
-                            (0..16)
-                                .map(|t| {
-                                    let byte = qw[b * 16 + t];
-                                    (byte & 0x0F) as i32 * qx[lo + t] as i32 + (byte >> 4) as i32 * qx[hi + t] as i32
-                                })
-                                .sum()
-                        }
+                        BlockFormat::Q4_1 => nibble_dot(qw, qx, b, blocks),
                         BlockFormat::Q8_0 => (0..32).map(|t| qw[b * 32 + t] as i8 as i32 * qx[b * 32 + t] as i32).sum(),
-                        BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants are interleaved only"),
+                        BlockFormat::Q4K | BlockFormat::Q6K => {
+                            unreachable!("K-quants run on their groups (group_rows)")
+                        }
                     };
                     sum += f16(w.scales[j * blocks + b]) * x.d[i * blocks + b] * acc as f32;
                     if format == BlockFormat::Q4_1 {
@@ -339,6 +333,18 @@ pub(super) mod portable {
                 *o = sum;
             }
         }
+    }
+
+    /// The integer dot product of 32-block `b` of a row of Q4_1-packed nibbles
+    /// (Q4_1, Q4_K's groups) with activations in Q4_1's half-block order.
+    fn nibble_dot(qw: &[u8], qx: &[i8], b: usize, blocks: usize) -> i32 {
+        let (lo, hi) = q4_1_halves(b, blocks);
+        (0..16)
+            .map(|t| {
+                let byte = qw[b * 16 + t];
+                (byte & 0x0F) as i32 * qx[lo + t] as i32 + (byte >> 4) as i32 * qx[hi + t] as i32
+            })
+            .sum()
     }
 
     /// [`rows`] for the K-quants' decoded groups: Q4_K as Q4_1 with f32
@@ -356,13 +362,7 @@ pub(super) mod portable {
                     let d = x.d[i * blocks + b];
                     match format {
                         BlockFormat::Q4K => {
-                            let (lo, hi) = q4_1_halves(b, blocks);
-                            let acc: i32 = (0..16)
-                                .map(|t| {
-                                    let byte = qw[b * 16 + t];
-                                    (byte & 0x0F) as i32 * qx[lo + t] as i32 + (byte >> 4) as i32 * qx[hi + t] as i32
-                                })
-                                .sum();
+                            let acc = nibble_dot(qw, qx, b, blocks);
                             sum += g.scales[j * blocks + b] * d * acc as f32
                                 + g.mins[j * blocks + b] * x.s[i * blocks + b];
                         }

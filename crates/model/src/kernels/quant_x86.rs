@@ -63,7 +63,7 @@ macro_rules! quant_kernels {
                 match format {
                     BlockFormat::Q4_1 => q4_1::<1, R>(w, j, x, first)[0],
                     BlockFormat::Q8_0 => q8_0::<R>(w, j, x, first),
-                    BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants are interleaved only"),
+                    BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("K-quants run on their groups (kquants_avx2)"),
                 }
             }
 
