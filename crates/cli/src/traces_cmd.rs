@@ -82,7 +82,7 @@ pub struct TracesArgs {
     /// LLM generators sample N traces per question with the training prompt
     /// itself (at --temperature) instead of being asked for positives and
     /// negatives: a sample reaching the gold answer is a positive, one
-    /// reaching a wrong answer of the same kind a negative (the model's own
+    /// reaching any wrong final answer a negative (the model's own
     /// mistakes). A local model prefills each prompt once for its samples.
     #[arg(long, default_value_t = 0)]
     on_policy: usize,

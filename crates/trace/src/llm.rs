@@ -148,8 +148,9 @@ pub struct LlmRunOptions {
     /// On-policy sampling instead: this many samples per question with the
     /// training prompt itself (the one pairs are made with) at
     /// `temperature_negative`; a sample reaching the gold answer is a
-    /// positive, one reaching a wrong answer of the same kind a negative —
-    /// the model's own mistakes, plausible by construction. 0: off.
+    /// positive, one reaching any wrong final answer (and naming a table or
+    /// column) a negative — the model's own mistakes, plausible by
+    /// construction. 0: off.
     pub on_policy: usize,
     /// Temperature of positives (0: greedy).
     pub temperature_positive: f64,
@@ -321,7 +322,13 @@ pub fn llm_traces(
     }
     reporter
         .start((requests.len() - stats.cached - stats.not_run) as u64, &format!("{}:{}", llm.backend(), llm.model()));
-    let missing: Vec<usize> = (0..requests.len()).filter(|&i| completions[i].is_none()).collect();
+    let mut missing: Vec<usize> = (0..requests.len()).filter(|&i| completions[i].is_none()).collect();
+    // Longest prompts first: a batch pads its prompts to its longest, so
+    // prompts of like length together prefill less padding (table prompts
+    // run from a few hundred to 3,000 tokens), and the heaviest batches and
+    // the peak memory come first. Stable, so the samples of one prompt stay
+    // together (they share one prefill). The traces keep question order.
+    missing.sort_by_key(|&i| std::cmp::Reverse(requests[i].prompt.len()));
     for chunk in missing.chunks(opts.chunk.max(1)) {
         let prompts: Vec<String> = chunk.iter().map(|&i| requests[i].prompt.clone()).collect();
         let params: Vec<LlmParams> = chunk.iter().map(|&i| requests[i].params.clone()).collect();
@@ -379,7 +386,7 @@ pub fn llm_traces(
                     Ok(()) => Ok(()),
                     Err(_) => {
                         polarity = Polarity::Negative;
-                        validate_llm_negative(&text, gold, names, &[])
+                        validate_llm_negative(&text, gold, names, &[], Kind::Any)
                     }
                 };
                 (text, v)
@@ -392,6 +399,7 @@ pub fn llm_traces(
                         gold,
                         names,
                         positives_by_q.get(&r.question).map_or(&[][..], |v| v),
+                        Kind::Gold,
                     ),
                 };
                 (text, v)
@@ -428,10 +436,29 @@ fn validate_positive(text: &str, gold: &Answer) -> Result<(), String> {
     }
 }
 
+/// What kind of wrong answer a negative may give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Gold's kind: as many values, numbers where gold has numbers. For
+    /// negatives the model was asked to make (one subtle mistake): a list
+    /// where gold has one name is no subtle mistake.
+    Gold,
+    /// Any wrong answer: an on-policy sample is the model's own mistake,
+    /// plausible by construction, and a wrong count of rows (a filter
+    /// missed) is among the mistakes it makes most.
+    Any,
+}
+
 /// An LLM negative is valid when it has a final answer that does not match
-/// gold but is of the same kind (as many values, numbers where gold has
-/// numbers), names a real table or column, and copies no positive.
-fn validate_llm_negative(text: &str, gold: &Answer, names: &[String], positives: &[String]) -> Result<(), String> {
+/// gold (of gold's kind where `kind` says so), names a real table or column,
+/// and copies no positive.
+fn validate_llm_negative(
+    text: &str,
+    gold: &Answer,
+    names: &[String],
+    positives: &[String],
+    kind: Kind,
+) -> Result<(), String> {
     let a = extract_final_answer(text).ok_or("no final answer line")?;
     if matches_gold(&a, gold) {
         return Err("its final answer matches gold".into());
@@ -442,6 +469,9 @@ fn validate_llm_negative(text: &str, gold: &Answer, names: &[String], positives:
     let lower = text.to_lowercase();
     if !names.iter().any(|n| lower.contains(&n.to_lowercase())) {
         return Err("it names no table or column".into());
+    }
+    if kind == Kind::Any {
+        return Ok(());
     }
     let (pred, want) = (split_values(&a), gold.values());
     let numeric = |v: &String| matches!(normalize(v), Norm::Number { .. });
@@ -467,14 +497,23 @@ mod tests {
         });
         let names = vec!["department".to_string(), "Name".to_string()];
         let ok = "Step 1: look at department.\nFinal answer: Defense, 3000000";
-        assert!(validate_llm_negative(ok, &gold, &names, &[]).is_ok());
+        assert!(validate_llm_negative(ok, &gold, &names, &[], Kind::Gold).is_ok());
         let same = "Step 1: look at department.\nFinal answer: Treasury, 231794";
-        assert!(validate_llm_negative(same, &gold, &names, &[]).unwrap_err().contains("matches gold"));
+        assert!(validate_llm_negative(same, &gold, &names, &[], Kind::Gold).unwrap_err().contains("matches gold"));
         let kind = "Step 1: look at department.\nFinal answer: Defense";
-        assert!(validate_llm_negative(kind, &gold, &names, &[]).unwrap_err().contains("same kind"));
+        assert!(validate_llm_negative(kind, &gold, &names, &[], Kind::Gold).unwrap_err().contains("same kind"));
         let unnamed = "Step 1: think.\nFinal answer: Defense, 3";
-        assert!(validate_llm_negative(unnamed, &gold, &names, &[]).unwrap_err().contains("names no table"));
-        assert!(validate_llm_negative(ok, &gold, &names, &[ok.to_string()]).unwrap_err().contains("copies"));
+        assert!(validate_llm_negative(unnamed, &gold, &names, &[], Kind::Gold).unwrap_err().contains("names no table"));
+        assert!(validate_llm_negative(ok, &gold, &names, &[ok.to_string()], Kind::Gold)
+            .unwrap_err()
+            .contains("copies"));
         assert!(validate_positive("x\nFinal answer: treasury, 231,794", &gold).is_ok());
+        // An on-policy sample may be wrong in any way, but it must still be wrong,
+        // name the tables and end with an answer.
+        assert!(validate_llm_negative(kind, &gold, &names, &[], Kind::Any).is_ok());
+        assert!(validate_llm_negative(same, &gold, &names, &[], Kind::Any).unwrap_err().contains("matches gold"));
+        assert!(validate_llm_negative(unnamed, &gold, &names, &[], Kind::Any).unwrap_err().contains("names no table"));
+        let unfinished = "Step 1: look at department.";
+        assert!(validate_llm_negative(unfinished, &gold, &names, &[], Kind::Any).unwrap_err().contains("no final"));
     }
 }

@@ -149,3 +149,53 @@ fn a_question_that_cannot_be_asked_is_named_not_dropped() {
     assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
     assert!(stats.skipped[0].starts_with(&format!("{}: no gold answer", qs[1].id)), "{:?}", stats.skipped);
 }
+
+/// Records the prompts of each `complete` call and answers "Final answer: none".
+struct Recorder(std::sync::Mutex<Vec<Vec<String>>>);
+
+impl tabletrace_trace::Llm for Recorder {
+    fn backend(&self) -> &str {
+        "test"
+    }
+    fn model(&self) -> &str {
+        "recorder"
+    }
+    fn complete(
+        &self,
+        prompts: &[String],
+        _params: &[tabletrace_trace::LlmParams],
+        done: &tabletrace_trace::Done<'_>,
+    ) -> Vec<Result<String, String>> {
+        self.0.lock().unwrap().push(prompts.to_vec());
+        let out: Vec<Result<String, String>> = prompts.iter().map(|_| Ok("Final answer: none".to_string())).collect();
+        for (i, r) in out.iter().enumerate() {
+            done(i, r);
+        }
+        out
+    }
+}
+
+#[test]
+fn prompts_are_asked_longest_first_with_each_prompts_samples_together() {
+    let qs = sample(6);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CallCache::open(&dir.path().join("cache.sqlite")).unwrap();
+    let opts = LlmRunOptions { on_policy: 3, chunk: 4, ..run_options(Wanted { positive: true, negatives: 0 }, 8) };
+    let llm = Recorder(Default::default());
+    let (traces, stats) = llm_traces(&qs, &llm, &cache, &opts, &Silent).unwrap();
+    assert_eq!(stats.requests, 18);
+    let calls = llm.0.into_inner().unwrap();
+    assert_eq!(calls.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 4, 4, 2], "chunks of 4 requests");
+    let asked: Vec<&String> = calls.iter().flatten().collect();
+    assert!(asked.windows(2).all(|w| w[0].len() >= w[1].len()), "not longest first");
+    let lengths: std::collections::HashSet<usize> = asked.iter().map(|p| p.len()).collect();
+    assert!(lengths.len() > 1, "the sample's prompts should differ in length for this test to mean anything");
+    // The samples of one prompt are asked one after another.
+    let mut runs = asked.clone();
+    runs.dedup();
+    assert_eq!(runs.len(), 6, "each prompt's 3 samples asked together");
+    // The traces keep the questions' order, whatever order they were asked in.
+    let ids: Vec<&str> = traces.iter().map(|t| t.question_id.as_str()).collect();
+    let expected: Vec<&str> = qs.iter().flat_map(|q| std::iter::repeat_n(q.id.0.as_str(), 3)).collect();
+    assert_eq!(ids, expected);
+}
