@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use tabletrace_plot::{bar_chart, line_charts, Panel, Series};
+use tabletrace_plot::{bar_chart, interval_chart, line_charts, Interval, Panel, Series};
 
 use crate::compare::{paired_bootstrap, Difference, Outcomes, RESAMPLES};
 use crate::{Error, EvalReport, Prediction, Result};
@@ -216,12 +216,55 @@ pub fn write_report_comparing(runs: &[Run], cmp: &Comparison, out: &Path) -> Res
     let mut md = write_report(runs, out)?;
     let (base, columns, rows) = compare(runs, cmp)?;
     md.push_str(&comparison_markdown(&base, &columns, runs, &rows));
+    if runs.len() > 1 {
+        let png = out.join("differences.png");
+        differences_chart(&base, &columns, runs, &rows, &png)
+            .map_err(|e| Error::File { path: png.clone(), message: e.to_string() })?;
+        md.push_str(&format!("\n![difference from {base} by question set, with 95% intervals](differences.png)\n"));
+    }
     let path = out.join("report.md");
     std::fs::write(&path, &md).map_err(|e| Error::File { path, message: e.to_string() })?;
     let summary = out.join("summary.json");
     let text = serde_json::to_string_pretty(&summary_json(runs, &columns, &rows)).expect("summary serialises");
     std::fs::write(&summary, text).map_err(|e| Error::File { path: summary, message: e.to_string() })?;
     Ok(md)
+}
+
+/// `differences.png`: each run's EM difference from the baseline with its
+/// interval, a panel per question set (colours as in `accuracy.png`).
+fn differences_chart(
+    base: &str,
+    columns: &[String],
+    runs: &[Run],
+    rows: &[Vec<Scored>],
+    png: &Path,
+) -> tabletrace_plot::Result<()> {
+    let panels: Vec<(String, Vec<Interval>)> = columns
+        .iter()
+        .enumerate()
+        .map(|(c, column)| {
+            let n = rows.iter().map(|r| r[c].n).max().unwrap_or(0);
+            let intervals = runs
+                .iter()
+                .zip(rows)
+                .enumerate()
+                .filter(|(_, (r, _))| r.name != base)
+                .map(|(i, (r, scores))| {
+                    let d = scores[c].vs_baseline.as_ref();
+                    let at = |f: fn(&Difference) -> f64| d.map_or(f64::NAN, f);
+                    Interval {
+                        label: r.name.clone(),
+                        series: i,
+                        value: at(|d| d.diff),
+                        lo: at(|d| d.lo),
+                        hi: at(|d| d.hi),
+                    }
+                })
+                .collect();
+            (format!("{column} (n={n})"), intervals)
+        })
+        .collect();
+    interval_chart(&format!("EM MINUS {base}, 95% INTERVALS"), &panels, png)
 }
 
 fn pct(v: f64) -> String {
@@ -294,7 +337,13 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<String> {
         md.push('\n');
     }
     let mut cats = vec!["all".to_string()];
-    cats.extend(tables.iter().map(|t| format!("{t} tables")));
+    // Each category says how many questions it holds (the first run's count):
+    // a 50% bar over two questions is no finding.
+    cats[0] = format!("all\n(n={})", runs[0].eval.n);
+    cats.extend(tables.iter().map(|t| {
+        let n = runs.iter().find_map(|r| r.eval.by_tables.get(t)).map_or(0, |b| b.n);
+        format!("{t} tables\n(n={n})")
+    }));
     let series: Vec<(String, Vec<f64>)> = runs
         .iter()
         .map(|r| {
@@ -379,6 +428,13 @@ mod tests {
         assert_eq!(summary["arms"]["b/cpo"]["em_unseen"], 1.0);
         assert_eq!(summary["arms"]["a/cpo"]["n_unseen"], 2);
         assert_eq!(summary["arms"]["sft-qa"]["eval_args"], serde_json::json!(["--x"]));
+        // The written report shows the differences as a chart, and says how many
+        // questions each bar of the accuracy chart holds.
+        let out = d.path().join("report");
+        let md = write_report_comparing(&runs, &cmp, &out).unwrap();
+        assert!(md.contains("![difference from sft-qa by question set, with 95% intervals](differences.png)"), "{md}");
+        let png = std::fs::read(out.join("differences.png")).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
         // An unknown baseline is named.
         let bad = Comparison { baseline: Some("dpo".into()), ..cmp };
         assert!(compare(&runs, &bad).unwrap_err().to_string().contains("\"dpo\""));

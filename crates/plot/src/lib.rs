@@ -242,7 +242,8 @@ pub fn line_charts(panels: &[Panel], path: &Path) -> Result<()> {
 }
 
 /// Grouped bars: for each category, one bar per series (`values[series][category]`),
-/// values in `[0, 1]` drawn as percentages.
+/// values in `[0, 1]` drawn as percentages. A category's name may hold two
+/// lines (`\n`).
 pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>)], path: &Path) -> Result<()> {
     if categories.is_empty() || series.is_empty() {
         return Err(Error::Empty);
@@ -277,12 +278,103 @@ pub fn bar_chart(title: &str, categories: &[String], series: &[(String, Vec<f64>
             let label = format!("{:.0}", v * 100.0);
             cv.text((x0 + bar / 2.0) as i64 - text_width(&label) as i64 / 2, sy(v) as i64 - 18, &label, [0, 0, 0]);
         }
-        cv.text((gx + group / 2.0 - 15.0) as i64 - text_width(cat) as i64 / 2, bottom as i64 + 10, cat, [0, 0, 0]);
+        for (k, line) in cat.lines().enumerate() {
+            let x = (gx + group / 2.0 - 15.0) as i64 - text_width(line) as i64 / 2;
+            cv.text(x, bottom as i64 + 10 + 17 * k as i64, line, [0, 0, 0]);
+        }
     }
     for (s, (name, _)) in series.iter().enumerate() {
         let y = 34 + 20 * s as i64;
         cv.line((right - 220.0, y as f64 + 7.0), (right - 200.0, y as f64 + 7.0), COLORS[s % COLORS.len()], 6);
         cv.text(right as i64 - 192, y, name, [0, 0, 0]);
+    }
+    write_png(&cv, path)
+}
+
+/// One estimate with its 95% interval, a row of an [`interval_chart`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interval {
+    /// Row label (a run's name).
+    pub label: String,
+    /// The row's series in the other charts of a report, which gives its
+    /// colour (as [`bar_chart`] colours series).
+    pub series: usize,
+    /// The estimate (a difference of shares: 0.05 is 5 points).
+    pub value: f64,
+    /// Lower end of the interval.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+}
+
+/// Pixel height of one row of an interval chart.
+const ROW_H: usize = 34;
+/// Pixel width of one panel of an interval chart.
+const INTERVAL_W: usize = 300;
+
+/// Differences with their intervals, one panel per title side by side (e.g.
+/// one per question set), one row per label, the same rows in every panel,
+/// each in its series' colour: a dot at the value, a whisker over the interval,
+/// a line at zero, and one shared x axis in percentage points, so that a
+/// difference whose interval crosses zero is seen to. Labels name the rows
+/// on the left.
+pub fn interval_chart(title: &str, panels: &[(String, Vec<Interval>)], path: &Path) -> Result<()> {
+    let rows = panels.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    if panels.is_empty() || rows == 0 {
+        return Err(Error::Empty);
+    }
+    let labels: Vec<(&str, usize)> = panels
+        .iter()
+        .find(|(_, v)| v.len() == rows)
+        .expect("a panel has every row")
+        .1
+        .iter()
+        .map(|r| (r.label.as_str(), r.series))
+        .collect();
+    let label_w = labels.iter().map(|(l, _)| text_width(l)).max().unwrap_or(0) + 30;
+    let (top, bottom_pad) = (60.0, 60.0);
+    let h = top as usize + rows * ROW_H + bottom_pad as usize;
+    let mut cv = Canvas::new(label_w + panels.len() * INTERVAL_W + 20, h);
+    cv.text(10, 10, title, [0, 0, 0]);
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let ends = panels.iter().flat_map(|(_, v)| v.iter().flat_map(|r| [r.lo, r.hi, r.value])).filter_map(finite);
+    let (lo, hi) = ends.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v * 100.0), b.max(v * 100.0)));
+    let pad = ((hi - lo) * 0.05).max(0.5);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let bottom = top + (rows * ROW_H) as f64;
+    let row_y = |i: usize| top + (i * ROW_H + ROW_H / 2) as f64;
+    for (i, (l, series)) in labels.iter().enumerate() {
+        cv.text(10, row_y(i) as i64 - 7, l, COLORS[series % COLORS.len()]);
+    }
+    let axis = [90, 90, 90];
+    for (p, (name, intervals)) in panels.iter().enumerate() {
+        let (left, right) = ((label_w + p * INTERVAL_W) as f64 + 10.0, (label_w + (p + 1) * INTERVAL_W) as f64 - 10.0);
+        let sx = |v: f64| left + (v - lo) / (hi - lo) * (right - left);
+        cv.text(((left + right) / 2.0) as i64 - text_width(name) as i64 / 2, 36, name, [0, 0, 0]);
+        cv.line((left, bottom), (right, bottom), axis, 1);
+        for t in nice_ticks(lo, hi) {
+            let x = sx(t);
+            cv.line((x, top), (x, bottom), [232, 232, 232], 1);
+            cv.line((x, bottom), (x, bottom + 4.0), axis, 1);
+            let label = tick_label(t);
+            cv.text(x as i64 - text_width(&label) as i64 / 2, bottom as i64 + 8, &label, [0, 0, 0]);
+        }
+        cv.line((sx(0.0), top - 4.0), (sx(0.0), bottom), axis, 1);
+        for (i, r) in intervals.iter().enumerate() {
+            let c = COLORS[r.series % COLORS.len()];
+            let y = row_y(i);
+            if let (Some(a), Some(b)) = (finite(r.lo), finite(r.hi)) {
+                cv.line((sx(a * 100.0), y), (sx(b * 100.0), y), c, 2);
+                for e in [a, b] {
+                    cv.line((sx(e * 100.0), y - 5.0), (sx(e * 100.0), y + 5.0), c, 2);
+                }
+            }
+            if let Some(v) = finite(r.value) {
+                cv.line((sx(v * 100.0) - 3.0, y), (sx(v * 100.0) + 3.0, y), c, 8);
+            }
+        }
+        let unit = "POINTS";
+        cv.text(((left + right) / 2.0) as i64 - text_width(unit) as i64 / 2, bottom as i64 + 30, unit, axis);
     }
     write_png(&cv, path)
 }
@@ -375,6 +467,47 @@ mod tests {
         assert!(buf.chunks(3).any(|p| p == COLORS[0]));
         assert_eq!(tick_label(0.25), "0.25");
         assert_eq!(tick_label(0.00015), "1.5e-4");
+    }
+
+    /// An interval chart: each row's whisker spans its interval on the
+    /// shared axis (the zero line between), in the row's colour.
+    #[test]
+    fn interval_chart_draws_each_row_over_its_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.png");
+        let row = |label: &str, series: usize, value: f64, lo: f64, hi: f64| Interval {
+            label: label.into(),
+            series,
+            value,
+            lo,
+            hi,
+        };
+        let panels = vec![
+            ("ALL".to_string(), vec![row("cpo", 1, 0.02, -0.01, 0.05), row("sft", 2, -0.04, -0.08, -0.01)]),
+            ("UNSEEN".to_string(), vec![row("cpo", 1, 0.03, 0.0, 0.06), row("sft", 2, f64::NAN, f64::NAN, f64::NAN)]),
+        ];
+        interval_chart("DIFFERENCE", &panels, &path).unwrap();
+        let (buf, w) = pixels(&path);
+        let h = buf.len() / 3 / w;
+        let at = |x: usize, y: usize| [buf[(y * w + x) * 3], buf[(y * w + x) * 3 + 1], buf[(y * w + x) * 3 + 2]];
+        // Columns holding a row's colour on its line, in the first panel.
+        let first_panel_end = w - 20 - INTERVAL_W;
+        let labels_end = text_width("cpo") + 30;
+        let span = |c: [u8; 3], y: usize| {
+            let xs: Vec<usize> = (labels_end..first_panel_end).filter(|&x| at(x, y) == c).collect();
+            (xs[0], *xs.last().unwrap())
+        };
+        let (y0, y1) = (60 + ROW_H / 2, 60 + ROW_H + ROW_H / 2);
+        let (a0, a1) = span(COLORS[1], y0);
+        let (b0, b1) = span(COLORS[2], y1);
+        // cpo's interval (-1, +5) lies right of sft's (-8, -1), and is 6 points wide against 7.
+        assert!(a0 > b0 && a1 > b1, "cpo {a0}..{a1}, sft {b0}..{b1}");
+        let (wa, wb) = ((a1 - a0) as f64, (b1 - b0) as f64);
+        assert!((wa / wb - 6.0 / 7.0).abs() < 0.08, "widths {wa} and {wb}");
+        // The row without a difference in the second panel draws nothing there.
+        assert!((first_panel_end..w).all(|x| at(x, y1) != COLORS[2]));
+        assert!(h > 60 + 2 * ROW_H);
+        assert!(matches!(interval_chart("X", &[], &path), Err(Error::Empty)));
     }
 
     /// Decoded RGB pixels and width of a PNG.
