@@ -123,6 +123,10 @@ fn a_small_pipeline_runs_resumes_and_redoes_from_a_stage() {
     assert!(summary["arms"]["base"].get("adapter").is_none());
     assert!(arm["compute"]["train_seconds"].as_f64().unwrap() > 0.0, "{summary}");
     assert!(summary["arms"]["base"]["compute"]["eval_seconds"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(
+        summary["arms"]["base"]["compute"].get("train_seconds").is_none(),
+        "the base arm trains nothing: {summary}"
+    );
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains("difference from sft-qa") && report.contains("Δ unseen_sql [95% CI]"), "{report}");
     // A second run skips every finished stage.

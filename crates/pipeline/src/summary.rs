@@ -56,7 +56,12 @@ pub fn add_compute_to_summary(run: &RunDir, arms: &[String]) -> Result<()> {
             .sum();
         let train_s = sum(&|k: &str| k == format!("train-{arm}")).max(steps_s);
         if let Some(a) = summary["arms"].get_mut(arm) {
-            a["compute"] = serde_json::json!({ "train_seconds": train_s, "eval_seconds": eval_s });
+            // The base arm trains nothing: no train_seconds (an empty sum is -0.0).
+            a["compute"] = if train_s > 0.0 {
+                serde_json::json!({ "train_seconds": train_s, "eval_seconds": eval_s })
+            } else {
+                serde_json::json!({ "eval_seconds": eval_s })
+            };
         }
     }
     summary["compute"] = serde_json::json!({
