@@ -75,6 +75,35 @@ fn a_padded_batch_generates_what_each_row_generates_alone() {
     }
 }
 
+/// Rows that stop at different steps (stop strings, EOS) stop as they would
+/// alone, and the others go on as they would alone (f32 path: bit for bit).
+#[test]
+fn rows_that_finish_early_do_not_change_the_rest_of_the_batch() {
+    use tabletrace_model::{generate, load_model, ChatMessage, FinishReason, GenerateOptions, LoadOptions};
+    let m = load_model(smollm2().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "What is the capital of France?",
+        "Which table lists the singers, and how many columns does it have?",
+        "Name three colours.",
+        "Hi",
+    ]
+    .iter()
+    .map(|q| {
+        let text = m.tokenizer.apply_chat_template(&[ChatMessage::new("user", *q)], true).unwrap();
+        m.tokenizer.encode(&text, true).unwrap()
+    })
+    .collect();
+    let opts = GenerateOptions { max_new_tokens: 24, stop: vec![",".into(), ".".into()], ..GenerateOptions::default() };
+    let batch = generate(&m.model, &m.tokenizer, &prompts, &opts).unwrap();
+    let lengths: std::collections::BTreeSet<usize> = batch.iter().map(|g| g.tokens.len()).collect();
+    assert!(lengths.len() >= 3, "rows should end at different steps for this test to mean anything: {lengths:?}");
+    assert!(batch.iter().any(|g| g.finish != FinishReason::Length), "some row stops early");
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate(&m.model, &m.tokenizer, std::slice::from_ref(p), &opts).unwrap();
+        assert_eq!((&batch[i].tokens, batch[i].finish), (&alone[0].tokens, alone[0].finish), "row {i}");
+    }
+}
+
 #[test]
 fn samples_of_one_prompt_share_its_prefill_and_equal_rows_run_alone() {
     use tabletrace_model::{generate, load_model, ChatMessage, GenerateOptions, LoadOptions, Sampling};
