@@ -9,8 +9,9 @@
 # Then the effect that matters, at the study's scale: the MMQA study's trained adapters
 # (Qwen2.5-Coder-0.5B, docs/study/mmqa-qwen-protocol/arms/) against the base model on the
 # sample's 31 questions of the study's held-out val split (none of them trained on), with
-# the study's whole-table prompts (runs/demo-study/): about 14 more minutes (measured:
-# 4.6-4.7 minutes an arm at batch 16, alone on 2 cores).
+# the study's whole-table prompts (runs/demo-study/): about 10 more minutes (measured on
+# 2026-12-04, alone on 2 cores, the base arm: 191 s at batch 8 against 251 s at batch 16
+# in the same run, with the same answers — a batch decodes until its longest row ends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -37,7 +38,7 @@ for arm in base sft-qa cpo; do
   [ "$arm" = base ] || adapter=(--adapter "$study/arms/$arm/adapter")
   $bin eval --model qwen2.5-coder-0.5b --quantized "${adapter[@]}" --data data/sample/mmqa \
     --ids "$study/sample_val_ids.txt" --prompt-format trace --labels executed --table-tokens 3000 \
-    --max-tokens 256 --batch 16 --out "$out/$arm/eval.json" --quiet >/dev/null
+    --max-tokens 256 --batch 8 --out "$out/$arm/eval.json" --quiet >/dev/null
   echo "$arm: $out/$arm/eval.json"
 done
 $bin report "$out/base" "$out/sft-qa" "$out/cpo" --subset "unseen_sql=$study/eval_sets/unseen_sql.txt" \
