@@ -336,10 +336,9 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<String> {
         }
         md.push('\n');
     }
-    let mut cats = vec!["all".to_string()];
     // Each category says how many questions it holds (the first run's count):
     // a 50% bar over two questions is no finding.
-    cats[0] = format!("all\n(n={})", runs[0].eval.n);
+    let mut cats = vec![format!("all\n(n={})", runs[0].eval.n)];
     cats.extend(tables.iter().map(|t| {
         let n = runs.iter().find_map(|r| r.eval.by_tables.get(t)).map_or(0, |b| b.n);
         format!("{t} tables\n(n={n})")
