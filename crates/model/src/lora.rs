@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::decoder::{Adapter, Model, Proj};
 use crate::error::{Error, Result};
 use crate::generate::Rng;
+use crate::kernels::{self, DropoutMask};
 use crate::ops;
 
 /// The adapter's shape and scale: PEFT's `LoraConfig`, the parts we use.
@@ -321,31 +322,97 @@ impl Lora {
         })
     }
 
-    fn dropout_mask(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// The dropout mask of projection `proj` of layer `layer` while
+    /// training with dropout: its own stream of the step's seed.
+    fn dropout(&self, layer: usize, proj: Proj) -> Option<DropoutMask> {
         let p = self.config.dropout;
         let seed = *self.dropout.lock().expect("the dropout lock is never poisoned");
-        let Some(seed) = seed.filter(|_| p > 0.0) else {
+        let seed = seed.filter(|_| p > 0.0)?;
+        Some(DropoutMask::new(seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93), p))
+    }
+
+    /// The mask of [`Lora::dropout`] as a tensor like `x` (`1 / (1 − p)` or 0 per element).
+    fn dropout_mask(&self, layer: usize, proj: Proj, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(mask) = self.dropout(layer, proj) else {
             return Ok(None);
         };
-        use rayon::prelude::*;
-        let base = seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        let keep = (1.0 / (1.0 - p)) as f32;
-        // 16-bit uniform draws, four per 64-bit random word; fixed-size chunks
-        // with their own streams, so the mask does not depend on the thread count.
-        let threshold = (p * 65536.0).round() as u64;
-        const CHUNK: usize = 1 << 14;
-        let mut v = vec![0f32; x.elem_count()];
-        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-            let mut rng = Rng::new(base.wrapping_add((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-            for quad in out.chunks_mut(4) {
-                let mut word = rng.next_u64();
-                for o in quad {
-                    *o = if word & 0xFFFF < threshold { 0.0 } else { keep };
-                    word >>= 16;
-                }
-            }
-        });
+        let bits = mask.bits(x.elem_count());
+        let v: Vec<f32> =
+            (0..x.elem_count()).map(|i| if (bits[i / 64] >> (i % 64)) & 1 == 1 { mask.keep() } else { 0.0 }).collect();
         Ok(Some(Tensor::from_vec(v, x.dims(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
+    }
+
+    /// [`Adapter::project`] on CPU f32 tensors, the dropout and the adapter's
+    /// term fused ([`kernels::add_low_rank`]): `x ⊙ m` and the mask's bits in
+    /// one pass, `h = (x ⊙ m) Aᵀ`, the value `base + s·h Bᵀ` written once;
+    /// backward `dx = dy W + m ⊙ (dh A)` likewise. `None` for other devices
+    /// and dtypes.
+    fn project_cpu(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &crate::Frozen,
+        pair: &LoraPair,
+        mask: Option<DropoutMask>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (a, b) = (pair.a.as_tensor().detach(), pair.b.as_tensor().detach());
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(cpu_f32(x) && cpu_f32(base) && cpu_f32(&a) && cpu_f32(&b)) {
+            return Ok(None);
+        }
+        let (r, k) = a.dims2()?;
+        let n = b.dim(0)?;
+        let rows = x.elem_count() / k.max(1);
+        if base.elem_count() != rows * n {
+            return Ok(None);
+        }
+        let (xd, base) = (x.detach().contiguous()?, base.contiguous()?);
+        let (xm, bits) = match mask {
+            Some(m) => {
+                let Some((xm, bits)) = kernels::with_cpu_f32(&xd, |v| m.apply(v)) else { return Ok(None) };
+                (Tensor::from_vec(xm, (rows, k), x.device())?, Some((bits, m.keep())))
+            }
+            None => (xd.reshape((rows, k))?, None),
+        };
+        let h = xm.matmul(&a.t()?)?; // (rows, r)
+        let (c, bt) = ((&h * self.scale)?, b.t()?.contiguous()?); // (rows, r), (r, n)
+        let value = kernels::with_cpu_f32(&base, |bv| {
+            kernels::with_cpu_f32(&c, |cv| kernels::with_cpu_f32(&bt, |f| kernels::add_low_rank(bv, cv, f, r, None)))
+        });
+        let Some(Some(Some(value))) = value else { candle_core::bail!("lora-projection: an input left the CPU") };
+        let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
+        let need_dx = x.track_op();
+        if !track && !need_dx {
+            return Ok(Some(Tensor::from_vec(value, base.dims(), base.device())?));
+        }
+        let (scale, weight, x_dims) = (self.scale, weight.clone(), x.dims().to_vec());
+        let backward: ops::Backward3 = Box::new(move |dy: &Tensor| {
+            let dy = dy.reshape((rows, n))?.contiguous()?;
+            let dh = (dy.matmul(&b)? * scale)?; // (rows, r)
+            let dx = if need_dx {
+                let g = weight.input_gradient(&dy)?.contiguous()?;
+                let mask = bits.as_ref().map(|(bits, keep)| (bits.as_slice(), *keep));
+                let dx = kernels::with_cpu_f32(&g, |gv| {
+                    kernels::with_cpu_f32(&dh, |d| {
+                        kernels::with_cpu_f32(&a, |av| kernels::add_low_rank(gv, d, av, r, mask))
+                    })
+                });
+                let Some(Some(Some(dx))) = dx else { candle_core::bail!("lora-projection: a gradient left the CPU") };
+                Some(Tensor::from_vec(dx, x_dims.as_slice(), dy.device())?)
+            } else {
+                None
+            };
+            if !track {
+                return Ok([dx, None, None]);
+            }
+            let db = (dy.t()?.matmul(&h)? * scale)?; // (out, r)
+            let da = dh.t()?.matmul(&xm)?; // (r, in)
+            Ok([dx, Some(da), Some(db)])
+        });
+        // A frozen adapter (not tracking) takes `x`'s gradient only.
+        let zero = Tensor::zeros((), DType::F32, x.device())?;
+        let (a_in, b_in) = if track { (pair.a.as_tensor(), pair.b.as_tensor()) } else { (&zero, &zero) };
+        Ok(Some(ops::attach3_cpu([x, a_in, b_in], value, base.shape().clone(), "lora-projection", backward)?))
     }
 }
 
@@ -384,6 +451,9 @@ impl Adapter for Lora {
         let Some(pair) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
+        if let Some(y) = self.project_cpu(x, base, weight, pair, self.dropout(layer, proj))? {
+            return Ok(Some(y));
+        }
         let mask = self.dropout_mask(layer, proj, x)?;
         let (a, b) = (pair.a.as_tensor().detach(), pair.b.as_tensor().detach());
         let (xm, h, delta) = self.low_rank(&x.detach(), mask.as_ref(), &a, &b)?;

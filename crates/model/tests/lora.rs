@@ -59,3 +59,54 @@ fn every_adapter_tensor_gets_a_gradient() {
     }
     assert_eq!(lora.named_vars().len(), 2 * 7 * model.config().num_layers);
 }
+
+#[test]
+fn adapter_gradients_with_dropout_match_finite_differences() {
+    // The fused CPU projection draws each projection's dropout mask from the
+    // step's seed and applies the same mask in the backward (to A's gradient
+    // and to the input's): with the seed fixed the loss is a plain function
+    // of the adapter, whose gradients finite differences check.
+    let model = tiny();
+    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.3, target_modules: Proj::ALL.to_vec(), use_rslora: false };
+    let lora = Lora::init(&model, &cfg, |layer, proj, side, rows, cols| {
+        (0..rows * cols)
+            .map(|i| 0.05 * ((i + 3 * layer + 7 * proj as usize + side as usize) as f32 * 0.7).sin())
+            .collect()
+    })
+    .unwrap();
+    let (ids, pos) = inputs();
+    let loss = || model.hidden_states(&ids, &pos, None, Some(&lora)).unwrap().sqr().unwrap().sum_all().unwrap();
+    let without = loss().to_scalar::<f32>().unwrap();
+    lora.set_dropout_seed(Some(9));
+    let with = loss().to_scalar::<f32>().unwrap();
+    assert!((with - without).abs() > 1e-3 * without.abs(), "dropout changed nothing: {with} vs {without}");
+    assert_eq!(loss().to_scalar::<f32>().unwrap(), with, "one seed, one mask");
+    let grads = loss().backward().unwrap();
+    let mut checked = 0;
+    for (name, v) in lora.named_vars() {
+        // The first layer's gradients pass through every later layer's masked input gradient.
+        if !(name.contains("layers.0.") && (name.contains("q_proj") || name.contains("down_proj"))) {
+            continue;
+        }
+        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0usize, 5, base.len() - 1] {
+            let eps = 1e-2f32;
+            let at = |delta: f32| {
+                let mut x = base.clone();
+                x[i] += delta;
+                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+                loss().to_scalar::<f32>().unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            v.set(&Tensor::from_vec(base.clone(), v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+            assert!(
+                (fd - g[i]).abs() <= 2e-2 * fd.abs().max(1.0),
+                "{name}[{i}]: finite difference {fd}, autograd {}",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+}

@@ -190,7 +190,7 @@ pub(super) unsafe fn lane_reduce(v: [__m512; 16], op: impl Fn(__m512, __m512) ->
 
 /// Lanes `0..n` of 16 set.
 #[inline]
-fn lanes(n: usize) -> __mmask16 {
+pub(super) fn lanes(n: usize) -> __mmask16 {
     if n >= 16 {
         0xffff
     } else {

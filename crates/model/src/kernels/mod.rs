@@ -31,6 +31,7 @@
 //! | `rows.rs` | softmax, RMSNorm, SiLU-gate and rotary rows, forward and backward |
 //! | `avx.rs`, `avx512.rs` | the AVX2 and AVX-512F row and attention helpers |
 //! | `amx.rs` | bf16 products on AMX tiles (training's frozen base products) |
+//! | `lora.rs` | LoRA's dropout mask as bits and its rank-r term added onto a frozen product's rows (training) |
 //! | `tensors.rs`, `parallel.rs` | in-place views of candle CPU tensors; the split of work over the rayon pool |
 
 /// Fills `out[from..m]`, one weight row's results for activation rows
@@ -70,6 +71,7 @@ mod interleaved;
 mod kquants;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
+mod lora;
 mod parallel;
 mod q8;
 mod quant;
@@ -84,6 +86,7 @@ pub use amx::{available as amx_available, matmul as bf16_matmul, Bf16Tiles};
 pub(crate) use attention::*;
 pub use dense::*;
 pub use kquants::q5_0_to_q8_0;
+pub use lora::{add_low_rank, DropoutMask};
 use parallel::*;
 use q8::*;
 pub use quant::*;

@@ -68,6 +68,25 @@ impl CustomOp2 for PassThrough {
 /// pass-throughs would need two additions and a zero tensor, forward and
 /// backward.
 pub fn attach3(inputs: [&Tensor; 3], value: Tensor, name: &'static str, backward: Backward3) -> Result<Tensor> {
+    attach3_value(inputs, Precomputed::Tensor(value), name, backward)
+}
+
+/// [`attach3`] for a value computed into a CPU buffer, which becomes the
+/// result's storage as it is (a tensor's storage is copied).
+pub fn attach3_cpu(
+    inputs: [&Tensor; 3],
+    value: Vec<f32>,
+    shape: Shape,
+    name: &'static str,
+    backward: Backward3,
+) -> Result<Tensor> {
+    if value.len() != shape.elem_count() {
+        candle_core::bail!("{name}: {} values for shape {shape:?}", value.len());
+    }
+    attach3_value(inputs, Precomputed::Cpu(CpuStorage::F32(value), shape), name, backward)
+}
+
+fn attach3_value(inputs: [&Tensor; 3], value: Precomputed, name: &'static str, backward: Backward3) -> Result<Tensor> {
     let [a, b, c] = inputs;
     a.apply_op3_arc(
         b,
@@ -76,19 +95,28 @@ pub fn attach3(inputs: [&Tensor; 3], value: Tensor, name: &'static str, backward
     )
 }
 
+/// A value computed outside the graph: a tensor, or a CPU buffer handed over whole.
+pub(super) enum Precomputed {
+    Tensor(Tensor),
+    Cpu(CpuStorage, Shape),
+}
+
 /// The op of [`attach3`].
 pub(super) struct Precomputed3 {
     pub(super) name: &'static str,
     /// Taken by the forward, which runs once.
-    pub(super) value: std::sync::Mutex<Option<Tensor>>,
+    pub(super) value: std::sync::Mutex<Option<Precomputed>>,
     pub(super) backward: Backward3,
 }
 
 impl Precomputed3 {
-    pub(super) fn take(&self) -> Result<Tensor> {
+    pub(super) fn take(&self) -> Result<Precomputed> {
         let value = self.value.lock().expect("the precomputed-value lock is never poisoned").take();
         let Some(value) = value else { candle_core::bail!("{}: the forward ran twice", self.name) };
-        value.contiguous()
+        Ok(match value {
+            Precomputed::Tensor(t) => Precomputed::Tensor(t.contiguous()?),
+            cpu => cpu,
+        })
     }
 }
 
@@ -106,7 +134,10 @@ impl CustomOp3 for Precomputed3 {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
+        let value = match self.take()? {
+            Precomputed::Cpu(storage, shape) => return Ok((storage, shape)),
+            Precomputed::Tensor(t) => t,
+        };
         let exact = |v: &Tensor| -> Option<(CpuStorage, Shape)> {
             let (storage, layout) = v.storage_and_layout();
             let candle_core::Storage::Cpu(c) = &*storage else { return None };
@@ -136,7 +167,9 @@ impl CustomOp3 for Precomputed3 {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let value = self.take()?;
+        let Precomputed::Tensor(value) = self.take()? else {
+            candle_core::bail!("{}: the value is on the CPU", self.name)
+        };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cuda(c) => Ok((c.try_clone(layout)?, value.shape().clone())),
