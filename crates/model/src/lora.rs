@@ -374,7 +374,7 @@ impl Lora {
             }
             None => (xd.reshape((rows, k))?, None),
         };
-        let h = xm.matmul(&a.t()?)?; // (rows, r)
+        let h = ops::matmul(&xm, &a.t()?)?; // (rows, r)
         let (c, bt) = ((&h * self.scale)?, b.t()?.contiguous()?); // (rows, r), (r, n)
         let value = kernels::with_cpu_f32(&base, |bv| {
             kernels::with_cpu_f32(&c, |cv| kernels::with_cpu_f32(&bt, |f| kernels::add_low_rank(bv, cv, f, r, None)))
@@ -388,7 +388,7 @@ impl Lora {
         let (scale, weight, x_dims) = (self.scale, weight.clone(), x.dims().to_vec());
         let backward: ops::Backward3 = Box::new(move |dy: &Tensor| {
             let dy = dy.reshape((rows, n))?.contiguous()?;
-            let dh = (dy.matmul(&b)? * scale)?; // (rows, r)
+            let dh = (ops::matmul(&dy, &b)? * scale)?; // (rows, r)
             let dx = if need_dx {
                 let g = weight.input_gradient(&dy)?.contiguous()?;
                 let mask = bits.as_ref().map(|(bits, keep)| (bits.as_slice(), *keep));
@@ -405,8 +405,8 @@ impl Lora {
             if !track {
                 return Ok([dx, None, None]);
             }
-            let db = (dy.t()?.matmul(&h)? * scale)?; // (out, r)
-            let da = dh.t()?.matmul(&xm)?; // (r, in)
+            let db = (ops::matmul(&dy.t()?, &h)? * scale)?; // (out, r)
+            let da = ops::matmul(&dh.t()?, &xm)?; // (r, in)
             Ok([dx, Some(da), Some(db)])
         });
         // A frozen adapter (not tracking) takes `x`'s gradient only.

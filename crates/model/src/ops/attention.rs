@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{attach3, to_dtype, Backward3};
+use super::{attach3, matmul, to_dtype, Backward3};
 
 /// Grouped-query attention `softmax(q k^T · scale + mask) v`.
 ///
@@ -70,16 +70,16 @@ pub(super) fn dense_attention(
     scale: f64,
     tracked: bool,
 ) -> Result<(Tensor, Option<Backward3>)> {
-    let probs = masked_softmax(&qd.matmul(&kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
-    let out = probs.matmul(vd)?; // (B, KV, G·T, D)
+    let probs = masked_softmax(&matmul(qd, &kd.t()?)?, mask, scale)?; // (B, KV, G·T, S)
+    let out = matmul(&probs, vd)?; // (B, KV, G·T, D)
     if !tracked {
         return Ok((out, None));
     }
     let (qd, kd, vd) = (qd.clone(), kd.clone(), vd.clone());
     let backward: Backward3 = Box::new(move |d_out: &Tensor| {
-        let dv = probs.t()?.matmul(d_out)?; // (B, KV, S, D)
-        let ds = (softmax_backward(&probs, &d_out.matmul(&vd.t()?)?)? * scale)?; // (B, KV, G·T, S)
-        Ok([Some(ds.matmul(&kd)?), Some(ds.t()?.matmul(&qd)?), Some(dv)])
+        let dv = matmul(&probs.t()?, d_out)?; // (B, KV, S, D)
+        let ds = (softmax_backward(&probs, &matmul(d_out, &vd.t()?)?)? * scale)?; // (B, KV, G·T, S)
+        Ok([Some(matmul(&ds, &kd)?), Some(matmul(&ds.t()?, &qd)?), Some(dv)])
     });
     Ok((out, Some(backward)))
 }
@@ -171,8 +171,8 @@ impl SpanPlan {
                     .unsqueeze(2)?
                     .broadcast_as((1, n, g, hi))?
                     .reshape((1, n * g, hi))?; // row r: position t0 + r / G
-                let p = masked_softmax(&qb.matmul(&kb.t()?)?, Some(&mb), scale)?; // (1, KV, n·G, hi)
-                parts.push(p.matmul(&vb)?);
+                let p = masked_softmax(&matmul(&qb, &kb.t()?)?, Some(&mb), scale)?; // (1, KV, n·G, hi)
+                parts.push(matmul(&p, &vb)?);
                 if tracked {
                     row_probs.push(p);
                 }
@@ -199,10 +199,10 @@ impl SpanPlan {
                     let kb = kd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let vb = vd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let db = dr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?.contiguous()?;
-                    dv = (dv + p.t()?.matmul(&db)?.pad_with_zeros(2, 0, s - hi)?)?;
-                    let ds = (softmax_backward(p, &db.matmul(&vb.t()?)?)? * scale)?; // (1, KV, n·G, hi)
-                    dq_parts.push(ds.matmul(&kb)?);
-                    dk = (dk + ds.t()?.matmul(&qb.contiguous()?)?.pad_with_zeros(2, 0, s - hi)?)?;
+                    dv = (dv + matmul(&p.t()?, &db)?.pad_with_zeros(2, 0, s - hi)?)?;
+                    let ds = (softmax_backward(p, &matmul(&db, &vb.t()?)?)? * scale)?; // (1, KV, n·G, hi)
+                    dq_parts.push(matmul(&ds, &kb)?);
+                    dk = (dk + matmul(&ds.t()?, &qb)?.pad_with_zeros(2, 0, s - hi)?)?;
                 }
                 dqs.push(Tensor::cat(&dq_parts, 2)?);
                 dks.push(dk);

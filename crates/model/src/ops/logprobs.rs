@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::{attach, Backward};
+use super::{attach, matmul, Backward};
 
 /// Log-probabilities of `targets[i]` under `softmax(hidden[i] @ weight^T + bias)`,
 /// for `hidden` `(N, H)`, `weight` `(V, H)`: the language-model loss's core
@@ -27,7 +27,7 @@ pub fn token_logprobs(
     let device = hidden.device().clone();
     let targets_t = Tensor::from_slice(targets, n, &device)?;
     let logits_of = |h: &Tensor| -> Result<Tensor> {
-        let l = h.matmul(&weight.t()?)?;
+        let l = matmul(h, &weight.t()?)?;
         match bias {
             Some(b) => l.broadcast_add(b),
             None => Ok(l),
@@ -60,14 +60,14 @@ pub fn token_logprobs(
         for at in (0..n).step_by(chunk) {
             let c = chunk.min(n - at);
             let h = detached.narrow(0, at, c)?;
-            let mut logits = h.matmul(&weight.t()?)?;
+            let mut logits = matmul(&h, &weight.t()?)?;
             if let Some(b) = &bias {
                 logits = logits.broadcast_add(b)?;
             }
             let p = logits.broadcast_sub(&lse.narrow(0, at, c)?.unsqueeze(1)?)?.exp()?; // (c, V)
             let picked = weight.index_select(&targets_t.narrow(0, at, c)?, 0)?; // (c, H)
             let g = grad.narrow(0, at, c)?.unsqueeze(1)?;
-            parts.push((picked - p.matmul(&weight)?)?.broadcast_mul(&g)?);
+            parts.push((picked - matmul(&p, &weight)?)?.broadcast_mul(&g)?);
         }
         Tensor::cat(&parts, 0)
     });

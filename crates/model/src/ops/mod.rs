@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `norm.rs`, `rope.rs`, `silu.rs` | RMSNorm and softmax, rotary embeddings, the MLP gate |
 //! | `linear.rs` | products with a frozen base weight |
+//! | `matmul.rs` | products of tensors without a graph, written once (no zero-filled output) |
 //! | `attention.rs` | grouped-query attention (dense, by key span, decoding) |
 //! | `logprobs.rs` | per-token log-probabilities through the output layer, logit sums |
 //! | `backward.rs` | attaching a hand-written backward to candle's graph |
@@ -18,6 +19,7 @@ mod backward;
 mod dtype;
 mod linear;
 mod logprobs;
+mod matmul;
 mod norm;
 mod rope;
 mod silu;
@@ -29,6 +31,7 @@ pub use backward::*;
 pub use dtype::*;
 pub use linear::*;
 pub use logprobs::*;
+pub use matmul::*;
 pub use norm::*;
 pub use rope::*;
 pub use silu::*;
