@@ -366,7 +366,7 @@ impl Lora {
         if base.elem_count() != rows * n {
             return Ok(None);
         }
-        let (xd, base) = (x.detach().contiguous()?, base.contiguous()?);
+        let xd = x.detach().contiguous()?;
         let (xm, bits) = match mask {
             Some(m) => {
                 let Some((xm, bits)) = kernels::with_cpu_f32(&xd, |v| m.apply(v)) else { return Ok(None) };
@@ -376,8 +376,17 @@ impl Lora {
         };
         let h = ops::matmul(&xm, &a.t()?)?; // (rows, r)
         let (c, bt) = ((&h * self.scale)?, b.t()?.contiguous()?); // (rows, r), (r, n)
-        let value = kernels::with_cpu_f32(&base, |bv| {
-            kernels::with_cpu_f32(&c, |cv| kernels::with_cpu_f32(&bt, |f| kernels::add_low_rank(bv, cv, f, r, None)))
+                                                                  // `base` may be a part of a fused product: its rows are read where they lie.
+        let copied;
+        let base = match kernels::with_cpu_strided_rows(base, |_| ()) {
+            Some(()) => base,
+            None => {
+                copied = base.contiguous()?;
+                &copied
+            }
+        };
+        let value = kernels::with_cpu_strided_rows(base, |bv| {
+            kernels::with_cpu_f32(&c, |cv| kernels::with_cpu_f32(&bt, |f| kernels::add_low_rank(&bv, cv, f, r, None)))
         });
         let Some(Some(Some(value))) = value else { candle_core::bail!("lora-projection: an input left the CPU") };
         let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
@@ -393,8 +402,9 @@ impl Lora {
                 let g = weight.input_gradient(&dy)?.contiguous()?;
                 let mask = bits.as_ref().map(|(bits, keep)| (bits.as_slice(), *keep));
                 let dx = kernels::with_cpu_f32(&g, |gv| {
+                    let gv = kernels::StridedRows::contiguous(gv, k);
                     kernels::with_cpu_f32(&dh, |d| {
-                        kernels::with_cpu_f32(&a, |av| kernels::add_low_rank(gv, d, av, r, mask))
+                        kernels::with_cpu_f32(&a, |av| kernels::add_low_rank(&gv, d, av, r, mask))
                     })
                 });
                 let Some(Some(Some(dx))) = dx else { candle_core::bail!("lora-projection: a gradient left the CPU") };

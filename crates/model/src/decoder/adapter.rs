@@ -219,12 +219,13 @@ impl LayerAdapter<'_> {
         a.with_base(proj, x, base, &w)
     }
 
-    /// The adapter's fused op over a frozen product's `base` value, or `base`
-    /// attached to `x` with the product's backward where it does not fuse.
+    /// The adapter's fused op over a frozen product's `base` value (possibly a
+    /// part of a fused product, read in place), or `base` attached to `x`
+    /// with the product's backward where it does not fuse.
     pub(super) fn with_base(self, proj: Proj, x: &Tensor, base: Tensor, weight: &Frozen) -> Result<Tensor> {
         match self.adapter.project(self.layer, proj, x, &base, weight)? {
             Some(y) => Ok(y),
-            None => weight.attach(x, &base),
+            None => weight.attach(x, &base.contiguous()?),
         }
     }
 

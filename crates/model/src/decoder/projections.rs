@@ -75,7 +75,7 @@ impl Projections {
                 .split(frozen.clone())?
                 .into_iter()
                 .zip(weights.iter().zip(kinds))
-                .map(|(y, (w, &k))| a.with_base(k, x, y.contiguous()?, w))
+                .map(|(y, (w, &k))| a.with_base(k, x, y, w))
                 .collect::<Result<_>>()?;
             return Ok((ys, Some(frozen)));
         }

@@ -9,6 +9,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::StridedRows;
+
 /// SplitMix64's increment.
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -200,45 +202,54 @@ fn bits16(words: &[u64], i: usize) -> u16 {
 const ROWS_PER_TASK: usize = 32;
 
 /// `base + m ⊙ (c F)` row by row, as a new `(rows, n)` buffer: `base`
-/// `(rows, n)`, `c` `(rows, r)`, `f` `(r, n)`, `mask` the bits and scale of
-/// `m` over the `(rows, n)` elements (`m` = 1 without).
-pub fn add_low_rank(base: &[f32], c: &[f32], f: &[f32], r: usize, mask: Option<(&[u64], f32)>) -> Vec<f32> {
-    let n = if r == 0 { 0 } else { f.len() / r };
-    assert!(r > 0 && f.len() == r * n && base.len().is_multiple_of(n.max(1)) && c.len() == base.len() / n.max(1) * r);
-    let mut out = Vec::with_capacity(base.len());
+/// `(rows, n)` (rows where they lie: a part of a fused product is read in
+/// place), `c` `(rows, r)`, `f` `(r, n)`, `mask` the bits and scale of `m`
+/// over the `(rows, n)` elements (`m` = 1 without).
+pub(crate) fn add_low_rank(
+    base: &StridedRows<'_>,
+    c: &[f32],
+    f: &[f32],
+    r: usize,
+    mask: Option<(&[u64], f32)>,
+) -> Vec<f32> {
+    let (rows, n) = (base.rows, base.n);
+    assert!(r > 0 && f.len() == r * n && c.len() == rows * r);
+    let mut out = Vec::with_capacity(rows * n);
+    if n == 0 {
+        return out;
+    }
     #[cfg(target_arch = "x86_64")]
     let simd = r <= 16 && super::has_avx512f();
-    out.spare_capacity_mut()[..base.len()].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, o)| {
+    out.spare_capacity_mut()[..rows * n].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, o)| {
         let row0 = task * ROWS_PER_TASK;
-        let rows = o.len() / n;
-        let (base, c) = (&base[row0 * n..(row0 + rows) * n], &c[row0 * r..(row0 + rows) * r]);
+        let c = &c[row0 * r..(row0 + o.len() / n) * r];
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: AVX-512F checked above; the slices hold `rows` rows, `r` ≤ 16.
-            unsafe { add_low_rank_avx512(base, c, f, r, n, row0, mask, o) };
+            // SAFETY: AVX-512F checked above; `c` and `o` hold the task's rows, `r` ≤ 16.
+            unsafe { add_low_rank_avx512(base, c, f, r, row0, mask, o) };
             return;
         }
-        add_low_rank_rows(base, c, f, r, n, row0, mask, o);
+        add_low_rank_rows(base, c, f, r, row0, mask, o);
     });
     // SAFETY: the tasks above wrote every element.
-    unsafe { out.set_len(base.len()) };
+    unsafe { out.set_len(rows * n) };
     out
 }
 
 /// The portable [`add_low_rank`] of `rows` rows starting at row `row0`.
-#[allow(clippy::too_many_arguments)]
 fn add_low_rank_rows(
-    base: &[f32],
+    base: &StridedRows<'_>,
     c: &[f32],
     f: &[f32],
     r: usize,
-    n: usize,
     row0: usize,
     mask: Option<(&[u64], f32)>,
     o: &mut [MaybeUninit<f32>],
 ) {
+    let n = base.n;
     let mut term = vec![0f32; n];
-    for (t, (o, b)) in o.chunks_mut(n).zip(base.chunks(n)).enumerate() {
+    for (t, o) in o.chunks_mut(n).enumerate() {
+        let b = base.row(row0 + t);
         term.fill(0.0);
         for (j, fj) in f.chunks(n).enumerate() {
             let cj = c[t * r + j];
@@ -265,20 +276,19 @@ fn add_low_rank_rows(
 /// columns held in registers while every row of the task meets them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn add_low_rank_avx512(
-    base: &[f32],
+    base: &StridedRows<'_>,
     c: &[f32],
     f: &[f32],
     r: usize,
-    n: usize,
     row0: usize,
     mask: Option<(&[u64], f32)>,
     o: &mut [MaybeUninit<f32>],
 ) {
     use std::arch::x86_64::*;
+    let n = base.n;
     let rows = o.len() / n;
-    assert!(r <= 16 && base.len() == rows * n && c.len() == rows * r && f.len() == r * n);
+    assert!(r <= 16 && row0 + rows <= base.rows && c.len() == rows * r && f.len() == r * n);
     // The coefficients padded to sixteen per row, zeros past `r`.
     let mut cp = vec![0f32; rows * 16];
     for (t, row) in c.chunks(r).enumerate() {
@@ -305,7 +315,7 @@ unsafe fn add_low_rank_avx512(
                 let m = bits16(words, (row0 + t) * n + col) & lanes;
                 acc = _mm512_maskz_mul_ps(m, acc, keep);
             }
-            let b = _mm512_maskz_loadu_ps(lanes, base.as_ptr().add(t * n + col));
+            let b = _mm512_maskz_loadu_ps(lanes, base.row(row0 + t).as_ptr().add(col));
             _mm512_mask_storeu_ps(out.add(t * n + col), lanes, _mm512_add_ps(b, acc));
         }
     }
@@ -395,8 +405,13 @@ mod tests {
             let mask = DropoutMask::new(11, 0.3);
             let bits = mask.bits(rows * n);
             for m in [None, Some(&mask)] {
-                let got = add_low_rank(&base, &c, &f, r, m.map(|m| (&bits[..], m.keep())));
+                let got = add_low_rank(&StridedRows::contiguous(&base, n), &c, &f, r, m.map(|m| (&bits[..], m.keep())));
                 let want = reference(&base, &c, &f, r, m);
+                // The same rows read in place as the middle part of wider rows.
+                let wide: Vec<f32> =
+                    base.chunks(n).flat_map(|row| [&[7.0; 3][..], row, &[9.0; 5][..]].concat()).collect();
+                let view = StridedRows { data: &wide, start: 3, stride: n + 8, rows, n };
+                assert_eq!(add_low_rank(&view, &c, &f, r, m.map(|m| (&bits[..], m.keep()))), got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()),

@@ -112,7 +112,12 @@ pub(crate) struct StridedRows<'a> {
     pub n: usize,
 }
 
-impl StridedRows<'_> {
+impl<'a> StridedRows<'a> {
+    /// The rows of `n` values each that `data` holds one after another.
+    pub(crate) fn contiguous(data: &'a [f32], n: usize) -> StridedRows<'a> {
+        StridedRows { data, start: 0, stride: n, rows: data.len() / n.max(1), n }
+    }
+
     pub(super) fn row(&self, r: usize) -> &[f32] {
         &self.data[self.start + r * self.stride..][..self.n]
     }
