@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{attach3, matmul, to_dtype, Backward3};
+use super::{attach3, matmul, matmul_add, to_dtype, Backward3};
 
 /// Grouped-query attention `softmax(q k^T · scale + mask) v`.
 ///
@@ -191,22 +191,22 @@ impl SpanPlan {
             for (bi, row_blocks) in blocks.iter().enumerate() {
                 let mut dq_parts = Vec::with_capacity(row_blocks.len());
                 // dK and dV over all S keys: each block adds to its span `0..hi`.
-                let mut dk = Tensor::zeros((1, kv, s, d), qr.dtype(), qr.device())?;
-                let mut dv = dk.clone();
+                let (mut dk, mut dv) = (vec![0f32; kv * s * d], vec![0f32; kv * s * d]);
                 for (&(t0, t1, hi), p) in row_blocks.iter().zip(&probs[bi]) {
                     let n = t1 - t0;
                     let qb = qr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?;
                     let kb = kd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let vb = vd.narrow(0, bi, 1)?.narrow(2, 0, hi)?;
                     let db = dr.narrow(0, bi, 1)?.narrow(2, t0 * g, n * g)?.contiguous()?;
-                    dv = (dv + matmul(&p.t()?, &db)?.pad_with_zeros(2, 0, s - hi)?)?;
+                    matmul_add(&mut dv, s * d, d, &p.t()?, &db)?;
                     let ds = (softmax_backward(p, &matmul(&db, &vb.t()?)?)? * scale)?; // (1, KV, n·G, hi)
                     dq_parts.push(matmul(&ds, &kb)?);
-                    dk = (dk + matmul(&ds.t()?, &qb)?.pad_with_zeros(2, 0, s - hi)?)?;
+                    matmul_add(&mut dk, s * d, d, &ds.t()?, &qb)?;
                 }
                 dqs.push(Tensor::cat(&dq_parts, 2)?);
-                dks.push(dk);
-                dvs.push(dv);
+                let block = |v: Vec<f32>| Tensor::from_vec(v, (1, kv, s, d), qr.device())?.to_dtype(qr.dtype());
+                dks.push(block(dk)?);
+                dvs.push(block(dv)?);
             }
             Ok([Some(by_head(&Tensor::cat(&dqs, 0)?)?), Some(Tensor::cat(&dks, 0)?), Some(Tensor::cat(&dvs, 0)?)])
         });

@@ -13,10 +13,48 @@ use candle_core::{Result, Tensor};
 /// record a graph, other devices and dtypes take candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(out) = gemm_f32(a, b)? {
-        return Ok(out);
+    if let Some((batches, m, n)) = product_shape(a, b) {
+        let mut dims = a.dims()[..a.rank() - 2].to_vec();
+        dims.extend([m, n]);
+        let mut out: Vec<f32> = Vec::with_capacity(batches * m * n);
+        let dst =
+            Dst { ptr: out.spare_capacity_mut().as_mut_ptr() as *mut f32, batch: m * n, row: n, len: batches * m * n };
+        if gemm_into(a, b, &dst, false)?.is_some() {
+            // SAFETY: `gemm_into` wrote all `batches·m·n` elements (`read_dst` false).
+            unsafe { out.set_len(batches * m * n) };
+            return Tensor::from_vec(out, dims, a.device());
+        }
     }
     a.matmul(b)
+}
+
+/// `dst[i] += a[i] @ b[i]` for each batch entry `i` of `a` `(.., m, k)` and
+/// `b` `(.., k, n)`, where entry `i`'s `(m, n)` block of `dst` starts at
+/// `i · batch_stride` with rows `row_stride` apart: gradients summed over
+/// blocks of keys without a tensor per block. Any device or dtype of `a`
+/// and `b` (converted to f32 first where they are not CPU f32).
+pub fn matmul_add(dst: &mut [f32], batch_stride: usize, row_stride: usize, a: &Tensor, b: &Tensor) -> Result<()> {
+    let rank = a.rank();
+    let (m, n) = (a.dim(rank - 2)?, b.dim(rank - 1)?);
+    let batches: usize = a.dims()[..rank - 2].iter().product();
+    if batches > 0 && m > 0 && n > 0 && (batches - 1) * batch_stride + (m - 1) * row_stride + n > dst.len() {
+        candle_core::bail!("matmul_add: {batches} blocks of ({m}, {n}) do not fit {} values", dst.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if product_shape(a, b).is_some() {
+        let dst = Dst { ptr: dst.as_mut_ptr(), batch: batch_stride, row: row_stride, len: dst.len() };
+        if gemm_into(a, b, &dst, true)?.is_some() {
+            return Ok(());
+        }
+    }
+    let p = a.matmul(b)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    for (i, block) in p.chunks(m * n).enumerate() {
+        for (r, row) in block.chunks(n).enumerate() {
+            let at = i * batch_stride + r * row_stride;
+            dst[at..at + n].iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+        }
+    }
+    Ok(())
 }
 
 /// Multiply-adds per product below which a batch's products are split over
@@ -24,26 +62,61 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(target_arch = "x86_64")]
 const SMALL_PRODUCT: usize = 1 << 24;
 
+/// `(batches, m, n)` where `gemm_into` can take `a @ b`: CPU f32 tensors
+/// without a graph, of one rank, with the same leading dimensions.
 #[cfg(target_arch = "x86_64")]
-fn gemm_f32(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    use candle_core::{DType, Storage};
-    use rayon::prelude::*;
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+fn product_shape(a: &Tensor, b: &Tensor) -> Option<(usize, usize, usize)> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op();
     let rank = a.rank();
     if !(f32_cpu(a) && f32_cpu(b)) || rank < 2 || b.rank() != rank || a.dims()[..rank - 2] != b.dims()[..rank - 2] {
-        return Ok(None);
+        return None;
     }
     let (m, k, n) = (a.dims()[rank - 2], a.dims()[rank - 1], b.dims()[rank - 1]);
-    if b.dims()[rank - 2] != k {
+    (b.dims()[rank - 2] == k).then(|| (a.dims()[..rank - 2].iter().product(), m, n))
+}
+
+/// Where a product's blocks go: batch entry `i`'s `(m, n)` block starts at
+/// `ptr + i·batch`, its rows `row` apart, inside `len` values.
+#[cfg(target_arch = "x86_64")]
+struct Dst {
+    ptr: *mut f32,
+    batch: usize,
+    row: usize,
+    len: usize,
+}
+// SAFETY: the tasks of `gemm_into` write disjoint blocks (batch entries).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Dst {}
+
+/// `dst ← a @ b` (`accumulate`: `dst ← dst + a @ b`) block by block through
+/// `gemm`; `None` (nothing written) where `product_shape` refuses the
+/// tensors or their strides reach outside their storage.
+#[cfg(target_arch = "x86_64")]
+fn gemm_into(a: &Tensor, b: &Tensor, dst: &Dst, accumulate: bool) -> Result<Option<()>> {
+    use candle_core::Storage;
+    use rayon::prelude::*;
+    let Some((batches, m, n)) = product_shape(a, b) else { return Ok(None) };
+    let rank = a.rank();
+    let k = a.dims()[rank - 1];
+    if batches == 0 || m == 0 || n == 0 {
+        return Ok(Some(()));
+    }
+    if (batches - 1) * dst.batch + (m - 1) * dst.row + n > dst.len || (batches > 1 && dst.batch < (m - 1) * dst.row + n)
+    {
         return Ok(None);
     }
-    let lead = &a.dims()[..rank - 2];
-    let batches: usize = lead.iter().product();
-    let mut dims = lead.to_vec();
-    dims.extend([m, n]);
-    if k == 0 || m == 0 || n == 0 {
-        return Ok(Some(Tensor::zeros(dims, DType::F32, a.device())?));
+    if k == 0 {
+        if !accumulate {
+            for i in 0..batches {
+                for r in 0..m {
+                    // SAFETY: inside `dst.len` (checked above).
+                    unsafe { std::ptr::write_bytes(dst.ptr.add(i * dst.batch + r * dst.row), 0, n) };
+                }
+            }
+        }
+        return Ok(Some(()));
     }
+    let lead = &a.dims()[..rank - 2];
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else { return Ok(None) };
@@ -71,29 +144,26 @@ fn gemm_f32(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     };
     let (ars, acs) = (la.stride()[rank - 2] as isize, la.stride()[rank - 1] as isize);
     let (brs, bcs) = (lb.stride()[rank - 2] as isize, lb.stride()[rank - 1] as isize);
-    let mut out: Vec<f32> = Vec::with_capacity(batches * m * n);
-    let dst = SendPtr(out.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let one = |i: usize, parallelism: gemm::Parallelism| {
-        let dst = &dst;
         // SAFETY: `starts` checked that every element the strides reach lies
-        // inside `av`/`bv`; batch entry `i` writes its own `m·n` of the
-        // `batches·m·n` reserved outputs (all of them: `read_dst` false, `k` > 0).
+        // inside `av`/`bv`; batch entry `i` writes its own `(m, n)` block of
+        // `dst`, inside `dst.len` and apart from the others' (checked above).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.0.add(i * m * n),
+                dst.ptr.add(i * dst.batch),
                 1,
-                n as isize,
-                false,
+                dst.row as isize,
+                accumulate,
                 av.as_ptr().add(a_at[i]),
                 acs,
                 ars,
                 bv.as_ptr().add(b_at[i]),
                 bcs,
                 brs,
-                0.0,
+                if accumulate { 1.0 } else { 0.0 },
                 1.0,
                 false,
                 false,
@@ -109,19 +179,8 @@ fn gemm_f32(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         (0..batches).for_each(|i| one(i, parallelism));
     }
-    // SAFETY: the products above wrote all `batches·m·n` elements.
-    unsafe { out.set_len(batches * m * n) };
-    Ok(Some(Tensor::from_vec(out, dims, a.device())?))
+    Ok(Some(()))
 }
-
-/// The output pointer, shared by the tasks that write disjoint parts of it.
-#[cfg(target_arch = "x86_64")]
-struct SendPtr(*mut f32);
-// SAFETY: each task writes only its own batch entry's elements.
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for SendPtr {}
-#[cfg(target_arch = "x86_64")]
-unsafe impl Send for SendPtr {}
 
 #[cfg(test)]
 mod tests {
@@ -158,6 +217,27 @@ mod tests {
             let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "case {i}: max difference {diff}");
         }
+    }
+
+    #[test]
+    fn products_add_into_blocks_of_a_larger_buffer() {
+        let dev = Device::Cpu;
+        let (kv, s, d, hi, rows) = (3, 10, 4, 6, 5);
+        let p: Vec<f32> = (0..kv * rows * hi).map(|i| (i % 7) as f32 - 3.0).collect();
+        let g: Vec<f32> = (0..kv * rows * d).map(|i| (i % 5) as f32 * 0.5).collect();
+        let p = Tensor::from_vec(p, (kv, rows, hi), &dev).unwrap();
+        let g = Tensor::from_vec(g, (kv, rows, d), &dev).unwrap();
+        // dV[h, 0..hi] += Pᵀ dO, twice, into a (kv, s, d) buffer that starts at ones.
+        let mut dst = vec![1f32; kv * s * d];
+        let pt = p.t().unwrap();
+        matmul_add(&mut dst, s * d, d, &pt, &g).unwrap();
+        matmul_add(&mut dst, s * d, d, &pt, &g).unwrap();
+        let want = (pt.matmul(&g).unwrap() * 2.0).unwrap().pad_with_zeros(1, 0, s - hi).unwrap();
+        let want = (want + 1.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dst, want);
+        let reach = (kv - 1) * s * d + hi * d;
+        assert!(matmul_add(&mut dst[..reach], s * d, d, &pt, &g).is_ok());
+        assert!(matmul_add(&mut dst[..reach - 1], s * d, d, &pt, &g).is_err(), "a buffer too short");
     }
 
     fn first(t: &Tensor) -> Tensor {
