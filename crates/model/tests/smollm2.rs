@@ -155,8 +155,19 @@ fn stop_strings_cut_the_text() {
 
 #[test]
 fn an_adapter_on_the_quantised_weights_changes_the_logits_as_on_the_float_ones() {
+    let short = [1u32, 4093, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198];
+    // Twelve rows take the decoding kernels; 36 (more than 16) the prefill path.
+    let long: Vec<u32> = short.iter().chain(&short[1..]).chain(&short[1..]).chain(&short[1..3]).copied().collect();
+    adapter_effect_on_both_paths(&short, false);
+    adapter_effect_on_both_paths(&long, true);
+}
+
+/// With `within_noise`, the two paths' adapter effects may differ by as much
+/// as the quantised base differs from the float one (the longer prompt: a
+/// smaller effect, more quantisation noise; an adapter missing from the
+/// prefill path would differ by the whole effect, four times that).
+fn adapter_effect_on_both_paths(ids: &[u32], within_noise: bool) {
     use tabletrace_model::{Lora, LoraConfig, Proj};
-    let ids = [1u32, 4093, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198];
     let run = |quantized: bool, adapted: bool| {
         let mut model = Model::new(read_gguf(&smollm2(), quantized).unwrap(), &Device::Cpu).unwrap();
         if adapted {
@@ -190,6 +201,7 @@ fn an_adapter_on_the_quantised_weights_changes_the_logits_as_on_the_float_ones()
     let noise = rms(&effect(&float_base, &quant_base));
     eprintln!("effect {size}, apart {apart} (RMS); the base paths {noise} apart");
     assert!(size > 0.3, "the adapter moves the logits (by {size} RMS)");
-    assert!(apart < 0.15 * size, "the adapter's effect differs by {apart} RMS (effect {size})");
+    let bound = if within_noise { noise.max(0.15 * size) } else { 0.15 * size };
+    assert!(apart < bound, "the adapter's effect differs by {apart} RMS (effect {size}, base paths {noise} apart)");
     assert_eq!(argmax(&float), argmax(&quant));
 }

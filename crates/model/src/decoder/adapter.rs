@@ -67,27 +67,28 @@ impl LowRank {
     }
 
     /// Adds `(x Aᵀ) Bᵀ` to `y (m, n)` for `x (m, k)`: the row kernels for
-    /// decode-sized inputs, candle's matmul for longer ones (the row
-    /// kernels' per-task transposition made a 2,000-token prefill's
-    /// adapter cost a third of the base product).
+    /// decode-sized inputs; for longer ones `h = x Aᵀ` by one product and
+    /// `h Bᵀ` added in place, rows in parallel ([`kernels::add_low_rank_into`];
+    /// the row kernels' per-task transposition made a 2,000-token prefill's
+    /// adapter cost a third of the base product, and a separate `h Bᵀ`
+    /// tensor cost a zero-fill and a serial addition).
     pub(super) fn add_to(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         let (r, k) = self.a.dims2()?;
         let n = self.b.dim(0)?;
-        let d = if m <= SKINNY_ROWS {
+        if m <= SKINNY_ROWS {
             let u = with_cpu_f32(&self.a, |a| kernels::f32_rows(x, m, a, r, k));
-            u.and_then(|u| with_cpu_f32(&self.b, |b| kernels::f32_rows(&u, m, b, n, r)))
-        } else {
-            None
-        };
-        let d = match d {
-            Some(d) => d,
-            None => {
-                let xt = Tensor::from_slice(x, (m, k), self.a.device())?;
-                xt.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?.flatten_all()?.to_vec1::<f32>()?
+            if let Some(d) = u.and_then(|u| with_cpu_f32(&self.b, |b| kernels::f32_rows(&u, m, b, n, r))) {
+                y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
+                return Ok(());
             }
-        };
-        y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
-        Ok(())
+        }
+        let xt = Tensor::from_slice(x, (m, k), self.a.device())?;
+        let h = crate::ops::matmul(&xt, &self.a.t()?)?.flatten_all()?.to_vec1::<f32>()?; // (m, r)
+        let bt = self.b.t()?.contiguous()?; // (r, n)
+        match with_cpu_f32(&bt, |f| kernels::add_low_rank_into(y, &h, f, r)) {
+            Some(()) => Ok(()),
+            None => Err(Error::Request("adapter factors beside quantised weights must be CPU f32".into())),
+        }
     }
 }
 

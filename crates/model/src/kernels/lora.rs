@@ -214,48 +214,79 @@ pub(crate) fn add_low_rank(
 ) -> Vec<f32> {
     let (rows, n) = (base.rows, base.n);
     assert!(r > 0 && f.len() == r * n && c.len() == rows * r);
+    assert!(rows == 0 || base.start + (rows - 1) * base.stride + n <= base.data.len());
     let mut out = Vec::with_capacity(rows * n);
     if n == 0 {
         return out;
     }
-    #[cfg(target_arch = "x86_64")]
-    let simd = r <= 16 && super::has_avx512f();
     out.spare_capacity_mut()[..rows * n].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, o)| {
         let row0 = task * ROWS_PER_TASK;
-        let c = &c[row0 * r..(row0 + o.len() / n) * r];
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX-512F checked above; `c` and `o` hold the task's rows, `r` ≤ 16.
-            unsafe { add_low_rank_avx512(base, c, f, r, row0, mask, o) };
-            return;
-        }
-        add_low_rank_rows(base, c, f, r, row0, mask, o);
+        let task_rows = o.len() / n;
+        let rows = Rows {
+            // SAFETY: rows `row0..row0 + task_rows` of `base` lie inside its data (asserted above).
+            base: unsafe { base.data.as_ptr().add(base.start + row0 * base.stride) },
+            base_stride: base.stride,
+            out: o.as_mut_ptr() as *mut f32,
+            rows: task_rows,
+            n,
+        };
+        // SAFETY: the task's rows of `base` and `o` hold `n` values each; `c` holds theirs.
+        unsafe { low_rank_rows(&rows, &c[row0 * r..(row0 + task_rows) * r], f, r, row0, mask) };
     });
     // SAFETY: the tasks above wrote every element.
     unsafe { out.set_len(rows * n) };
     out
 }
 
-/// The portable [`add_low_rank`] of `rows` rows starting at row `row0`.
-fn add_low_rank_rows(
-    base: &StridedRows<'_>,
-    c: &[f32],
-    f: &[f32],
-    r: usize,
-    row0: usize,
-    mask: Option<(&[u64], f32)>,
-    o: &mut [MaybeUninit<f32>],
-) {
-    let n = base.n;
+/// `y += c F` in place, `y` `(rows, n)` with `n = f.len() / r`: an
+/// adapter's factors beside a quantised product (prefill, sampling).
+pub(crate) fn add_low_rank_into(y: &mut [f32], c: &[f32], f: &[f32], r: usize) {
+    let n = if r == 0 { 0 } else { f.len() / r };
+    assert!(r > 0 && f.len() == r * n && y.len() % n.max(1) == 0 && c.len() == y.len() / n.max(1) * r);
+    if n == 0 {
+        return;
+    }
+    y.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, yc)| {
+        let row0 = task * ROWS_PER_TASK;
+        let task_rows = yc.len() / n;
+        let ptr = yc.as_mut_ptr();
+        let rows = Rows { base: ptr, base_stride: n, out: ptr, rows: task_rows, n };
+        // SAFETY: each element is read, then written, by the same iteration; `c` holds the task's rows.
+        unsafe { low_rank_rows(&rows, &c[row0 * r..(row0 + task_rows) * r], f, r, row0, None) };
+    });
+}
+
+/// Rows `i < rows` of the base at `base + i·base_stride` and of the output
+/// at `out + i·n`, `n` values each (the output may be the base itself).
+struct Rows {
+    base: *const f32,
+    base_stride: usize,
+    out: *mut f32,
+    rows: usize,
+    n: usize,
+}
+
+/// `out = base + m ⊙ (c F)` for the rows of one task (`row0`: the first
+/// row's index in the whole, for the mask's bits).
+///
+/// # Safety
+/// `rows` must describe readable base rows and writable output rows of `n`
+/// values; `c` holds `rows.rows · r` values, `f` `r · n`.
+unsafe fn low_rank_rows(rows: &Rows, c: &[f32], f: &[f32], r: usize, row0: usize, mask: Option<(&[u64], f32)>) {
+    #[cfg(target_arch = "x86_64")]
+    if r <= 16 && super::has_avx512f() {
+        low_rank_rows_avx512(rows, c, f, r, row0, mask);
+        return;
+    }
+    let n = rows.n;
     let mut term = vec![0f32; n];
-    for (t, o) in o.chunks_mut(n).enumerate() {
-        let b = base.row(row0 + t);
+    for t in 0..rows.rows {
         term.fill(0.0);
         for (j, fj) in f.chunks(n).enumerate() {
             let cj = c[t * r + j];
             term.iter_mut().zip(fj).for_each(|(s, &w)| *s += cj * w);
         }
-        for (col, ((o, &b), &s)) in o.iter_mut().zip(b).zip(&term).enumerate() {
+        for (col, &s) in term.iter().enumerate() {
             let s = match mask {
                 Some((words, keep)) => {
                     let i = (row0 + t) * n + col;
@@ -267,34 +298,25 @@ fn add_low_rank_rows(
                 }
                 None => s,
             };
-            o.write(b + s);
+            let b = *rows.base.add(t * rows.base_stride + col);
+            *rows.out.add(t * n + col) = b + s;
         }
     }
 }
 
-/// [`add_low_rank_rows`] with the `r` (≤ 16) rows of `F` for sixteen
-/// columns held in registers while every row of the task meets them.
+/// [`low_rank_rows`] with the `r` (≤ 16) rows of `F` for sixteen columns
+/// held in registers while every row of the task meets them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn add_low_rank_avx512(
-    base: &StridedRows<'_>,
-    c: &[f32],
-    f: &[f32],
-    r: usize,
-    row0: usize,
-    mask: Option<(&[u64], f32)>,
-    o: &mut [MaybeUninit<f32>],
-) {
+unsafe fn low_rank_rows_avx512(rows: &Rows, c: &[f32], f: &[f32], r: usize, row0: usize, mask: Option<(&[u64], f32)>) {
     use std::arch::x86_64::*;
-    let n = base.n;
-    let rows = o.len() / n;
-    assert!(r <= 16 && row0 + rows <= base.rows && c.len() == rows * r && f.len() == r * n);
+    let n = rows.n;
+    assert!(r <= 16 && c.len() == rows.rows * r && f.len() == r * n);
     // The coefficients padded to sixteen per row, zeros past `r`.
-    let mut cp = vec![0f32; rows * 16];
+    let mut cp = vec![0f32; rows.rows * 16];
     for (t, row) in c.chunks(r).enumerate() {
         cp[t * 16..t * 16 + r].copy_from_slice(row);
     }
-    let out = o.as_mut_ptr() as *mut f32;
     let keep = _mm512_set1_ps(mask.map_or(1.0, |m| m.1));
     for col in (0..n).step_by(16) {
         let lanes = super::avx512::lanes(n - col);
@@ -305,7 +327,7 @@ unsafe fn add_low_rank_avx512(
                 _mm512_setzero_ps()
             }
         });
-        for t in 0..rows {
+        for t in 0..rows.rows {
             let ct = cp.as_ptr().add(t * 16);
             let mut acc = _mm512_setzero_ps();
             for (j, fj) in fv.iter().enumerate() {
@@ -315,8 +337,8 @@ unsafe fn add_low_rank_avx512(
                 let m = bits16(words, (row0 + t) * n + col) & lanes;
                 acc = _mm512_maskz_mul_ps(m, acc, keep);
             }
-            let b = _mm512_maskz_loadu_ps(lanes, base.row(row0 + t).as_ptr().add(col));
-            _mm512_mask_storeu_ps(out.add(t * n + col), lanes, _mm512_add_ps(b, acc));
+            let b = _mm512_maskz_loadu_ps(lanes, rows.base.add(t * rows.base_stride + col));
+            _mm512_mask_storeu_ps(rows.out.add(t * n + col), lanes, _mm512_add_ps(b, acc));
         }
     }
 }
@@ -412,6 +434,11 @@ mod tests {
                     base.chunks(n).flat_map(|row| [&[7.0; 3][..], row, &[9.0; 5][..]].concat()).collect();
                 let view = StridedRows { data: &wide, start: 3, stride: n + 8, rows, n };
                 assert_eq!(add_low_rank(&view, &c, &f, r, m.map(|m| (&bits[..], m.keep()))), got);
+                if m.is_none() {
+                    let mut y = base.clone();
+                    add_low_rank_into(&mut y, &c, &f, r);
+                    assert_eq!(y, got, "in place");
+                }
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
