@@ -57,23 +57,10 @@ fn gradient_through_the_model_matches_finite_differences() {
     for (name, v) in
         vars.iter().filter(|(n, _)| n == "model.norm.weight" || n.ends_with("layers.0.self_attn.q_norm.weight"))
     {
-        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for i in [0usize, 3, base.len() - 1] {
-            let eps = 1e-2f32;
-            let at = |delta: f32| {
-                let mut x = base.clone();
-                x[i] += delta;
-                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-                loss(&model).to_scalar::<f32>().unwrap()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(base.clone(), v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-            assert!(
-                (fd - g[i]).abs() <= 2e-2 * fd.abs().max(1.0),
-                "{name}[{i}]: finite difference {fd}, autograd {}",
-                g[i]
-            );
-        }
+        let len = v.as_tensor().elem_count();
+        let grad = grads.get(v.as_tensor()).unwrap();
+        super::util::assert_finite_differences(name, v, grad, &[0, 3, len - 1], || {
+            loss(&model).to_scalar::<f32>().unwrap()
+        });
     }
 }

@@ -88,25 +88,10 @@ fn adapter_gradients_with_dropout_match_finite_differences() {
         if !(name.contains("layers.0.") && (name.contains("q_proj") || name.contains("down_proj"))) {
             continue;
         }
-        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for i in [0usize, 5, base.len() - 1] {
-            let eps = 1e-2f32;
-            let at = |delta: f32| {
-                let mut x = base.clone();
-                x[i] += delta;
-                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-                loss().to_scalar::<f32>().unwrap()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(base.clone(), v.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-            assert!(
-                (fd - g[i]).abs() <= 2e-2 * fd.abs().max(1.0),
-                "{name}[{i}]: finite difference {fd}, autograd {}",
-                g[i]
-            );
-            checked += 1;
-        }
+        let len = v.as_tensor().elem_count();
+        let grad = grads.get(v.as_tensor()).unwrap();
+        super::util::assert_finite_differences(&name, v, grad, &[0, 5, len - 1], || loss().to_scalar::<f32>().unwrap());
+        checked += 3;
     }
     assert_eq!(checked, 12);
 }

@@ -86,7 +86,7 @@ impl DropoutMask {
     /// The bits of elements `64·first..64·(first + words.len())`.
     fn fill_bits(&self, first: usize, words: &mut [u64]) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512_dq_bw() {
+        if super::has_avx512_dq_bw() {
             // SAFETY: AVX-512F/DQ/BW checked just above.
             unsafe { self.fill_bits_avx512(first, words) };
             return;
@@ -140,20 +140,6 @@ impl DropoutMask {
             }
             *out = b;
         }
-    }
-}
-
-/// AVX-512F with DQ (64-bit products) and BW (16-bit compares).
-fn has_avx512_dq_bw() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

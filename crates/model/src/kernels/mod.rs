@@ -119,6 +119,20 @@ pub(super) fn has_avx512f() -> bool {
     }
 }
 
+/// AVX-512F with DQ (64-bit products) and BW (16-bit compares).
+pub(super) fn has_avx512_dq_bw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub(super) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
