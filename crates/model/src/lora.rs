@@ -376,7 +376,8 @@ impl Lora {
         };
         let h = ops::matmul(&xm, &a.t()?)?; // (rows, r)
         let (c, bt) = ((&h * self.scale)?, b.t()?.contiguous()?); // (rows, r), (r, n)
-                                                                  // `base` may be a part of a fused product: its rows are read where they lie.
+
+        // `base` may be a part of a fused product: its rows are read where they lie.
         let copied;
         let base = match kernels::with_cpu_strided_rows(base, |_| ()) {
             Some(()) => base,
