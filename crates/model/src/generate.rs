@@ -79,6 +79,16 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+/// SplitMix64's increment between states.
+pub(crate) const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: the random word of state `z`.
+pub(crate) fn splitmix_mix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A small, fast, seedable generator (SplitMix64).
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -91,11 +101,8 @@ impl Rng {
 
     /// The next 64 random bits (SplitMix64).
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
+        splitmix_mix(self.0)
     }
 
     /// The next value in [0, 1).

@@ -336,9 +336,7 @@ impl Lora {
         let Some(mask) = self.dropout(layer, proj) else {
             return Ok(None);
         };
-        let bits = mask.bits(x.elem_count());
-        let v: Vec<f32> =
-            (0..x.elem_count()).map(|i| if (bits[i / 64] >> (i % 64)) & 1 == 1 { mask.keep() } else { 0.0 }).collect();
+        let v = mask.values(x.elem_count());
         Ok(Some(Tensor::from_vec(v, x.dims(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?))
     }
 
@@ -377,18 +375,14 @@ impl Lora {
         let h = ops::matmul(&xm, &a.t()?)?; // (rows, r)
         let (c, bt) = ((&h * self.scale)?, b.t()?.contiguous()?); // (rows, r), (r, n)
 
-        // `base` may be a part of a fused product: its rows are read where they lie.
-        let copied;
-        let base = match kernels::with_cpu_strided_rows(base, |_| ()) {
-            Some(()) => base,
-            None => {
-                copied = base.contiguous()?;
-                &copied
-            }
-        };
-        let value = kernels::with_cpu_strided_rows(base, |bv| {
+        let add = |bv: kernels::StridedRows<'_>| {
             kernels::with_cpu_f32(&c, |cv| kernels::with_cpu_f32(&bt, |f| kernels::add_low_rank(&bv, cv, f, r, None)))
-        });
+        };
+        // `base` may be a part of a fused product: its rows are read where they lie (else from a copy).
+        let value = match kernels::with_cpu_strided_rows(base, add) {
+            Some(v) => Some(v),
+            None => kernels::with_cpu_strided_rows(&base.contiguous()?, add),
+        };
         let Some(Some(Some(value))) = value else { candle_core::bail!("lora-projection: an input left the CPU") };
         let track = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
         let need_dx = x.track_op();

@@ -10,16 +10,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::StridedRows;
-
-/// SplitMix64's increment.
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function.
-fn mix(z: u64) -> u64 {
-    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::generate::{splitmix_mix, SPLITMIX_GAMMA as GAMMA};
 
 /// Elements per parallel task: whole 64-bit words of mask bits.
 const ELEMENTS_PER_TASK: usize = 1 << 14;
@@ -52,8 +43,12 @@ impl DropoutMask {
 
     /// Whether element `i` is kept (the definition the fast paths follow).
     pub fn kept(&self, i: usize) -> bool {
-        let word = mix(self.seed.wrapping_add(((i / 4) as u64 + 1).wrapping_mul(GAMMA)));
-        ((word >> (16 * (i % 4))) & 0xFFFF) as u16 >= self.threshold
+        ((self.word(i / 4) >> (16 * (i % 4))) & 0xFFFF) as u16 >= self.threshold
+    }
+
+    /// Word `j` of the stream: the draws of elements `4j..4j + 4`.
+    fn word(&self, j: usize) -> u64 {
+        splitmix_mix(self.seed.wrapping_add((j as u64 + 1).wrapping_mul(GAMMA)))
     }
 
     /// Bit `i % 64` of word `i / 64` set where element `i` of `len` is kept.
@@ -63,6 +58,12 @@ impl DropoutMask {
             .enumerate()
             .for_each(|(c, words)| self.fill_bits(c * ELEMENTS_PER_TASK / 64, words));
         bits
+    }
+
+    /// The mask over `len` elements as values: `1 / (1 − p)` where kept, else 0.
+    pub fn values(&self, len: usize) -> Vec<f32> {
+        let bits = self.bits(len);
+        (0..len).map(|i| if bit(&bits, i) { self.keep } else { 0.0 }).collect()
     }
 
     /// `(x ⊙ m, m's bits)` in one pass over `x`.
@@ -99,8 +100,7 @@ impl DropoutMask {
         for (w, out) in words.iter_mut().enumerate() {
             let mut b = 0u64;
             for q in 0..16 {
-                let j = (first + w) * 16 + q;
-                let word = mix(self.seed.wrapping_add((j as u64 + 1).wrapping_mul(GAMMA)));
+                let word = self.word((first + w) * 16 + q);
                 for lane in 0..4 {
                     if ((word >> (16 * lane)) & 0xFFFF) as u16 >= self.threshold {
                         b |= 1 << (4 * q + lane);
@@ -156,7 +156,7 @@ fn masked_copy(x: &[f32], words: &[u64], keep: f32, o: &mut [MaybeUninit<f32>]) 
 
 fn masked_copy_portable(x: &[f32], words: &[u64], keep: f32, o: &mut [MaybeUninit<f32>]) {
     for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-        o.write(if (words[i / 64] >> (i % 64)) & 1 == 1 { x * keep } else { 0.0 });
+        o.write(if bit(words, i) { x * keep } else { 0.0 });
     }
 }
 
@@ -169,10 +169,16 @@ unsafe fn masked_copy_avx512(x: &[f32], words: &[u64], keep: f32, o: &mut [Maybe
     let out = o.as_mut_ptr() as *mut f32;
     for i in (0..x.len()).step_by(16) {
         let lanes = super::avx512::lanes(x.len() - i);
-        let m = (words[i / 64] >> (i % 64)) as u16 & lanes;
+        let m = bits16(words, i) & lanes;
         let v = _mm512_maskz_loadu_ps(lanes, x.as_ptr().add(i));
         _mm512_mask_storeu_ps(out.add(i), lanes, _mm512_maskz_mul_ps(m, v, k));
     }
+}
+
+/// Whether bit `i` of the mask's words is set (element `i` kept).
+#[inline]
+fn bit(words: &[u64], i: usize) -> bool {
+    (words[i / 64] >> (i % 64)) & 1 == 1
 }
 
 /// 16 mask bits from element `i` on (bit 0: element `i`).
@@ -274,14 +280,8 @@ unsafe fn low_rank_rows(rows: &Rows, c: &[f32], f: &[f32], r: usize, row0: usize
         }
         for (col, &s) in term.iter().enumerate() {
             let s = match mask {
-                Some((words, keep)) => {
-                    let i = (row0 + t) * n + col;
-                    if (words[i / 64] >> (i % 64)) & 1 == 1 {
-                        s * keep
-                    } else {
-                        0.0
-                    }
-                }
+                Some((words, keep)) if bit(words, (row0 + t) * n + col) => s * keep,
+                Some(_) => 0.0,
                 None => s,
             };
             let b = *rows.base.add(t * rows.base_stride + col);
@@ -338,13 +338,13 @@ mod tests {
         let mask = DropoutMask::new(0xC0FFEE, 0.05);
         let len = 3 * ELEMENTS_PER_TASK + 77;
         let bits = mask.bits(len);
-        let mut kept = 0;
+        let mut n_kept = 0;
         for i in 0..len {
-            let bit = (bits[i / 64] >> (i % 64)) & 1 == 1;
-            assert_eq!(bit, mask.kept(i), "element {i}");
-            kept += bit as usize;
+            let kept = bit(&bits, i);
+            assert_eq!(kept, mask.kept(i), "element {i}");
+            n_kept += kept as usize;
         }
-        let dropped = 1.0 - kept as f64 / len as f64;
+        let dropped = 1.0 - n_kept as f64 / len as f64;
         assert!((dropped - 0.05).abs() < 0.005, "dropped {dropped}");
         // Words from any offset on, on the vector path (where the CPU has one) and the portable one.
         let (mut words, mut portable) = (vec![0u64; 40], vec![0u64; 40]);
@@ -365,7 +365,7 @@ mod tests {
         let same = (0..ELEMENTS_PER_TASK - 4)
             .filter(|&i| {
                 let j = i + ELEMENTS_PER_TASK - 4;
-                (bits[i / 64] >> (i % 64) & 1) == (bits[j / 64] >> (j % 64) & 1)
+                bit(&bits, i) == bit(&bits, j)
             })
             .count();
         let share = same as f64 / (ELEMENTS_PER_TASK - 4) as f64;
@@ -380,8 +380,9 @@ mod tests {
         for i in 0..x.len() {
             let expect = if mask.kept(i) { x[i] * mask.keep() } else { 0.0 };
             assert_eq!(xm[i], expect, "element {i}");
-            assert_eq!((bits[i / 64] >> (i % 64)) & 1 == 1, mask.kept(i));
+            assert_eq!(bit(&bits, i), mask.kept(i));
         }
+        assert_eq!(mask.values(x.len()), mask.apply(&vec![1.0; x.len()]).0);
         let mut portable = Vec::with_capacity(x.len());
         masked_copy_portable(&x, &bits, mask.keep(), &mut portable.spare_capacity_mut()[..x.len()]);
         // SAFETY: the portable copy wrote every element.
