@@ -117,6 +117,7 @@ pub fn run(args: TrainArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     if cfg.bf16_products {
         loaded.model.use_bf16_products().context("bf16_products")?;
     }
+    loaded.model.use_blocked_attention();
     let bar = Bar::new(quiet);
     crate::signals::install(true);
     let mut trainer = Trainer::new(cfg, &loaded, &bar)?;

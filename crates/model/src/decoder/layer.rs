@@ -13,6 +13,9 @@ pub(super) struct Attention {
     pub(super) num_kv_heads: usize,
     pub(super) head_dim: usize,
     pub(super) eps: f64,
+    /// Attention by [`ops::blocked_attention`] (training) instead of
+    /// [`ops::attention`] ([`Model::use_blocked_attention`]).
+    pub(super) blocked: bool,
 }
 
 impl Attention {
@@ -37,6 +40,7 @@ impl Attention {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             eps: cfg.rms_norm_eps,
+            blocked: false,
         })
     }
 
@@ -68,7 +72,12 @@ impl Attention {
         // Grouped-query attention without copying k/v: query heads j*G..j*G+G
         // share kv head j, so q is viewed as (B, KV, G*T, D).
         let q = q.reshape((b, kv, g * t, d))?;
-        let out = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?; // (B, KV, G*T, D)
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = if self.blocked {
+            ops::blocked_attention(&q, &k, &v, mask, scale)
+        } else {
+            ops::attention(&q, &k, &v, mask, scale)
+        }?; // (B, KV, G*T, D)
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         LayerAdapter::project(adapter, Proj::O, &out, &self.o_proj, Need::Value)
     }

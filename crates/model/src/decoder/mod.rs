@@ -245,6 +245,17 @@ impl Model {
         Ok(())
     }
 
+    /// Runs attention by blocked kernels with an online softmax from now on
+    /// ([`ops::blocked_attention`]): the same function up to float rounding,
+    /// several times faster on long rows where the CPU has AVX-512F, and no
+    /// score matrix kept for the backward. The trainer's choice; generation
+    /// keeps [`ops::attention`], so that evaluations do not move.
+    pub fn use_blocked_attention(&mut self) {
+        for layer in &mut self.layers {
+            layer.self_attn.blocked = true;
+        }
+    }
+
     /// Merges a LoRA adapter into the projections for generation: into
     /// float weights (`W += scale · B A`), so that generation runs at the
     /// base model's speed; beside quantised weights as the two factors

@@ -28,6 +28,7 @@
 //! | `interleaved.rs`, `kquants.rs` | sixteen-row interleaving for VNNI; Q4_K/Q5_0/Q6_K decoded on load |
 //! | `kquants_avx2.rs` | the AVX2 kernels for Q4_K/Q6_K's decoded groups (CPUs without VNNI) |
 //! | `attention.rs` | `few_query_attention` (decoding attention on the KV cache in place) |
+//! | `flash.rs` | blocked attention with an online softmax, forward and backward (training's long rows) |
 //! | `rows.rs` | softmax, RMSNorm, SiLU-gate and rotary rows, forward and backward |
 //! | `avx.rs`, `avx512.rs` | the AVX2 and AVX-512F row and attention helpers |
 //! | `amx.rs` | bf16 products on AMX tiles (training's frozen base products) |
@@ -67,6 +68,7 @@ mod avx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod dense;
+pub mod flash;
 mod interleaved;
 mod kquants;
 #[cfg(target_arch = "x86_64")]

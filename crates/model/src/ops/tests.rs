@@ -322,6 +322,75 @@ fn span_limited_attention_gives_the_dense_values_and_gradients() {
     check_grad(&k, |x| attention(&q, x, &v, Some(&mask), 0.3).unwrap());
 }
 
+/// The values and the three gradients of `f(q, k, v)` under the output probe.
+fn with_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probe: &Tensor,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+) -> (Tensor, [Tensor; 3]) {
+    let vars = [q, k, v].map(|x| Var::from_tensor(x).unwrap());
+    let [qv, kv_, vv] = vars.each_ref().map(|x| x.as_tensor());
+    let out = f(qv, kv_, vv);
+    let grads = (&out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    (out, [qv, kv_, vv].map(|x| grads.get(x).unwrap().clone()))
+}
+
+#[test]
+fn blocked_attention_gives_the_dense_values_and_gradients() {
+    if !crate::kernels::flash::available(16) {
+        eprintln!("skipped: no AVX-512F here (the blocked kernels need it)");
+        return;
+    }
+    // (heads of 16 and 64 values; 200 query rows: six full tiles of 32 and
+    // a partial one, two partial key tiles), the preference and causal masks
+    // of `pair_masks` with padding rows, and no mask.
+    for (kv, g, t, d, masked) in [(2, 3, 200, 16, true), (1, 2, 200, 64, true), (2, 2, 45, 32, false)] {
+        let b = 2;
+        let mask = masked.then(|| pair_masks(t));
+        let seed = (d * 10 + t) as u64;
+        let (q, k, v) =
+            (randn(&[b, kv, g * t, d], seed), randn(&[b, kv, t, d], seed + 1), randn(&[b, kv, t, d], seed + 2));
+        let probe = randn(&[b, kv, g * t, d], seed + 3);
+        let (dense, dense_grads) =
+            with_grads(&q, &k, &v, &probe, |q, k, v| attention_with(q, k, v, mask.as_ref(), 0.3, None).unwrap());
+        let (blocked, blocked_grads) = with_grads(&q, &k, &v, &probe, |q, k, v| {
+            flash_attention(q, k, v, mask.as_ref(), 0.3).unwrap().expect("takes the blocked kernels")
+        });
+        assert!(max_diff(&dense, &blocked) < 1e-5, "values differ by {}", max_diff(&dense, &blocked));
+        for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(dense_grads.iter().zip(&blocked_grads)) {
+            assert!(max_diff(a, b) < 1e-4, "{name} differs by {} (d = {d}, t = {t})", max_diff(a, b));
+        }
+        // Without a graph (the checkpointed first pass), and through `attention` under one.
+        assert!(max_diff(&blocked_attention(&q, &k, &v, mask.as_ref(), 0.3).unwrap(), &dense) < 1e-5);
+        let (via_attention, _) =
+            with_grads(&q, &k, &v, &probe, |q, k, v| attention(q, k, v, mask.as_ref(), 0.3).unwrap());
+        assert!(max_diff(&via_attention, &blocked) == 0.0, "a tracked `attention` takes the blocked kernels");
+    }
+    // More keys than queries (queries at the end of a longer row), causal.
+    let (b, kv, g, t, s, d) = (1, 2, 2, 40, 300, 16);
+    let mask = crate::causal_mask(b, t, s - t, &Device::Cpu).unwrap();
+    let (q, k, v) = (randn(&[b, kv, g * t, d], 91), randn(&[b, kv, s, d], 92), randn(&[b, kv, s, d], 93));
+    let probe = randn(&[b, kv, g * t, d], 94);
+    let (dense, dense_grads) =
+        with_grads(&q, &k, &v, &probe, |q, k, v| attention_with(q, k, v, Some(&mask), 0.25, None).unwrap());
+    let (blocked, blocked_grads) = with_grads(&q, &k, &v, &probe, |q, k, v| {
+        flash_attention(q, k, v, Some(&mask), 0.25).unwrap().expect("takes the blocked kernels")
+    });
+    assert!(max_diff(&dense, &blocked) < 1e-5);
+    for (a, b) in dense_grads.iter().zip(&blocked_grads) {
+        assert!(max_diff(a, b) < 1e-4, "gradients differ by {}", max_diff(a, b));
+    }
+    // Finite differences on a small case.
+    let (q, k, v) = (randn(&[1, 1, 2 * 40, 16], 95), randn(&[1, 1, 40, 16], 96), randn(&[1, 1, 40, 16], 97));
+    let mask = crate::causal_mask(1, 40, 0, &Device::Cpu).unwrap();
+    let f = |q: &Tensor, k: &Tensor, v: &Tensor| flash_attention(q, k, v, Some(&mask), 0.25).unwrap().unwrap();
+    check_grad(&q, |x| f(x, &k, &v));
+    check_grad(&k, |x| f(&q, x, &v));
+    check_grad(&v, |x| f(&q, &k, x));
+}
+
 #[test]
 fn silu_mul_reads_the_halves_of_a_fused_product_in_place() {
     // (2, 3, 2n): the gate and up halves are narrow views, rows 2n apart.
