@@ -247,9 +247,10 @@ impl Model {
 
     /// Runs attention by blocked kernels with an online softmax from now on
     /// ([`ops::blocked_attention`]): the same function up to float rounding,
-    /// several times faster on long rows where the CPU has AVX-512F, and no
-    /// score matrix kept for the backward. The trainer's choice; generation
-    /// keeps [`ops::attention`], so that evaluations do not move.
+    /// faster on long rows where the CPU has AVX-512F, and no score matrix
+    /// kept for the backward. `tabletrace train` asks for it before training
+    /// (every pass of a step must run the same kernels); generation keeps
+    /// [`ops::attention`], so that evaluations do not move.
     pub fn use_blocked_attention(&mut self) {
         for layer in &mut self.layers {
             layer.self_attn.blocked = true;

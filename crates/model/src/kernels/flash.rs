@@ -108,24 +108,15 @@ pub fn forward(
     if !available(dims.d) {
         return None;
     }
-    let (t, s, d) = (dims.t, dims.s, dims.d);
+    let (t, d) = (dims.t, dims.d);
     let spans = spans(mask, dims);
     let kt = transposed(k, dims);
     let mut out = vec![0f32; dims.heads() * t * d];
     let mut lse = vec![0f32; dims.heads() * t];
+    let all = Operands { q, kt: &kt, v, mask, spans: &spans, dims, scale };
     out.par_chunks_mut(t * d).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(h, (out, lse))| {
-        let (bi, kh) = dims.of(h);
-        let head = Head {
-            q: &q[h * t * d..(h + 1) * t * d],
-            kt: &kt[kh * s * d..(kh + 1) * s * d],
-            v: &v[kh * s * d..(kh + 1) * s * d],
-            mask: mask.map(|m| &m[bi * t * s..(bi + 1) * t * s]),
-            spans: &spans[bi * dims.blocks()..(bi + 1) * dims.blocks()],
-            dims,
-            scale,
-        };
         // SAFETY: `available` checked AVX-512F and `d % 16 == 0`.
-        unsafe { head.forward(out, lse) };
+        unsafe { all.head(h).forward(out, lse) };
     });
     Some((out, lse))
 }
@@ -153,17 +144,9 @@ pub fn backward(
     let mut dq = vec![0f32; dims.heads() * t * d];
     // Each query head's share of its key/value head's dK and dV, summed below.
     let mut dkv = vec![0f32; dims.heads() * 2 * s * d];
+    let all = Operands { q, kt: &kt, v, mask, spans: &spans, dims, scale };
     dq.par_chunks_mut(t * d).zip(dkv.par_chunks_mut(2 * s * d)).enumerate().for_each(|(h, (dq, dkv))| {
-        let (bi, kh) = dims.of(h);
-        let head = Head {
-            q: &q[h * t * d..(h + 1) * t * d],
-            kt: &kt[kh * s * d..(kh + 1) * s * d],
-            v: &v[kh * s * d..(kh + 1) * s * d],
-            mask: mask.map(|m| &m[bi * t * s..(bi + 1) * t * s]),
-            spans: &spans[bi * dims.blocks()..(bi + 1) * dims.blocks()],
-            dims,
-            scale,
-        };
+        let (head, kh) = (all.head(h), dims.of(h).1);
         let (dk, dv) = dkv.split_at_mut(s * d);
         let grads = HeadGrads {
             k: &k[kh * s * d..(kh + 1) * s * d],
@@ -187,23 +170,41 @@ pub fn backward(
     Some([dq, dk, dv])
 }
 
-/// One query head's inputs.
-struct Head<'a> {
-    /// `(T, D)`.
+/// The operands of a call (all heads), or of one query head (after
+/// [`Operands::head`]: its query rows `(T, D)`, its key/value head's keys
+/// transposed `(D, S)` and values `(S, D)`, its batch row's mask `(T, S)`
+/// and spans).
+struct Operands<'a> {
     q: &'a [f32],
-    /// Its key/value head's keys transposed, `(D, S)`.
+    /// Keys transposed, `(…, D, S)`.
     kt: &'a [f32],
-    /// Values `(S, D)`.
     v: &'a [f32],
-    /// The batch row's mask `(T, S)`.
     mask: Option<&'a [f32]>,
-    /// The batch row's visible key span per query block.
+    /// The visible key span per query block, by batch row.
     spans: &'a [(usize, usize)],
     dims: &'a FlashDims,
     scale: f32,
 }
 
-/// What one query head's backward reads besides [`Head`].
+impl<'a> Operands<'a> {
+    /// Query head `h`'s share of a call's operands.
+    fn head(&self, h: usize) -> Operands<'a> {
+        let FlashDims { t, s, d, .. } = *self.dims;
+        let (bi, kh) = self.dims.of(h);
+        let blocks = self.dims.blocks();
+        Operands {
+            q: &self.q[h * t * d..(h + 1) * t * d],
+            kt: &self.kt[kh * s * d..(kh + 1) * s * d],
+            v: &self.v[kh * s * d..(kh + 1) * s * d],
+            mask: self.mask.map(|m| &m[bi * t * s..(bi + 1) * t * s]),
+            spans: &self.spans[bi * blocks..(bi + 1) * blocks],
+            dims: self.dims,
+            scale: self.scale,
+        }
+    }
+}
+
+/// What one query head's backward reads besides its [`Operands`].
 struct HeadGrads<'a> {
     /// Keys `(S, D)`.
     k: &'a [f32],
@@ -217,7 +218,7 @@ struct HeadGrads<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Head<'_> {
+impl Operands<'_> {
     /// The tiles of query block `qb`: `(first row, rows, [(first key, keys)])`.
     fn tiles(&self, qb: usize) -> (usize, usize, impl Iterator<Item = (usize, usize)>) {
         let r0 = qb * BQ;
@@ -384,15 +385,10 @@ unsafe fn scores_tile(
     ldo: usize,
 ) {
     assert!(a.len() >= (nr - 1) * lda + d && bt.len() >= (d - 1) * ldb + nk && out.len() >= (nr - 1) * ldo + nk);
-    let mut r = 0;
-    while r + 4 <= nr {
-        scores_rows::<4>(a, lda, r, bt, ldb, nk, d, out, ldo);
-        r += 4;
-    }
-    while r < nr {
-        scores_rows::<1>(a, lda, r, bt, ldb, nk, d, out, ldo);
-        r += 1;
-    }
+    by_fours(nr, |r, four| match four {
+        true => scores_rows::<4>(a, lda, r, bt, ldb, nk, d, out, ldo),
+        false => scores_rows::<1>(a, lda, r, bt, ldb, nk, d, out, ldo),
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -454,13 +450,23 @@ unsafe fn accumulate(
     d: usize,
 ) {
     assert!(out.len() >= (nr - 1) * ldo + d && b.len() >= (nk - 1) * ldb + d && d.is_multiple_of(16));
+    by_fours(nr, |r, four| match four {
+        true => accumulate_rows::<4>(out, ldo, r, a, ars, aks, nk, b, ldb, d),
+        false => accumulate_rows::<1>(out, ldo, r, a, ars, aks, nk, b, ldb, d),
+    });
+}
+
+/// `rows(r, true)` for rows `r..r + 4` while four are left, then
+/// `rows(r, false)` for each of the rest.
+#[inline(always)]
+fn by_fours(nr: usize, mut rows: impl FnMut(usize, bool)) {
     let mut r = 0;
     while r + 4 <= nr {
-        accumulate_rows::<4>(out, ldo, r, a, ars, aks, nk, b, ldb, d);
+        rows(r, true);
         r += 4;
     }
     while r < nr {
-        accumulate_rows::<1>(out, ldo, r, a, ars, aks, nk, b, ldb, d);
+        rows(r, false);
         r += 1;
     }
 }
@@ -513,7 +519,7 @@ unsafe fn accumulate_rows<const R: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-impl Head<'_> {
+impl Operands<'_> {
     unsafe fn forward(&self, _: &mut [f32], _: &mut [f32]) {
         unreachable!("`available` is false off x86-64")
     }

@@ -28,9 +28,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
         if let Some(out) = few_query_attention(q, k, v, mask, scale)? {
             return Ok(out);
         }
-    } else if let Some(out) = flash_attention(q, k, v, mask, scale)? {
-        // Under a gradient (training only), the blocked kernels where they apply.
-        return Ok(out);
     }
     let plan = match mask {
         Some(m) => SpanPlan::of(m, q.dim(2)?)?,
@@ -50,10 +47,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
 /// 256-token completions, Qwen2.5-0.5B's heads) the score matrices' memory
 /// traffic held the span path to ~80 GFLOP/s. Elsewhere [`attention`].
 /// The same function as [`attention`] up to float rounding (tests compare
-/// both). [`attention`] itself takes these kernels under a gradient only:
-/// inference keeps its own, so that evaluations do not move; training's
-/// first, checkpointed pass runs without a graph and comes here
-/// ([`crate::Model::use_blocked_attention`]).
+/// both). A model runs it where [`crate::Model::use_blocked_attention`]
+/// asked (training, every pass: with bf16 products a difference in the last
+/// f32 bits between the checkpointed first pass and the recomputation
+/// moves the gradients visibly); generation keeps [`attention`], so that
+/// evaluations do not move.
 pub fn blocked_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     match flash_attention(q, k, v, mask, scale)? {
         Some(out) => Ok(out),

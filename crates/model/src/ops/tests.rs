@@ -362,11 +362,8 @@ fn blocked_attention_gives_the_dense_values_and_gradients() {
         for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(dense_grads.iter().zip(&blocked_grads)) {
             assert!(max_diff(a, b) < 1e-4, "{name} differs by {} (d = {d}, t = {t})", max_diff(a, b));
         }
-        // Without a graph (the checkpointed first pass), and through `attention` under one.
-        assert!(max_diff(&blocked_attention(&q, &k, &v, mask.as_ref(), 0.3).unwrap(), &dense) < 1e-5);
-        let (via_attention, _) =
-            with_grads(&q, &k, &v, &probe, |q, k, v| attention(q, k, v, mask.as_ref(), 0.3).unwrap());
-        assert!(max_diff(&via_attention, &blocked) == 0.0, "a tracked `attention` takes the blocked kernels");
+        // Without a graph (the checkpointed first pass): the same values as with one.
+        assert!(max_diff(&blocked_attention(&q, &k, &v, mask.as_ref(), 0.3).unwrap(), &blocked) == 0.0);
     }
     // More keys than queries (queries at the end of a longer row), causal.
     let (b, kv, g, t, s, d) = (1, 2, 2, 40, 300, 16);
