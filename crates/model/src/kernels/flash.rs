@@ -1,8 +1,8 @@
 //! Blocked attention with an online softmax (FlashAttention-2's scheme, on
 //! the CPU) for training: the scores of [`BQ`] query rows × [`BK`] keys at
-//! a time, never a `(T × S)` score matrix. The forward keeps only each
-//! row's log-sum-exp; the backward recomputes each tile's probabilities
-//! from it. AVX-512F, heads of a multiple of 16 values (see [`available`]).
+//! a time, never a `(T × S)` score matrix. The forward keeps each row's
+//! log-sum-exp (and the key spans and transposed keys it worked out, see
+//! [`Saved`]); the backward recomputes each tile's probabilities from it. AVX-512F, heads of a multiple of 16 values (see [`available`]).
 //!
 //! Shapes as [`crate::ops::attention`] takes them: `q` `(B, KV, G·T, D)`
 //! (the `G` query heads of a key/value head stacked along the rows), `k`,
@@ -94,9 +94,19 @@ fn transposed(x: &[f32], dims: &FlashDims) -> Vec<f32> {
     out
 }
 
-/// Forward: the output `(B, KV, G·T, D)` and each query row's log-sum-exp
-/// of its scaled, masked scores `(B, KV, G·T)` (−∞ for a row that sees no
-/// key; its output is 0). `None` where [`available`] is false.
+/// What the forward leaves for the backward besides its output.
+pub struct Saved {
+    /// Each query row's log-sum-exp of its scaled, masked scores
+    /// `(B, KV, G·T)` (−∞ for a row that sees no key; its output is 0).
+    lse: Vec<f32>,
+    /// The visible key span of each batch row's query blocks.
+    spans: Vec<(usize, usize)>,
+    /// The keys transposed, `(B, KV, D, S)`.
+    kt: Vec<f32>,
+}
+
+/// Forward: the output `(B, KV, G·T, D)` and what the backward needs.
+/// `None` where [`available`] is false.
 pub fn forward(
     q: &[f32],
     k: &[f32],
@@ -104,13 +114,12 @@ pub fn forward(
     mask: Option<&[f32]>,
     dims: &FlashDims,
     scale: f32,
-) -> Option<(Vec<f32>, Vec<f32>)> {
+) -> Option<(Vec<f32>, Saved)> {
     if !available(dims.d) {
         return None;
     }
     let (t, d) = (dims.t, dims.d);
-    let spans = spans(mask, dims);
-    let kt = transposed(k, dims);
+    let (spans, kt) = (spans(mask, dims), transposed(k, dims));
     let mut out = vec![0f32; dims.heads() * t * d];
     let mut lse = vec![0f32; dims.heads() * t];
     let all = Operands { q, kt: &kt, v, mask, spans: &spans, dims, scale };
@@ -118,11 +127,12 @@ pub fn forward(
         // SAFETY: `available` checked AVX-512F and `d % 16 == 0`.
         unsafe { all.head(h).forward(out, lse) };
     });
-    Some((out, lse))
+    Some((out, Saved { lse, spans, kt }))
 }
 
 /// Backward: `[dq, dk, dv]` for the output gradient `d_out`, given the
-/// forward's `out` and `lse`. `None` where [`available`] is false.
+/// forward's `out` and `saved` (for the same inputs). `None` where
+/// [`available`] is false.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &[f32],
@@ -130,7 +140,7 @@ pub fn backward(
     v: &[f32],
     mask: Option<&[f32]>,
     out: &[f32],
-    lse: &[f32],
+    saved: &Saved,
     d_out: &[f32],
     dims: &FlashDims,
     scale: f32,
@@ -139,12 +149,11 @@ pub fn backward(
         return None;
     }
     let (t, s, d, g) = (dims.t, dims.s, dims.d, dims.g);
-    let spans = spans(mask, dims);
-    let (kt, vt) = (transposed(k, dims), transposed(v, dims));
+    let (lse, vt) = (&saved.lse, transposed(v, dims));
     let mut dq = vec![0f32; dims.heads() * t * d];
     // Each query head's share of its key/value head's dK and dV, summed below.
     let mut dkv = vec![0f32; dims.heads() * 2 * s * d];
-    let all = Operands { q, kt: &kt, v, mask, spans: &spans, dims, scale };
+    let all = Operands { q, kt: &saved.kt, v, mask, spans: &saved.spans, dims, scale };
     dq.par_chunks_mut(t * d).zip(dkv.par_chunks_mut(2 * s * d)).enumerate().for_each(|(h, (dq, dkv))| {
         let (head, kh) = (all.head(h), dims.of(h).1);
         let (dk, dv) = dkv.split_at_mut(s * d);

@@ -78,7 +78,7 @@ pub(super) fn flash_attention(
     let (k, v) = (to_dtype(k, DType::F32)?, to_dtype(v, DType::F32)?);
     let (qd, kd, vd) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
     let md = mask.map(|m| m.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    let (out, lse) = with_f32_slices([&qd, &kd, &vd], md.as_ref(), |[qs, ks, vs], ms| {
+    let (out, saved) = with_f32_slices([&qd, &kd, &vd], md.as_ref(), |[qs, ks, vs], ms| {
         crate::kernels::flash::forward(qs, ks, vs, ms, &dims, scale as f32)
     })?
     .expect("available checked");
@@ -92,7 +92,7 @@ pub(super) fn flash_attention(
         let d_out = d_out.to_dtype(DType::F32)?.contiguous()?;
         let grads = with_f32_slices([&qd, &kd, &vd], md.as_ref(), |[qs, ks, vs], ms| {
             crate::kernels::with_cpu_f32(&d_out, |dos| {
-                crate::kernels::flash::backward(qs, ks, vs, ms, &out, &lse, dos, &dims, scale as f32)
+                crate::kernels::flash::backward(qs, ks, vs, ms, &out, &saved, dos, &dims, scale as f32)
             })
         })?;
         let Some(Some([dq, dk, dv])) = grads else {
