@@ -2,7 +2,8 @@
 //! the CPU) for training: the scores of [`BQ`] query rows × [`BK`] keys at
 //! a time, never a `(T × S)` score matrix. The forward keeps each row's
 //! log-sum-exp (and the key spans and transposed keys it worked out, see
-//! [`Saved`]); the backward recomputes each tile's probabilities from it. AVX-512F, heads of a multiple of 16 values (see [`available`]).
+//! [`Saved`]); the backward recomputes each tile's probabilities from it.
+//! AVX-512F, heads of a multiple of 16 values (see [`available`]).
 //!
 //! Shapes as [`crate::ops::attention`] takes them: `q` `(B, KV, G·T, D)`
 //! (the `G` query heads of a key/value head stacked along the rows), `k`,
